@@ -1,0 +1,422 @@
+//! The file format: serde types with `deny_unknown_fields`. Every key here is
+//! documented in `docs/configuration.md`; the JSON Schema is generated from these types.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::units::{ByteSize, Dur};
+
+fn default_listen() -> Vec<String> {
+    vec!["127.0.0.1:8080".to_string()]
+}
+fn default_true() -> bool {
+    true
+}
+fn default_weight() -> u32 {
+    1
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Plain-text HTTP listeners (HTTP/1.1 and h2c with prior knowledge).
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// HTTPS listeners and their certificates.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// The admin listener (metrics, health, admin API).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Worker threads of the data plane; default: one per core.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Peers (CIDR or address) whose `X-Forwarded-For`/`Forwarded` headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Listener limits applied before routing.
+    #[serde(default)]
+    pub limits: Limits,
+    /// The access log.
+    #[serde(default)]
+    pub access_log: AccessLog,
+    /// Shutdown behaviour.
+    #[serde(default)]
+    pub shutdown: Shutdown,
+    /// Named groups of targets that routes send traffic to.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Routes, matched by host, path, method and headers.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Policies for every route: a map from policy name to its settings.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, Value>,
+}
+
+/// HTTPS listeners.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Addresses to listen on with TLS.
+    pub listen: Vec<String>,
+    /// Certificates, chosen by SNI from the names in each certificate.
+    pub certificates: Vec<Certificate>,
+    /// Lowest TLS version accepted: `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: Option<TlsVersion>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V12,
+    #[serde(rename = "1.3")]
+    V13,
+}
+
+/// A certificate chain and its private key, PEM files (paths relative to the config file).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    pub cert: String,
+    pub key: String,
+    /// Served to clients that send no SNI or an unknown name.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// Admin listener settings.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9080".to_string()
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: default_admin_listen() }
+    }
+}
+
+/// Limits enforced on every listener before routing.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Longest accepted request target (path and query); longer gets 414.
+    #[serde(default = "default_max_uri")]
+    pub max_uri_length: usize,
+    /// Most request headers accepted; more gets 431.
+    #[serde(default = "default_max_headers")]
+    pub max_header_count: usize,
+    /// Largest total size of the request headers; larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+}
+
+fn default_max_uri() -> usize {
+    8192
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(64 * 1024)
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_uri_length: default_max_uri(),
+            max_header_count: default_max_headers(),
+            max_header_bytes: default_max_header_bytes(),
+        }
+    }
+}
+
+/// Access log settings.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// Write one JSON line per request.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A file to append to; default: standard output.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog { enabled: true, path: None }
+    }
+}
+
+/// Shutdown behaviour.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Shutdown {
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[serde(default = "default_grace")]
+    pub grace: Dur,
+}
+
+fn default_grace() -> Dur {
+    Dur::secs(30)
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown { grace: default_grace() }
+    }
+}
+
+/// A named group of targets.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Target servers: `http://` or `https://` URLs with an optional weight.
+    pub targets: Vec<Target>,
+    /// How a target is chosen: `weighted` (smooth weighted round robin, the default).
+    #[serde(default)]
+    pub balance: Balance,
+    /// Protocol spoken to the targets.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Timeouts towards the targets.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// TLS towards `https://` targets.
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// Passive health: targets that fail to connect repeatedly are taken out for a while.
+    #[serde(default)]
+    pub health: Health,
+    /// Idle keep-alive connections kept per target.
+    #[serde(default = "default_pool_max_idle")]
+    pub max_idle_connections: usize,
+}
+
+fn default_pool_max_idle() -> usize {
+    256
+}
+
+/// One target of an upstream.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// `http://host:port` or `https://host:port` (no path).
+    pub url: String,
+    /// Relative share of traffic (0 takes the target out of rotation).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin (as nginx): no bursts to one target.
+    #[default]
+    Weighted,
+    /// Plain round robin, ignoring weights.
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// ALPN on `https://` targets (h2 preferred), HTTP/1.1 on `http://`.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 (over TLS on `https://`, prior knowledge on `http://`).
+    H2,
+    /// HTTP/2 with prior knowledge over plain TCP.
+    H2c,
+}
+
+/// Timeouts: `connect` for TCP+TLS, `request` until response headers, `idle` between body bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    #[serde(default = "default_connect")]
+    pub connect: Dur,
+    #[serde(default = "default_request")]
+    pub request: Dur,
+    #[serde(default = "default_idle")]
+    pub idle: Dur,
+}
+
+fn default_connect() -> Dur {
+    Dur::secs(5)
+}
+fn default_request() -> Dur {
+    Dur::secs(60)
+}
+fn default_idle() -> Dur {
+    Dur::secs(60)
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { connect: default_connect(), request: default_request(), idle: default_idle() }
+    }
+}
+
+/// Per-route timeout overrides; unset keys keep the upstream's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutOverrides {
+    #[serde(default)]
+    pub connect: Option<Dur>,
+    #[serde(default)]
+    pub request: Option<Dur>,
+    #[serde(default)]
+    pub idle: Option<Dur>,
+}
+
+/// TLS towards the targets of an upstream.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Verify the target's certificate (default true).
+    #[serde(default = "default_true")]
+    pub verify: bool,
+    /// PEM bundle of CAs to trust instead of the system roots.
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Server name to send and verify instead of the target host.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Client certificate for mutual TLS to the upstream.
+    #[serde(default)]
+    pub client_cert: Option<ClientCert>,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> Self {
+        UpstreamTls { verify: true, ca: None, sni: None, client_cert: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCert {
+    pub cert: String,
+    pub key: String,
+}
+
+/// Health settings of an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default)]
+    pub passive: Passive,
+}
+
+/// Passive health: consecutive connect failures eject a target for `ejection_time`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Passive {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_ejection")]
+    pub ejection_time: Dur,
+}
+
+fn default_failures() -> u32 {
+    3
+}
+fn default_ejection() -> Dur {
+    Dur::secs(10)
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Passive {
+            enabled: true,
+            consecutive_failures: default_failures(),
+            ejection_time: default_ejection(),
+        }
+    }
+}
+
+/// A route: which requests it takes and where they go.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Unique name, used in logs, metrics and the admin API.
+    pub name: String,
+    /// Host names (exact, or a leading wildcard `*.example.org`); empty: any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Path patterns: `/exact`, `/users/{id}`, `/static/*` (prefix) or `~regex`.
+    pub paths: Vec<String>,
+    /// Allowed methods; empty: any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Headers that must be present with exactly these values.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Scalar>,
+    /// The upstream to proxy to.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// For `/*` paths: drop the matched prefix before proxying.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// New upstream path; may use `{param}` captures.
+    #[serde(default)]
+    pub rewrite: Option<String>,
+    /// Send the client's `Host` to the upstream instead of the target's.
+    #[serde(default)]
+    pub preserve_host: bool,
+    /// Higher wins among routes of equal host and path specificity.
+    #[serde(default)]
+    pub priority: i32,
+    /// Overrides of the upstream's timeouts for this route.
+    #[serde(default)]
+    pub timeouts: TimeoutOverrides,
+    /// Policies on this route; an entry replaces the global one of the same name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, Value>,
+}
+
+/// A string, number or boolean written in YAML, used as a string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[schemars(transparent)]
+pub struct Scalar(#[schemars(with = "ScalarSchema")] pub String);
+
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum ScalarSchema {
+    S(String),
+    N(f64),
+    B(bool),
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Scalar(s)),
+            Value::Number(n) => Ok(Scalar(n.to_string())),
+            Value::Bool(b) => Ok(Scalar(b.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a string, number or boolean, found {other}"
+            ))),
+        }
+    }
+}
