@@ -102,7 +102,8 @@ impl fmt::Display for KeyPath {
                 Seg::Index(i) => write!(f, "[{i}]")?,
                 Seg::Key(k) => {
                     let plain = !k.is_empty()
-                        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
                     if plain {
                         if !first {
                             f.write_str(".")?;
@@ -131,7 +132,13 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(path: KeyPath, message: impl Into<String>) -> Self {
-        Diagnostic { file: None, pos: None, path, message: message.into(), hint: None }
+        Diagnostic {
+            file: None,
+            pos: None,
+            path,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     pub fn at(mut self, pos: Pos) -> Self {
@@ -158,7 +165,12 @@ pub fn closest<'a>(got: &str, candidates: impl IntoIterator<Item = &'a str>) -> 
     let got_l = got.to_ascii_lowercase();
     candidates
         .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(&got_l, &c.to_ascii_lowercase()), c))
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(&got_l, &c.to_ascii_lowercase()),
+                c,
+            )
+        })
         .filter(|(d, c)| *d <= (c.len().max(got.len()) / 3).max(1) + usize::from(c.len() > 5))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
@@ -218,8 +230,14 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(closest("methdos", ["methods", "paths", "hosts"]), Some("methods"));
-        assert_eq!(closest("upstrem", ["upstream", "upstreams"]), Some("upstream"));
+        assert_eq!(
+            closest("methdos", ["methods", "paths", "hosts"]),
+            Some("methods")
+        );
+        assert_eq!(
+            closest("upstrem", ["upstream", "upstreams"]),
+            Some("upstream")
+        );
         assert_eq!(closest("zzz", ["methods", "paths"]), None);
     }
 }

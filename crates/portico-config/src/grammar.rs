@@ -119,7 +119,9 @@ impl Template {
                 lit.push('$');
                 rest = &rest[2..];
             } else if let Some(after) = rest.strip_prefix("${") {
-                let end = after.find('}').ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
                 if !lit.is_empty() {
                     parts.push(Part::Lit(std::mem::take(&mut lit)));
                 }
@@ -127,7 +129,9 @@ impl Template {
                 rest = &after[end + 1..];
             } else if short_params && c == '{' {
                 let after = &rest[1..];
-                let end = after.find('}').ok_or_else(|| format!("unclosed `{{` in `{s}`"))?;
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed `{{` in `{s}`"))?;
                 let name = &after[..end];
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     return Err(format!("`{{{name}}}` is not a valid capture name in `{s}`"));
@@ -145,7 +149,10 @@ impl Template {
         if !lit.is_empty() {
             parts.push(Part::Lit(lit));
         }
-        Ok(Template { parts, source: s.to_string() })
+        Ok(Template {
+            parts,
+            source: s.to_string(),
+        })
     }
 
     /// The template as written.
@@ -223,7 +230,11 @@ pub enum KeyPart {
 
 impl KeyPart {
     pub fn parse(s: &str) -> Result<KeyPart, String> {
-        let named = |p: &str| s.strip_prefix(p).filter(|n| !n.is_empty()).map(str::to_string);
+        let named = |p: &str| {
+            s.strip_prefix(p)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+        };
         Ok(match s {
             "ip" => KeyPart::Ip,
             "consumer" => KeyPart::Consumer,
@@ -328,7 +339,9 @@ mod tests {
             _ => None,
         });
         assert_eq!(out, "id=42 ip=1.2.3.4 $5");
-        assert!(Template::parse("${nope}").unwrap_err().contains("unknown template variable"));
+        assert!(Template::parse("${nope}")
+            .unwrap_err()
+            .contains("unknown template variable"));
         assert!(Template::parse("${param.}").is_err());
         assert!(Template::parse("${param.id").is_err());
         let p = Template::parse_path("/v2/users/{id}").unwrap();

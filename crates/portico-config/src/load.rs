@@ -155,14 +155,28 @@ pub fn load_str(
     if !diags.is_empty() {
         return Err(finish(diags, &positions));
     }
-    Ok(Loaded { config, positions, file: file.map(Path::to_path_buf), base_dir })
+    Ok(Loaded {
+        config,
+        positions,
+        file: file.map(Path::to_path_buf),
+        base_dir,
+    })
 }
 
-fn schema_check(value: &Value, positions: &Positions, catalog: &dyn PluginCatalog) -> Vec<Diagnostic> {
+fn schema_check(
+    value: &Value,
+    positions: &Positions,
+    catalog: &dyn PluginCatalog,
+) -> Vec<Diagnostic> {
     let schema = schema(catalog);
     let validator = match jsonschema::validator_for(&schema) {
         Ok(v) => v,
-        Err(e) => return vec![Diagnostic::new(KeyPath::root(), format!("internal schema error: {e}"))],
+        Err(e) => {
+            return vec![Diagnostic::new(
+                KeyPath::root(),
+                format!("internal schema error: {e}"),
+            )]
+        }
     };
     let mut out = Vec::new();
     for err in validator.iter_errors(value) {
@@ -187,7 +201,10 @@ fn schema_check(value: &Value, positions: &Positions, catalog: &dyn PluginCatalo
             }
             ValidationErrorKind::Required { property } => {
                 let name = property.as_str().unwrap_or_default();
-                out.push(Diagnostic::new(path, format!("missing required key `{name}`")));
+                out.push(Diagnostic::new(
+                    path,
+                    format!("missing required key `{name}`"),
+                ));
             }
             _ => {
                 let msg = err.to_string();
@@ -220,7 +237,9 @@ fn allowed_keys(schema: &Value, schema_path: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-const KNOWN_METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"];
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
+];
 
 fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mut Vec<Diagnostic>) {
     let root = KeyPath::root();
@@ -234,14 +253,23 @@ fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mut Vec<Diagn
             check_addr(l, p.key("listen").index(i), diags);
         }
         if tls.certificates.is_empty() {
-            diags.push(Diagnostic::new(p.key("certificates"), "at least one certificate is needed"));
+            diags.push(Diagnostic::new(
+                p.key("certificates"),
+                "at least one certificate is needed",
+            ));
         }
         if tls.certificates.iter().filter(|c| c.default).count() > 1 {
-            diags.push(Diagnostic::new(p.key("certificates"), "only one certificate can be `default: true`"));
+            diags.push(Diagnostic::new(
+                p.key("certificates"),
+                "only one certificate can be `default: true`",
+            ));
         }
     }
     if c.workers == Some(0) {
-        diags.push(Diagnostic::new(root.key("workers"), "workers must be at least 1"));
+        diags.push(Diagnostic::new(
+            root.key("workers"),
+            "workers must be at least 1",
+        ));
     }
     for (i, cidr) in c.trusted_proxies.iter().enumerate() {
         if parse_cidr(cidr).is_none() {
@@ -254,9 +282,15 @@ fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mut Vec<Diagn
     for (name, up) in &c.upstreams {
         let p = root.key("upstreams").key(name);
         if up.targets.is_empty() {
-            diags.push(Diagnostic::new(p.key("targets"), "an upstream needs at least one target"));
+            diags.push(Diagnostic::new(
+                p.key("targets"),
+                "an upstream needs at least one target",
+            ));
         } else if up.targets.iter().all(|t| t.weight == 0) {
-            diags.push(Diagnostic::new(p.key("targets"), "every target has weight 0; at least one must take traffic"));
+            diags.push(Diagnostic::new(
+                p.key("targets"),
+                "every target has weight 0; at least one must take traffic",
+            ));
         }
         for (i, t) in up.targets.iter().enumerate() {
             if let Err(e) = check_target_url(&t.url) {
@@ -270,12 +304,21 @@ fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mut Vec<Diagn
     for (i, r) in c.routes.iter().enumerate() {
         let p = root.key("routes").index(i);
         if r.name.is_empty() {
-            diags.push(Diagnostic::new(p.key("name"), "a route needs a non-empty name"));
+            diags.push(Diagnostic::new(
+                p.key("name"),
+                "a route needs a non-empty name",
+            ));
         } else if !names.insert(r.name.as_str()) {
-            diags.push(Diagnostic::new(p.key("name"), format!("route name `{}` is used twice", r.name)));
+            diags.push(Diagnostic::new(
+                p.key("name"),
+                format!("route name `{}` is used twice", r.name),
+            ));
         }
         if r.paths.is_empty() {
-            diags.push(Diagnostic::new(p.key("paths"), "a route needs at least one path"));
+            diags.push(Diagnostic::new(
+                p.key("paths"),
+                "a route needs at least one path",
+            ));
         }
         let mut captures: Vec<String> = Vec::new();
         for (j, path) in r.paths.iter().enumerate() {
@@ -292,24 +335,36 @@ fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mut Vec<Diagn
         for (j, m) in r.methods.iter().enumerate() {
             let up = m.to_ascii_uppercase();
             if *m != up && KNOWN_METHODS.contains(&up.as_str()) {
-                diags.push(Diagnostic::new(p.key("methods").index(j), format!("methods are upper-case: write `{up}`")));
+                diags.push(Diagnostic::new(
+                    p.key("methods").index(j),
+                    format!("methods are upper-case: write `{up}`"),
+                ));
             } else if http::Method::from_bytes(m.as_bytes()).is_err() {
                 diags.push(
-                    Diagnostic::new(p.key("methods").index(j), format!("`{m}` is not an HTTP method"))
-                        .suggest(&up, KNOWN_METHODS),
+                    Diagnostic::new(
+                        p.key("methods").index(j),
+                        format!("`{m}` is not an HTTP method"),
+                    )
+                    .suggest(&up, KNOWN_METHODS),
                 );
             }
         }
         for name in r.headers.keys() {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                diags.push(Diagnostic::new(p.key("headers").key(name), format!("`{name}` is not a valid header name")));
+                diags.push(Diagnostic::new(
+                    p.key("headers").key(name),
+                    format!("`{name}` is not a valid header name"),
+                ));
             }
         }
         let has_terminator = r.plugins.keys().any(|k| k == "echo" || k == "mock");
         match &r.upstream {
             Some(u) if !c.upstreams.contains_key(u) => diags.push(
-                Diagnostic::new(p.key("upstream"), format!("upstream `{u}` is not defined in `upstreams`"))
-                    .suggest(u, upstream_names.iter().copied()),
+                Diagnostic::new(
+                    p.key("upstream"),
+                    format!("upstream `{u}` is not defined in `upstreams`"),
+                )
+                .suggest(u, upstream_names.iter().copied()),
             ),
             None if !has_terminator => diags.push(Diagnostic::new(
                 p.clone(),
@@ -322,7 +377,10 @@ fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mut Vec<Diagn
                 Err(e) => diags.push(Diagnostic::new(p.key("rewrite"), e)),
                 Ok(t) => {
                     if !rw.starts_with('/') && !rw.starts_with("${") {
-                        diags.push(Diagnostic::new(p.key("rewrite"), "a rewrite must produce a path starting with `/`"));
+                        diags.push(Diagnostic::new(
+                            p.key("rewrite"),
+                            "a rewrite must produce a path starting with `/`",
+                        ));
                     }
                     for v in t.vars() {
                         if let Var::Param(n) = v {
@@ -377,7 +435,10 @@ pub fn is_disabled(settings: &Value) -> bool {
 
 fn check_addr(s: &str, path: KeyPath, diags: &mut Vec<Diagnostic>) {
     if s.parse::<std::net::SocketAddr>().is_err() {
-        diags.push(Diagnostic::new(path, format!("`{s}` is not an address; write IP:PORT, e.g. `127.0.0.1:8080` or `[::]:8080`")));
+        diags.push(Diagnostic::new(
+            path,
+            format!("`{s}` is not an address; write IP:PORT, e.g. `127.0.0.1:8080` or `[::]:8080`"),
+        ));
     }
 }
 
@@ -391,12 +452,19 @@ pub fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
 fn check_host(h: &str) -> Result<(), String> {
     let name = h.strip_prefix("*.").unwrap_or(h);
     if name.is_empty() || name.contains('*') {
-        return Err(format!("`{h}`: a wildcard is only allowed as a leading `*.` label"));
+        return Err(format!(
+            "`{h}`: a wildcard is only allowed as a leading `*.` label"
+        ));
     }
     if name.contains(':') && !name.starts_with('[') {
-        return Err(format!("`{h}`: hosts are matched without a port; remove `:PORT`"));
+        return Err(format!(
+            "`{h}`: hosts are matched without a port; remove `:PORT`"
+        ));
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':')) {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':'))
+    {
         return Err(format!("`{h}` is not a valid host name"));
     }
     Ok(())
@@ -404,21 +472,35 @@ fn check_host(h: &str) -> Result<(), String> {
 
 /// Check a target URL: `http(s)://host[:port]` with no path beyond `/`.
 pub fn check_target_url(url: &str) -> Result<http::Uri, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return Err(format!("`{url}`: a target URL starts with `http://` or `https://`")),
+        _ => {
+            return Err(format!(
+                "`{url}`: a target URL starts with `http://` or `https://`"
+            ))
+        }
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("`{url}` has no host"));
     }
-    if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty()) {
-        return Err(format!("`{url}`: a target URL has no path; use `rewrite` on the route to change paths"));
+    if uri
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty())
+    {
+        return Err(format!(
+            "`{url}`: a target URL has no path; use `rewrite` on the route to change paths"
+        ));
     }
     Ok(uri)
 }
 
 /// Closest valid name among `candidates`, for hints.
-pub fn did_you_mean<'a>(got: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    got: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     closest(got, candidates)
 }

@@ -105,7 +105,9 @@ fn default_admin_listen() -> String {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: default_admin_listen() }
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
     }
 }
 
@@ -158,7 +160,10 @@ pub struct AccessLog {
 
 impl Default for AccessLog {
     fn default() -> Self {
-        AccessLog { enabled: true, path: None }
+        AccessLog {
+            enabled: true,
+            path: None,
+        }
     }
 }
 
@@ -177,7 +182,9 @@ fn default_grace() -> Dur {
 
 impl Default for Shutdown {
     fn default() -> Self {
-        Shutdown { grace: default_grace() }
+        Shutdown {
+            grace: default_grace(),
+        }
     }
 }
 
@@ -270,7 +277,11 @@ fn default_idle() -> Dur {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { connect: default_connect(), request: default_request(), idle: default_idle() }
+        Timeouts {
+            connect: default_connect(),
+            request: default_request(),
+            idle: default_idle(),
+        }
     }
 }
 
@@ -306,7 +317,12 @@ pub struct UpstreamTls {
 
 impl Default for UpstreamTls {
     fn default() -> Self {
-        UpstreamTls { verify: true, ca: None, sni: None, client_cert: None }
+        UpstreamTls {
+            verify: true,
+            ca: None,
+            sni: None,
+            client_cert: None,
+        }
     }
 }
 

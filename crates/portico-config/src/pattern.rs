@@ -26,16 +26,21 @@ pub enum PathPattern {
 impl PathPattern {
     pub fn parse(s: &str) -> Result<PathPattern, String> {
         if let Some(re) = s.strip_prefix('~') {
-            let compiled = regex::Regex::new(re).map_err(|e| format!("invalid regular expression: {e}"))?;
+            let compiled =
+                regex::Regex::new(re).map_err(|e| format!("invalid regular expression: {e}"))?;
             for name in compiled.capture_names().flatten() {
                 if !valid_name(name) {
-                    return Err(format!("capture name `{name}` must be letters, digits and `_`"));
+                    return Err(format!(
+                        "capture name `{name}` must be letters, digits and `_`"
+                    ));
                 }
             }
             return Ok(PathPattern::Regex(re.to_string()));
         }
         if !s.starts_with('/') {
-            return Err(format!("`{s}` must start with `/` (or `~` for a regular expression)"));
+            return Err(format!(
+                "`{s}` must start with `/` (or `~` for a regular expression)"
+            ));
         }
         if s.contains("//") || s.split('/').any(|seg| seg == "." || seg == "..") {
             return Err(format!(
@@ -43,18 +48,24 @@ impl PathPattern {
             ));
         }
         if s.contains(['?', '#']) {
-            return Err(format!("`{s}` contains `?` or `#`; paths match without the query"));
+            return Err(format!(
+                "`{s}` contains `?` or `#`; paths match without the query"
+            ));
         }
         let (body, prefix) = match s.strip_suffix("/*") {
             Some(p) => (p, true),
             None => (s, false),
         };
         if body.contains('*') {
-            return Err(format!("`*` is only allowed as a final `/*` segment (in `{s}`)"));
+            return Err(format!(
+                "`*` is only allowed as a final `/*` segment (in `{s}`)"
+            ));
         }
         if prefix {
             if body.contains(['{', '}']) {
-                return Err(format!("`{s}`: `{{param}}` captures cannot be combined with a `/*` prefix"));
+                return Err(format!(
+                    "`{s}`: `{{param}}` captures cannot be combined with a `/*` prefix"
+                ));
             }
             return Ok(PathPattern::Prefix(body.to_string()));
         }
@@ -66,7 +77,9 @@ impl PathPattern {
         for seg in body.split('/').skip(1) {
             if let Some(name) = seg.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
                 if !valid_name(name) {
-                    return Err(format!("`{{{name}}}` in `{s}`: capture names are letters, digits and `_`"));
+                    return Err(format!(
+                        "`{{{name}}}` in `{s}`: capture names are letters, digits and `_`"
+                    ));
                 }
                 if names.contains(&name) {
                     return Err(format!("capture `{{{name}}}` appears twice in `{s}`"));
@@ -74,7 +87,9 @@ impl PathPattern {
                 names.push(name);
                 segs.push(Segment::Param(name.to_string()));
             } else if seg.contains(['{', '}']) {
-                return Err(format!("`{seg}` in `{s}`: a capture must be a whole segment, like `/{{id}}`"));
+                return Err(format!(
+                    "`{seg}` in `{s}`: a capture must be a whole segment, like `/{{id}}`"
+                ));
             } else {
                 segs.push(Segment::Lit(seg.to_string()));
             }
@@ -129,14 +144,29 @@ mod tests {
 
     #[test]
     fn parses() {
-        assert_eq!(PathPattern::parse("/users"), Ok(PathPattern::Exact("/users".into())));
-        assert_eq!(PathPattern::parse("/static/*"), Ok(PathPattern::Prefix("/static".into())));
-        assert_eq!(PathPattern::parse("/*"), Ok(PathPattern::Prefix(String::new())));
+        assert_eq!(
+            PathPattern::parse("/users"),
+            Ok(PathPattern::Exact("/users".into()))
+        );
+        assert_eq!(
+            PathPattern::parse("/static/*"),
+            Ok(PathPattern::Prefix("/static".into()))
+        );
+        assert_eq!(
+            PathPattern::parse("/*"),
+            Ok(PathPattern::Prefix(String::new()))
+        );
         assert_eq!(
             PathPattern::parse("/users/{id}"),
-            Ok(PathPattern::Params(vec![Segment::Lit("users".into()), Segment::Param("id".into())]))
+            Ok(PathPattern::Params(vec![
+                Segment::Lit("users".into()),
+                Segment::Param("id".into())
+            ]))
         );
-        assert!(matches!(PathPattern::parse("~^/v[0-9]+/"), Ok(PathPattern::Regex(_))));
+        assert!(matches!(
+            PathPattern::parse("~^/v[0-9]+/"),
+            Ok(PathPattern::Regex(_))
+        ));
         assert!(PathPattern::parse("users").is_err());
         assert!(PathPattern::parse("/a/*/b").is_err());
         assert!(PathPattern::parse("/a/x{id}").is_err());
@@ -145,7 +175,10 @@ mod tests {
         assert!(PathPattern::parse("~[").is_err());
         assert!(PathPattern::parse("/{a}/{a}").is_err());
         for p in ["/users", "/static/*", "/users/{id}/posts", "~^/v1"] {
-            assert_eq!(PathPattern::parse(p).map(|x| x.to_string()), Ok(p.to_string()));
+            assert_eq!(
+                PathPattern::parse(p).map(|x| x.to_string()),
+                Ok(p.to_string())
+            );
         }
     }
 }

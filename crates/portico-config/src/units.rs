@@ -21,7 +21,9 @@ pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h|d))+$";
 
 /// Parse `1m30s`-style durations.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("`{s}` is not a duration; write a number with a unit: ms, s, m, h or d (e.g. `2s`, `1m30s`)");
+    let bad = || {
+        format!("`{s}` is not a duration; write a number with a unit: ms, s, m, h or d (e.g. `2s`, `1m30s`)")
+    };
     if s.is_empty() {
         return Err(bad());
     }
@@ -92,7 +94,9 @@ impl JsonSchema for Dur {
 pub struct ByteSize(pub u64);
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("`{s}` is not a size; write bytes as a number or with a unit: KB, KiB, MB, MiB, GB, GiB");
+    let bad = || {
+        format!("`{s}` is not a size; write bytes as a number or with a unit: KB, KiB, MB, MiB, GB, GiB")
+    };
     let t = s.trim();
     let digits = t.bytes().take_while(u8::is_ascii_digit).count();
     if digits == 0 {

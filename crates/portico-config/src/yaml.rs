@@ -44,7 +44,11 @@ impl Positions {
 
 enum Frame {
     Seq(Vec<Value>),
-    Map(Map<String, Value>, Option<String>, std::collections::HashSet<String>),
+    Map(
+        Map<String, Value>,
+        Option<String>,
+        std::collections::HashSet<String>,
+    ),
 }
 
 /// Parse a YAML document. Returns the value and the positions of its nodes.
@@ -59,8 +63,10 @@ pub fn parse(text: &str) -> Result<(Value, Positions), Diagnostic> {
     for item in Parser::new_from_str(text) {
         let (event, span) = item.map_err(|e| {
             let m = e.marker();
-            Diagnostic::new(KeyPath::root(), format!("invalid YAML: {}", e.info()))
-                .at(Pos { line: m.line(), col: m.col() + 1 })
+            Diagnostic::new(KeyPath::root(), format!("invalid YAML: {}", e.info())).at(Pos {
+                line: m.line(),
+                col: m.col() + 1,
+            })
         })?;
         let pos = start(&span);
         match event {
@@ -150,7 +156,10 @@ pub fn parse(text: &str) -> Result<(Value, Positions), Diagnostic> {
 }
 
 fn start(span: &Span) -> Pos {
-    Pos { line: span.start.line(), col: span.start.col() + 1 }
+    Pos {
+        line: span.start.line(),
+        col: span.start.col() + 1,
+    }
 }
 
 fn child_path(stack: &[(Frame, usize, KeyPath)], path: &KeyPath) -> KeyPath {
@@ -249,8 +258,13 @@ fn resolve_plain(s: &str) -> Value {
             return Value::Number(u.into());
         }
     }
-    let looks_float = digits.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'.')
-        && digits.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
+    let looks_float = digits
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_digit() || b == b'.')
+        && digits
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
         && digits.bytes().any(|b| b.is_ascii_digit());
     if looks_float {
         if let Some(n) = s.parse::<f64>().ok().and_then(Number::from_f64) {
@@ -277,7 +291,10 @@ mod tests {
         assert_eq!(v["f"], "10MiB");
         let p: KeyPath = KeyPath::parse("b[2].c");
         assert_eq!(pos.key(&p), Some(Pos { line: 5, col: 6 }));
-        assert_eq!(pos.value(&KeyPath::parse("b[1]")), Some(Pos { line: 4, col: 5 }));
+        assert_eq!(
+            pos.value(&KeyPath::parse("b[1]")),
+            Some(Pos { line: 4, col: 5 })
+        );
     }
 
     #[test]

@@ -20,7 +20,13 @@ pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
     let no_port = if raw.starts_with('[') {
         raw.find(']').map_or(raw, |i| &raw[..=i])
     } else {
-        raw.rsplit_once(':').map_or(raw, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { raw })
+        raw.rsplit_once(':').map_or(raw, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                raw
+            }
+        })
     };
     let h = no_port.strip_suffix('.').unwrap_or(no_port);
     if h.bytes().any(|b| b.is_ascii_uppercase()) {

@@ -104,7 +104,9 @@ mod tests {
     use super::*;
 
     fn n(s: &str) -> String {
-        normalize_path(s).map(|c| c.into_owned()).unwrap_or_else(|e| format!("{e:?}"))
+        normalize_path(s)
+            .map(|c| c.into_owned())
+            .unwrap_or_else(|e| format!("{e:?}"))
     }
 
     #[test]

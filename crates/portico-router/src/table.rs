@@ -32,12 +32,17 @@ pub struct Params(SmallVec<[(Arc<str>, Range<usize>); 4]>);
 impl Params {
     /// The value of capture `name` in `path` (the path given to [`Router::route`]).
     pub fn get<'p>(&self, path: &'p str, name: &str) -> Option<&'p str> {
-        self.0.iter().find(|(n, _)| &**n == name).and_then(|(_, r)| path.get(r.clone()))
+        self.0
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .and_then(|(_, r)| path.get(r.clone()))
     }
 
     /// Every capture as (name, value).
     pub fn iter<'a>(&'a self, path: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> {
-        self.0.iter().filter_map(move |(n, r)| path.get(r.clone()).map(|v| (&**n, v)))
+        self.0
+            .iter()
+            .filter_map(move |(n, r)| path.get(r.clone()).map(|v| (&**n, v)))
     }
 }
 
@@ -51,8 +56,12 @@ pub enum Match {
         /// For `/*` matches: the length of the matched prefix (for `strip_prefix`).
         prefix_len: Option<usize>,
     },
-    /// Some route matched host and path but none the method: the methods that would.
-    MethodNotAllowed(Vec<Method>),
+    /// Some route matched host and path but none the method: the methods that would,
+    /// and the first such route (its request-hygiene policies still run, e.g. CORS).
+    MethodNotAllowed {
+        allow: Vec<Method>,
+        route: usize,
+    },
     NotFound,
 }
 
@@ -119,17 +128,31 @@ impl Router {
         }
         let mut wildcard_hosts: Vec<(Box<str>, Table)> = wildcard.into_iter().collect();
         wildcard_hosts.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
-        for t in exact_hosts.values_mut().chain(wildcard_hosts.iter_mut().map(|(_, t)| t)) {
+        for t in exact_hosts
+            .values_mut()
+            .chain(wildcard_hosts.iter_mut().map(|(_, t)| t))
+        {
             finish(t)?;
         }
         finish(&mut any_host)?;
-        Ok(Router { specs, exact_hosts, wildcard_hosts, any_host })
+        Ok(Router {
+            specs,
+            exact_hosts,
+            wildcard_hosts,
+            any_host,
+        })
     }
 
     /// Route a request. `host` is lower-case without port; `path` is normalized.
-    pub fn route(&self, host: Option<&str>, path: &str, method: &Method, headers: &HeaderMap) -> Match {
+    pub fn route(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Match {
         let mut allow: Vec<Method> = Vec::new();
-        let mut path_matched = false;
+        let mut path_matched: Option<usize> = None;
         let host = host.unwrap_or("");
         if let Some(t) = self.exact_hosts.get(host) {
             if let Some(m) = self.scan(t, path, method, headers, &mut allow, &mut path_matched) {
@@ -139,18 +162,26 @@ impl Router {
         for (suffix, t) in &self.wildcard_hosts {
             // `*.example.org` matches any name ending in `.example.org` (one or more labels).
             if host.len() > suffix.len() && host.ends_with(&**suffix) {
-                if let Some(m) = self.scan(t, path, method, headers, &mut allow, &mut path_matched) {
+                if let Some(m) = self.scan(t, path, method, headers, &mut allow, &mut path_matched)
+                {
                     return m;
                 }
             }
         }
-        if let Some(m) = self.scan(&self.any_host, path, method, headers, &mut allow, &mut path_matched) {
+        if let Some(m) = self.scan(
+            &self.any_host,
+            path,
+            method,
+            headers,
+            &mut allow,
+            &mut path_matched,
+        ) {
             return m;
         }
-        if path_matched && !allow.is_empty() {
+        if let (Some(route), false) = (path_matched, allow.is_empty()) {
             allow.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             allow.dedup();
-            return Match::MethodNotAllowed(allow);
+            return Match::MethodNotAllowed { allow, route };
         }
         Match::NotFound
     }
@@ -162,16 +193,28 @@ impl Router {
         method: &Method,
         headers: &HeaderMap,
         allow: &mut Vec<Method>,
-        path_matched: &mut bool,
+        path_matched: &mut Option<usize>,
     ) -> Option<Match> {
         let mut cands: SmallVec<[Candidate; 8]> = SmallVec::new();
         if let Some(es) = t.exact.get(path) {
-            cands.extend(es.iter().map(|e| Candidate { entry: e.clone(), params: Params::default(), prefix: None }));
+            cands.extend(es.iter().map(|e| Candidate {
+                entry: e.clone(),
+                params: Params::default(),
+                prefix: None,
+            }));
         }
         let mut params_found: SmallVec<[Candidate; 8]> = SmallVec::new();
         let mut prefix_found: SmallVec<[Candidate; 8]> = SmallVec::new();
         let segs: SmallVec<[Range<usize>; 16]> = segments(path);
-        walk(&t.tree, path, &segs, 0, &mut SmallVec::new(), &mut params_found, &mut prefix_found);
+        walk(
+            &t.tree,
+            path,
+            &segs,
+            0,
+            &mut SmallVec::new(),
+            &mut params_found,
+            &mut prefix_found,
+        );
         params_found.sort_by_key(|c| c.entry.rank);
         prefix_found.sort_by_key(|c| c.entry.rank);
         cands.extend(params_found);
@@ -189,20 +232,32 @@ impl Router {
                         }
                     }
                 }
-                cands.push(Candidate { entry: e.clone(), params, prefix: None });
+                cands.push(Candidate {
+                    entry: e.clone(),
+                    params,
+                    prefix: None,
+                });
             }
         }
         for c in cands {
-            *path_matched = true;
             let spec = &self.specs[c.entry.route];
-            if !spec.headers.iter().all(|(n, v)| headers.get_all(n).iter().any(|h| h == v)) {
+            if !spec
+                .headers
+                .iter()
+                .all(|(n, v)| headers.get_all(n).iter().any(|h| h == v))
+            {
                 continue;
             }
             if !spec.methods.is_empty() && !spec.methods.contains(method) {
+                path_matched.get_or_insert(c.entry.route);
                 allow.extend(spec.methods.iter().cloned());
                 continue;
             }
-            return Some(Match::Found { route: c.entry.route, params: c.params, prefix_len: c.prefix });
+            return Some(Match::Found {
+                route: c.entry.route,
+                params: c.params,
+                prefix_len: c.prefix,
+            });
         }
         None
     }
@@ -231,7 +286,11 @@ fn walk(
     prefix_out: &mut SmallVec<[Candidate; 8]>,
 ) {
     for e in &node.prefix {
-        prefix_out.push(Candidate { entry: e.clone(), params: Params::default(), prefix: Some(e.prefix_len) });
+        prefix_out.push(Candidate {
+            entry: e.clone(),
+            params: Params::default(),
+            prefix: Some(e.prefix_len),
+        });
     }
     if depth == segs.len() {
         for e in &node.terminal {
@@ -239,7 +298,11 @@ fn walk(
             for (n, r) in e.names.iter().zip(caps.iter()) {
                 params.0.push((n.clone(), r.clone()));
             }
-            params_out.push(Candidate { entry: e.clone(), params, prefix: None });
+            params_out.push(Candidate {
+                entry: e.clone(),
+                params,
+                prefix: None,
+            });
         }
         return;
     }
@@ -282,7 +345,12 @@ fn insert(t: &mut Table, route: usize, priority: i32, pat: &PathPattern) {
                     }
                 };
             }
-            node.terminal.push(Entry { route, rank: (-literals, prio, route), names: names.into(), prefix_len: 0 });
+            node.terminal.push(Entry {
+                route,
+                rank: (-literals, prio, route),
+                names: names.into(),
+                prefix_len: 0,
+            });
         }
         PathPattern::Prefix(p) => {
             let mut node = &mut t.tree;
@@ -301,8 +369,17 @@ fn insert(t: &mut Table, route: usize, priority: i32, pat: &PathPattern) {
         PathPattern::Regex(re) => {
             // Validated when the configuration was loaded.
             if let Ok(compiled) = Regex::new(re) {
-                let names: Vec<Arc<str>> = compiled.capture_names().flatten().map(Arc::from).collect();
-                t.regexes.push((compiled, Entry { route, rank: (0, prio, route), names: names.into(), prefix_len: 0 }));
+                let names: Vec<Arc<str>> =
+                    compiled.capture_names().flatten().map(Arc::from).collect();
+                t.regexes.push((
+                    compiled,
+                    Entry {
+                        route,
+                        rank: (0, prio, route),
+                        names: names.into(),
+                        prefix_len: 0,
+                    },
+                ));
             }
         }
     }

@@ -5,16 +5,31 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 fn spec(hosts: &[&str], paths: &[&str], methods: &[&str], priority: i32) -> RouteSpec {
     RouteSpec {
         hosts: hosts.iter().map(|s| s.to_string()).collect(),
-        paths: paths.iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
-        methods: methods.iter().map(|m| Method::from_bytes(m.as_bytes()).unwrap()).collect(),
+        paths: paths
+            .iter()
+            .map(|p| PathPattern::parse(p).unwrap())
+            .collect(),
+        methods: methods
+            .iter()
+            .map(|m| Method::from_bytes(m.as_bytes()).unwrap())
+            .collect(),
         headers: Vec::new(),
         priority,
     }
 }
 
 fn find(r: &Router, host: Option<&str>, path: &str, method: &str) -> String {
-    match r.route(host, path, &Method::from_bytes(method.as_bytes()).unwrap(), &HeaderMap::new()) {
-        Match::Found { route, params, prefix_len } => {
+    match r.route(
+        host,
+        path,
+        &Method::from_bytes(method.as_bytes()).unwrap(),
+        &HeaderMap::new(),
+    ) {
+        Match::Found {
+            route,
+            params,
+            prefix_len,
+        } => {
             let mut s = format!("{route}");
             for (n, v) in params.iter(path) {
                 s.push_str(&format!(" {n}={v}"));
@@ -24,7 +39,10 @@ fn find(r: &Router, host: Option<&str>, path: &str, method: &str) -> String {
             }
             s
         }
-        Match::MethodNotAllowed(m) => format!("405 {}", m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")),
+        Match::MethodNotAllowed { allow: m, .. } => format!(
+            "405 {}",
+            m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+        ),
         Match::NotFound => "404".into(),
     }
 }
@@ -77,13 +95,21 @@ fn precedence_table() {
         (None, "/m", "DELETE", "0 prefix=0"),
     ];
     for (host, path, method, want) in cases {
-        assert_eq!(find(&r, host, path, method), want, "{host:?} {method} {path}");
+        assert_eq!(
+            find(&r, host, path, method),
+            want,
+            "{host:?} {method} {path}"
+        );
     }
 }
 
 #[test]
 fn regex_before_nothing_but_after_prefix() {
-    let r = Router::new(vec![spec(&[], &["~^/v[0-9]+/(?P<rest>.*)$"], &[], 0), spec(&[], &["/v1/*"], &[], 0)]).unwrap();
+    let r = Router::new(vec![
+        spec(&[], &["~^/v[0-9]+/(?P<rest>.*)$"], &[], 0),
+        spec(&[], &["/v1/*"], &[], 0),
+    ])
+    .unwrap();
     assert_eq!(find(&r, None, "/v1/a", "GET"), "1 prefix=3");
     assert_eq!(find(&r, None, "/v2/a/b", "GET"), "0 rest=a/b");
     assert_eq!(find(&r, None, "/x", "GET"), "404");
@@ -91,7 +117,11 @@ fn regex_before_nothing_but_after_prefix() {
 
 #[test]
 fn method_not_allowed_lists_methods() {
-    let r = Router::new(vec![spec(&[], &["/m"], &["GET"], 0), spec(&[], &["/m"], &["POST", "GET"], 0)]).unwrap();
+    let r = Router::new(vec![
+        spec(&[], &["/m"], &["GET"], 0),
+        spec(&[], &["/m"], &["POST", "GET"], 0),
+    ])
+    .unwrap();
     assert_eq!(find(&r, None, "/m", "DELETE"), "405 GET,POST");
     assert_eq!(find(&r, None, "/n", "DELETE"), "404");
 }
@@ -99,14 +129,23 @@ fn method_not_allowed_lists_methods() {
 #[test]
 fn headers_must_match() {
     let mut a = spec(&[], &["/h"], &[], 0);
-    a.headers.push((HeaderName::from_static("x-api-version"), HeaderValue::from_static("2")));
+    a.headers.push((
+        HeaderName::from_static("x-api-version"),
+        HeaderValue::from_static("2"),
+    ));
     let b = spec(&[], &["/h"], &[], 0);
     let r = Router::new(vec![a, b]).unwrap();
     let mut h = HeaderMap::new();
     h.insert("x-api-version", HeaderValue::from_static("2"));
-    assert!(matches!(r.route(None, "/h", &Method::GET, &h), Match::Found { route: 0, .. }));
+    assert!(matches!(
+        r.route(None, "/h", &Method::GET, &h),
+        Match::Found { route: 0, .. }
+    ));
     h.insert("x-api-version", HeaderValue::from_static("1"));
-    assert!(matches!(r.route(None, "/h", &Method::GET, &h), Match::Found { route: 1, .. }));
+    assert!(matches!(
+        r.route(None, "/h", &Method::GET, &h),
+        Match::Found { route: 1, .. }
+    ));
 }
 
 #[test]

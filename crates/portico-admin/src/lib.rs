@@ -1,0 +1,196 @@
+//! Portico's admin listener.
+//!
+//! Owns: `GET /health`, `GET /ready`, `GET /metrics` (Prometheus text), and the admin
+//! REST API under `/admin` (routes, upstreams, reload). Every answer is JSON except
+//! `/metrics`; every error uses the gateway's error shape.
+//!
+//! Does not own: the state it shows (`portico-proxy`'s [`Gateway`]).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use portico_proxy::{CompiledRoute, Gateway};
+use serde_json::{json, Value};
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body =
+        json!({"error": {"status": status.as_u16(), "code": code, "message": message.into()}});
+    (status, Json(body)).into_response()
+}
+
+/// The admin API router.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/admin/routes", get(routes))
+        .route("/admin/routes/{name}", get(route))
+        .route("/admin/upstreams", get(upstreams))
+        .route("/admin/reload", post(reload))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
+        .with_state(gw)
+}
+
+/// Serve the admin API until `shutdown` resolves.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(addr = ?addr, "admin listening");
+    axum::serve(listener, router(gw))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.is_ready() {
+        Json(json!({"status": "ready", "generation": gw.generation()})).into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "shutting down",
+        )
+    }
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let mut text = gw.metrics.render();
+    let snap = gw.snapshot();
+    text.push_str("# HELP portico_upstream_target_healthy 1 when the target may receive traffic.\n# TYPE portico_upstream_target_healthy gauge\n");
+    let now = portico_upstream::now_ms();
+    for (name, up) in &snap.upstreams {
+        for t in &up.targets {
+            text.push_str(&format!(
+                "portico_upstream_target_healthy{{upstream=\"{name}\",target=\"{}\"}} {}\n",
+                t.url,
+                u8::from(t.health.available(now))
+            ));
+        }
+    }
+    let _ = gw.metrics.open_connections.load(Ordering::Relaxed);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn route_json(r: &CompiledRoute) -> Value {
+    let c = &r.config;
+    let plugins: Vec<Value> = r
+        .chain
+        .iter()
+        .map(|e| json!({"name": e.name, "priority": e.priority, "stage": e.stage, "source": e.source}))
+        .collect();
+    json!({
+        "name": &*r.name,
+        "hosts": c.hosts,
+        "paths": c.paths,
+        "methods": c.methods,
+        "headers": c.headers.iter().map(|(k, v)| (k.clone(), Value::String(v.0.clone()))).collect::<serde_json::Map<_, _>>(),
+        "upstream": c.upstream,
+        "strip_prefix": c.strip_prefix,
+        "rewrite": c.rewrite,
+        "preserve_host": c.preserve_host,
+        "priority": c.priority,
+        "timeouts": {"connect": r.timeouts.connect, "request": r.timeouts.request, "idle": r.timeouts.idle},
+        "plugins": plugins,
+    })
+}
+
+async fn routes(State(gw): State<Arc<Gateway>>) -> Response {
+    let snap = gw.snapshot();
+    let list: Vec<Value> = snap.routes.iter().map(|r| route_json(r)).collect();
+    Json(json!({"generation": gw.generation(), "routes": list})).into_response()
+}
+
+async fn route(State(gw): State<Arc<Gateway>>, Path(name): Path<String>) -> Response {
+    let snap = gw.snapshot();
+    match snap.routes.iter().find(|r| *r.name == *name) {
+        Some(r) => Json(route_json(r)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route named `{name}`"),
+        ),
+    }
+}
+
+async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
+    let snap = gw.snapshot();
+    let now = portico_upstream::now_ms();
+    let mut names: Vec<&String> = snap.upstreams.keys().collect();
+    names.sort();
+    let list: Vec<Value> = names
+        .into_iter()
+        .filter_map(|n| snap.upstreams.get(n).map(|u| (n, u)))
+        .map(|(n, u)| {
+            let cfg = snap.loaded.config.upstreams.get(n);
+            let targets: Vec<Value> = u
+                .targets
+                .iter()
+                .map(|t| {
+                    json!({
+                        "url": &*t.url,
+                        "weight": t.weight,
+                        "healthy": t.health.available(now),
+                        "in_flight": t.health.in_flight(),
+                        "consecutive_failures": t.health.consecutive_failures(),
+                        "ejections": t.health.ejections(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": n,
+                "balance": cfg.map(|c| c.balance),
+                "protocol": cfg.map(|c| c.protocol),
+                "timeouts": {"connect": u.timeouts.connect, "request": u.timeouts.request, "idle": u.timeouts.idle},
+                "targets": targets,
+            })
+        })
+        .collect();
+    Json(json!({"upstreams": list})).into_response()
+}
+
+async fn reload(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw.reload().await {
+        Ok(g) => Json(json!({"status": "reloaded", "generation": g})).into_response(),
+        Err(d) => {
+            let problems: Vec<Value> =
+                d.0.iter()
+                    .map(|p| {
+                        json!({
+                            "file": p.file,
+                            "line": p.pos.map(|x| x.line),
+                            "column": p.pos.map(|x| x.col),
+                            "path": p.path.to_string(),
+                            "message": p.message,
+                            "hint": p.hint,
+                            "text": p.to_string(),
+                        })
+                    })
+                    .collect();
+            let body = json!({"error": {
+                "status": 422,
+                "code": "invalid_config",
+                "message": "the configuration was rejected; the previous one keeps serving",
+                "problems": problems,
+            }});
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Per-request context shared by every phase, and the shared grammar's evaluation:
+//! client IP, `${...}` templates and request keys.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::HeaderMap;
+use ipnet::IpNet;
+use portico_config::grammar::{KeyPart, KeySpec, Template, Var};
+use portico_router::Params;
+
+/// The authenticated caller, set by authentication policies.
+#[derive(Debug, Clone, Default)]
+pub struct Consumer {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+/// What the pipeline knows about one request.
+#[derive(Debug)]
+pub struct Ctx {
+    pub request_id: String,
+    pub client_ip: IpAddr,
+    pub route_name: Arc<str>,
+    /// The normalized request path (what routing saw).
+    pub path: String,
+    pub params: Params,
+    pub consumer: Option<Consumer>,
+    /// Claims of a verified JWT, for `${jwt.CLAIM}` and `jwt_claim:` keys.
+    pub jwt_claims: Option<serde_json::Value>,
+    /// Free-form per-request data for policies.
+    pub extensions: http::Extensions,
+}
+
+impl Ctx {
+    pub fn new(
+        request_id: String,
+        client_ip: IpAddr,
+        route_name: Arc<str>,
+        path: String,
+        params: Params,
+    ) -> Self {
+        Ctx {
+            request_id,
+            client_ip,
+            route_name,
+            path,
+            params,
+            consumer: None,
+            jwt_claims: None,
+            extensions: http::Extensions::new(),
+        }
+    }
+
+    /// The value of a template variable for this request.
+    pub fn var<'a>(&'a self, req: Option<&'a Parts>, v: &Var) -> Option<Cow<'a, str>> {
+        match v {
+            Var::Param(n) => self.params.get(&self.path, n).map(Cow::Borrowed),
+            Var::Header(n) => req
+                .and_then(|r| header_str(&r.headers, n))
+                .map(Cow::Borrowed),
+            Var::Query(n) => req.and_then(|r| query_param(r.uri.query(), n)),
+            Var::Cookie(n) => req.and_then(|r| cookie(&r.headers, n)).map(Cow::Borrowed),
+            Var::ConsumerName => self
+                .consumer
+                .as_ref()
+                .map(|c| Cow::Borrowed(c.name.as_str())),
+            Var::JwtClaim(n) => self
+                .jwt_claims
+                .as_ref()
+                .and_then(|c| c.get(n))
+                .map(|v| match v {
+                    serde_json::Value::String(s) => Cow::Borrowed(s.as_str()),
+                    other => Cow::Owned(other.to_string()),
+                }),
+            Var::RequestId => Some(Cow::Borrowed(&self.request_id)),
+            Var::ClientIp => Some(Cow::Owned(self.client_ip.to_string())),
+            Var::RouteName => Some(Cow::Borrowed(&self.route_name)),
+        }
+    }
+
+    /// Render a template for this request; missing values render empty. Without the
+    /// request (response phases), `header.`, `query.` and `cookie.` render empty.
+    pub fn render(&self, req: Option<&Parts>, t: &Template) -> String {
+        t.render(|v| self.var(req, v).map(|c| Cow::Owned(c.into_owned())))
+    }
+
+    /// The value of a request key; parts are joined by `|`, a missing part is empty.
+    pub fn key(&self, req: &Parts, k: &KeySpec) -> String {
+        let mut out = String::new();
+        for (i, part) in k.0.iter().enumerate() {
+            if i > 0 {
+                out.push('|');
+            }
+            let v: Option<Cow<'_, str>> = match part {
+                KeyPart::Ip => Some(Cow::Owned(self.client_ip.to_string())),
+                KeyPart::Consumer => self
+                    .consumer
+                    .as_ref()
+                    .map(|c| Cow::Borrowed(c.name.as_str())),
+                KeyPart::Route => Some(Cow::Borrowed(&self.route_name)),
+                KeyPart::Path => Some(Cow::Borrowed(&self.path)),
+                KeyPart::Header(n) => header_str(&req.headers, n).map(Cow::Borrowed),
+                KeyPart::Query(n) => query_param(req.uri.query(), n),
+                KeyPart::Cookie(n) => cookie(&req.headers, n).map(Cow::Borrowed),
+                KeyPart::JwtClaim(n) => self.var(Some(req), &Var::JwtClaim(n.clone())),
+            };
+            if let Some(v) = v {
+                out.push_str(&v);
+            }
+        }
+        out
+    }
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The first value of a query parameter, percent-decoded (`+` as space).
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<Cow<'a, str>> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode(k) == name {
+            Some(decode(v))
+        } else {
+            None
+        }
+    })
+}
+
+fn decode(s: &str) -> Cow<'_, str> {
+    if !s.contains(['%', '+']) {
+        return Cow::Borrowed(s);
+    }
+    let plus = s.replace('+', " ");
+    Cow::Owned(
+        percent_encoding::percent_decode_str(&plus)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+/// The value of a cookie from the `Cookie` headers.
+pub fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|line| {
+            line.split(';').find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then(|| v.trim_matches('"'))
+            })
+        })
+}
+
+/// The client's address: the socket peer, or — when the peer is a trusted proxy — the
+/// right-most address in `X-Forwarded-For` (or `Forwarded: for=`) that is not itself
+/// trusted. Logs, limits, IP rules and hashing all use this one function.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = canonical(peer);
+    if trusted.is_empty() || !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let mut chain: Vec<IpAddr> = Vec::new();
+    let xff: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if !xff.is_empty() {
+        for line in xff {
+            chain.extend(
+                line.split(',')
+                    .filter_map(|s| parse_forwarded_addr(s.trim())),
+            );
+        }
+    } else {
+        for line in headers
+            .get_all("forwarded")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
+            for elem in line.split(',') {
+                for pair in elem.split(';') {
+                    if let Some((k, v)) = pair.trim().split_once('=') {
+                        if k.eq_ignore_ascii_case("for") {
+                            if let Some(ip) = parse_forwarded_addr(v.trim().trim_matches('"')) {
+                                chain.push(ip);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for ip in chain.iter().rev() {
+        let ip = canonical(*ip);
+        if !is_trusted(ip, trusted) {
+            return ip;
+        }
+    }
+    chain.first().map(|ip| canonical(*ip)).unwrap_or(peer)
+}
+
+fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    trusted.iter().any(|n| n.contains(&ip))
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn parse_forwarded_addr(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    // `[v6]:port`, `[v6]` or `v4:port`
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    s.rsplit_once(':').and_then(|(h, _)| h.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http::HeaderValue;
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn client_ip_rules() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 2.2.2.2, 10.0.0.5"),
+        );
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        // untrusted peer: headers ignored
+        assert_eq!(client_ip(peer, &h, &[]), peer);
+        assert_eq!(client_ip(peer, &h, &nets(&["192.168.0.0/16"])), peer);
+        // trusted peer: right-most untrusted
+        assert_eq!(
+            client_ip(peer, &h, &nets(&["10.0.0.0/8"])),
+            "2.2.2.2".parse::<IpAddr>().unwrap()
+        );
+        // spoofed left-most entries do not win
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 3.3.3.3"),
+        );
+        assert_eq!(
+            client_ip(peer, &h, &nets(&["10.0.0.0/8"])),
+            "3.3.3.3".parse::<IpAddr>().unwrap()
+        );
+        // Forwarded header
+        let mut f = HeaderMap::new();
+        f.insert(
+            "forwarded",
+            HeaderValue::from_static("for=\"[2001:db8::1]:4711\";proto=https, for=10.0.0.9"),
+        );
+        assert_eq!(
+            client_ip(peer, &f, &nets(&["10.0.0.0/8"])),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        // mapped v6 peer is canonical v4
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(
+            client_ip(mapped, &HeaderMap::new(), &[]),
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn query_and_cookie() {
+        assert_eq!(
+            query_param(Some("a=1&b=x%20y&c=p+q"), "b").as_deref(),
+            Some("x y")
+        );
+        assert_eq!(query_param(Some("a=1&c=p+q"), "c").as_deref(), Some("p q"));
+        assert_eq!(query_param(Some("a=1"), "z"), None);
+        let mut h = HeaderMap::new();
+        h.insert(
+            "cookie",
+            HeaderValue::from_static("a=1; session=abc; z=\"q\""),
+        );
+        assert_eq!(cookie(&h, "session"), Some("abc"));
+        assert_eq!(cookie(&h, "z"), Some("q"));
+        assert_eq!(cookie(&h, "nope"), None);
+    }
+}

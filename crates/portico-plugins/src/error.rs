@@ -1,0 +1,136 @@
+//! The one gateway error type and the one function that turns it into the client's answer.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+
+use crate::body::Body;
+
+/// What went wrong, as the client sees it. Each kind has one status and one code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    NoRoute,
+    MethodNotAllowed,
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    PayloadTooLarge,
+    UriTooLong,
+    TooManyRequests,
+    HeadersTooLarge,
+    Internal,
+    UpstreamUnavailable,
+    NoHealthyUpstream,
+    UpstreamTimeout,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UriTooLong => StatusCode::URI_TOO_LONG,
+            ErrorKind::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            ErrorKind::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable machine-readable code in the JSON error body and the access log.
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::NoRoute => "no_route",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::UriTooLong => "uri_too_long",
+            ErrorKind::TooManyRequests => "too_many_requests",
+            ErrorKind::HeadersTooLarge => "headers_too_large",
+            ErrorKind::Internal => "internal_error",
+            ErrorKind::UpstreamUnavailable => "upstream_unavailable",
+            ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+}
+
+/// Which side caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+/// A gateway error: kind, side, message, and extra headers for the answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {message}", kind.code())]
+pub struct GatewayError {
+    pub kind: ErrorKind,
+    pub side: Side,
+    pub message: Cow<'static, str>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Close the client connection after answering.
+    pub close: bool,
+}
+
+impl GatewayError {
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        let side = match kind {
+            ErrorKind::UpstreamUnavailable
+            | ErrorKind::NoHealthyUpstream
+            | ErrorKind::UpstreamTimeout => Side::Upstream,
+            ErrorKind::Internal => Side::Internal,
+            _ => Side::Downstream,
+        };
+        GatewayError {
+            kind,
+            side,
+            message: message.into(),
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The client's answer: the status of the kind and the standard JSON body.
+    pub fn to_response(&self, request_id: &str) -> Response<Body> {
+        let body = serde_json::json!({
+            "error": {
+                "status": self.kind.status().as_u16(),
+                "code": self.kind.code(),
+                "message": self.message,
+                "request_id": request_id,
+            }
+        });
+        let bytes = Bytes::from(body.to_string());
+        let mut resp = Response::new(Body::full(bytes));
+        *resp.status_mut() = self.kind.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (n, v) in &self.headers {
+            h.append(n.clone(), v.clone());
+        }
+        if self.close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}

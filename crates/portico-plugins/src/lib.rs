@@ -1,0 +1,22 @@
+//! Portico's request pipeline contract and policies.
+//!
+//! Owns: the [`Policy`] trait (one default no-op method per phase), the per-request
+//! [`Ctx`], the gateway error type and its JSON answer, the pipeline [`Body`], the
+//! evaluation of the shared grammar (client IP, templates, keys), and the catalogue
+//! of policies with their priorities.
+//!
+//! Does not own: listeners, routing, or talking to upstreams (`portico-proxy`).
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod ctx;
+pub mod error;
+pub mod plugins;
+pub mod policy;
+pub mod registry;
+
+pub use body::{Body, BoxError};
+pub use ctx::{client_ip, Consumer, Ctx};
+pub use error::{ErrorKind, GatewayError, Side};
+pub use policy::{Flow, Outcome, Policy, Step};
+pub use registry::{build_chain, build_global, Catalog, ChainEntry, HYGIENE_PRIORITY};

@@ -1,0 +1,50 @@
+//! The policies, one module each. To add one: write the module (settings type with
+//! `deny_unknown_fields` + `JsonSchema`, a `Policy` impl) and add a `PluginDef` below.
+
+use std::sync::Arc;
+
+use crate::registry::{parse, schema_of, PluginDef};
+
+pub mod echo;
+pub mod headers;
+pub mod size_limit;
+
+/// Every policy, by descending priority. See docs/plugins.md for the stages.
+pub static DEFS: &[PluginDef] = &[
+    PluginDef {
+        name: "request-size-limit",
+        priority: 3900,
+        stage: "request hygiene",
+        schema: schema_of::<size_limit::Settings>,
+        build: |v| Ok(Arc::new(size_limit::SizeLimit::new(parse(v)?))),
+    },
+    PluginDef {
+        name: "request-transformer",
+        priority: 800,
+        stage: "request transforms",
+        schema: schema_of::<headers::Settings>,
+        build: |v| {
+            Ok(Arc::new(headers::RequestHeaders(headers::Compiled::new(
+                parse(v)?,
+            )?)))
+        },
+    },
+    PluginDef {
+        name: "response-transformer",
+        priority: 790,
+        stage: "response transforms",
+        schema: schema_of::<headers::Settings>,
+        build: |v| {
+            Ok(Arc::new(headers::ResponseHeaders(headers::Compiled::new(
+                parse(v)?,
+            )?)))
+        },
+    },
+    PluginDef {
+        name: "echo",
+        priority: 100,
+        stage: "proxy (answers itself)",
+        schema: schema_of::<echo::Settings>,
+        build: |v| Ok(Arc::new(echo::Echo::new(parse(v)?)?)),
+    },
+];

@@ -1,0 +1,95 @@
+//! The policy contract: one trait with a default no-op method per phase.
+//!
+//! Phases, in order (docs/plugins.md):
+//! 1. `on_request` — route matched; may answer (auth, limits, cache hit, echo) and stop.
+//! 2. `upstream_request` — rewrite what is sent upstream.
+//! 3. `upstream_response` — status and headers from upstream (or from a policy's answer).
+//! 4. `log` — always runs once the exchange is over.
+//!
+//! Request phases run in descending priority; response phases in ascending priority
+//! (the reverse, as in Envoy's filter chain), so the policy nearest the client on the
+//! way in is nearest the client on the way out.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+
+use crate::body::Body;
+use crate::ctx::Ctx;
+use crate::error::GatewayError;
+
+/// What a request phase decided.
+pub enum Flow {
+    /// Go on with the next policy.
+    Continue,
+    /// Answer the client with this response; later request policies and the proxy are skipped.
+    Respond(Response<Body>),
+    /// Answer with an error.
+    Error(GatewayError),
+}
+
+/// The result of a request phase: ready now (no allocation) or an async step.
+pub enum Step<'a> {
+    Ready(Option<Flow>),
+    Pending(Pin<Box<dyn Future<Output = Flow> + Send + 'a>>),
+}
+
+impl Step<'_> {
+    pub fn cont() -> Self {
+        Step::Ready(Some(Flow::Continue))
+    }
+    pub fn respond(r: Response<Body>) -> Self {
+        Step::Ready(Some(Flow::Respond(r)))
+    }
+    pub fn error(e: GatewayError) -> Self {
+        Step::Ready(Some(Flow::Error(e)))
+    }
+}
+
+impl Future for Step<'_> {
+    type Output = Flow;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Flow> {
+        match self.get_mut() {
+            Step::Ready(f) => Poll::Ready(f.take().unwrap_or(Flow::Continue)),
+            Step::Pending(fut) => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Summary of a finished exchange, given to the `log` phase.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub error_code: Option<&'static str>,
+}
+
+/// A policy. Settings are parsed once when a snapshot is compiled; methods are called per request.
+pub trait Policy: Send + Sync + 'static {
+    /// The policy's name as written under `plugins:`.
+    fn name(&self) -> &'static str;
+
+    /// Phase 1, after routing. Default: continue.
+    fn on_request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Request<Body>) -> Step<'a> {
+        let _ = (ctx, req);
+        Step::cont()
+    }
+
+    /// Phase 2, just before the request goes upstream (after path rewrite). Default: nothing.
+    fn upstream_request(&self, ctx: &mut Ctx, req: &mut http::request::Parts) {
+        let _ = (ctx, req);
+    }
+
+    /// Phase 3, on the response head (from upstream or from a policy). Default: nothing.
+    fn upstream_response(&self, ctx: &mut Ctx, resp: &mut http::response::Parts) {
+        let _ = (ctx, resp);
+    }
+
+    /// Phase 4, once the response is finished or failed. Default: nothing.
+    fn log(&self, ctx: &Ctx, outcome: &Outcome) {
+        let _ = (ctx, outcome);
+    }
+}

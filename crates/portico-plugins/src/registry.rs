@@ -1,0 +1,146 @@
+//! The catalogue of policies: name, priority, settings schema, constructor; and how a
+//! route's chain is assembled from global and route entries.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use portico_config::load::{is_disabled, strip_enabled};
+use portico_config::{KeyPath, PluginCatalog};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::plugins;
+use crate::policy::Policy;
+
+/// Problems in a policy's settings, with key paths relative to the settings.
+pub type SettingsErrors = Vec<(KeyPath, String)>;
+
+/// One kind of policy.
+pub struct PluginDef {
+    pub name: &'static str,
+    /// Position in the chain: request phases run high to low, response phases low to high.
+    pub priority: i32,
+    /// The stage of the baseline order this policy belongs to (for docs and the admin API).
+    pub stage: &'static str,
+    pub schema: fn(&mut SchemaGenerator) -> Schema,
+    pub build: fn(&Value) -> Result<Arc<dyn Policy>, SettingsErrors>,
+}
+
+/// Policies at or above this priority are request hygiene: they also run when the
+/// route's path matched but its method did not (so CORS preflights are not 405).
+pub const HYGIENE_PRIORITY: i32 = 3000;
+
+/// Every policy Portico knows, by descending priority.
+pub fn all() -> &'static [PluginDef] {
+    plugins::DEFS
+}
+
+pub fn find(name: &str) -> Option<&'static PluginDef> {
+    all().iter().find(|d| d.name == name)
+}
+
+/// Schema of a settings type.
+pub fn schema_of<T: JsonSchema>(gen: &mut SchemaGenerator) -> Schema {
+    T::json_schema(gen)
+}
+
+/// Parse settings into their typed form, with the path of the first problem.
+pub fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, SettingsErrors> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let p = e.path().to_string();
+        let path = if p == "." {
+            KeyPath::root()
+        } else {
+            KeyPath::parse(&p)
+        };
+        vec![(path, e.inner().to_string())]
+    })
+}
+
+/// The catalogue as the configuration layer sees it.
+pub struct Catalog;
+
+impl PluginCatalog for Catalog {
+    fn names(&self) -> Vec<&'static str> {
+        all().iter().map(|d| d.name).collect()
+    }
+    fn schema(&self, name: &str, gen: &mut SchemaGenerator) -> Option<Schema> {
+        find(name).map(|d| (d.schema)(gen))
+    }
+    fn check(&self, name: &str, settings: &Value) -> Vec<(KeyPath, String)> {
+        match find(name) {
+            Some(d) => (d.build)(settings).err().unwrap_or_default(),
+            None => vec![(KeyPath::root(), format!("unknown policy `{name}`"))],
+        }
+    }
+}
+
+/// One policy in a route's chain.
+#[derive(Clone)]
+pub struct ChainEntry {
+    pub name: &'static str,
+    pub priority: i32,
+    pub stage: &'static str,
+    /// `global` or `route`.
+    pub source: &'static str,
+    pub policy: Arc<dyn Policy>,
+}
+
+/// Build the global policies once; routes share these instances.
+pub fn build_global(
+    global: &BTreeMap<String, Value>,
+) -> Result<BTreeMap<String, ChainEntry>, (String, SettingsErrors)> {
+    let mut out = BTreeMap::new();
+    for (name, settings) in global {
+        if is_disabled(settings) {
+            continue;
+        }
+        out.insert(name.clone(), build_one(name, settings, "global")?);
+    }
+    Ok(out)
+}
+
+fn build_one(
+    name: &str,
+    settings: &Value,
+    source: &'static str,
+) -> Result<ChainEntry, (String, SettingsErrors)> {
+    let def = find(name).ok_or_else(|| {
+        (
+            name.to_string(),
+            vec![(KeyPath::root(), format!("unknown policy `{name}`"))],
+        )
+    })?;
+    let policy = (def.build)(&strip_enabled(settings)).map_err(|e| (name.to_string(), e))?;
+    Ok(ChainEntry {
+        name: def.name,
+        priority: def.priority,
+        stage: def.stage,
+        source,
+        policy,
+    })
+}
+
+/// A route's chain: global entries, replaced or removed by the route's own entries,
+/// ordered by priority (never by the order of keys in the file).
+pub fn build_chain(
+    global: &BTreeMap<String, ChainEntry>,
+    route: &BTreeMap<String, Value>,
+) -> Result<Vec<ChainEntry>, (String, SettingsErrors)> {
+    let mut chain: BTreeMap<&str, ChainEntry> = BTreeMap::new();
+    for (name, e) in global {
+        if !route.contains_key(name) {
+            chain.insert(name.as_str(), e.clone());
+        }
+    }
+    for (name, settings) in route {
+        if is_disabled(settings) {
+            continue;
+        }
+        chain.insert(name.as_str(), build_one(name, settings, "route")?);
+    }
+    let mut v: Vec<ChainEntry> = chain.into_values().collect();
+    v.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(b.name)));
+    Ok(v)
+}

@@ -1,0 +1,162 @@
+//! The access log: one JSON line per request, written by a background thread so a
+//! slow disk or pipe never blocks a request (lines are dropped and counted instead).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+
+/// One access-log line.
+#[derive(Serialize)]
+pub struct Record<'a> {
+    pub time: String,
+    pub request_id: &'a str,
+    pub client_ip: IpAddr,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<&'a str>,
+    pub protocol: &'a str,
+    pub route: Option<&'a str>,
+    pub upstream: Option<&'a str>,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ms: Option<f64>,
+}
+
+enum Msg {
+    Line(Vec<u8>),
+    Target(Option<PathBuf>),
+}
+
+/// Handle to the writer thread.
+pub struct AccessLog {
+    tx: SyncSender<Msg>,
+    metrics: Arc<Metrics>,
+}
+
+impl AccessLog {
+    /// Start the writer; `path` None means standard output.
+    pub fn start(path: Option<PathBuf>, metrics: Arc<Metrics>) -> AccessLog {
+        let (tx, rx) = sync_channel(16 * 1024);
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || writer(rx, path));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the access-log writer");
+        }
+        AccessLog { tx, metrics }
+    }
+
+    /// Switch the destination (on reload).
+    pub fn set_target(&self, path: Option<PathBuf>) {
+        let _ = self.tx.send(Msg::Target(path));
+    }
+
+    /// Queue one record.
+    pub fn write(&self, r: &Record<'_>) {
+        let mut line = Vec::with_capacity(384);
+        if serde_json::to_writer(&mut line, r).is_ok() {
+            line.push(b'\n');
+            match self.tx.try_send(Msg::Line(line)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    self.metrics
+                        .access_log_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+fn open(path: &Option<PathBuf>) -> Box<dyn Write + Send> {
+    match path {
+        None => Box::new(std::io::stdout()),
+        Some(p) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                tracing::error!(path = %p.display(), error = %e, "cannot open the access log; writing to stdout");
+                Box::new(std::io::stdout())
+            }
+        },
+    }
+}
+
+fn writer(rx: Receiver<Msg>, path: Option<PathBuf>) {
+    let mut current = path;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, open(&current));
+    while let Ok(msg) = rx.recv() {
+        let mut next = Some(msg);
+        while let Some(m) = next.take() {
+            match m {
+                Msg::Line(l) => {
+                    let _ = out.write_all(&l);
+                }
+                Msg::Target(p) => {
+                    if p != current {
+                        let _ = out.flush();
+                        current = p;
+                        out = std::io::BufWriter::with_capacity(64 * 1024, open(&current));
+                    }
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+    let _ = out.flush();
+}
+
+/// RFC 3339 UTC timestamp with milliseconds.
+pub fn now_rfc3339() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // civil-from-days (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamp_shape() {
+        let t = super::now_rfc3339();
+        assert_eq!(t.len(), 24, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z'));
+    }
+}

@@ -1,0 +1,335 @@
+//! Proxying one request to an upstream: the upstream path, the forwarded headers,
+//! target choice with passive health, timeouts, and error mapping.
+//!
+//! Retries here are limited to what is always safe: a request with no body whose
+//! connection could not be established is tried on another target (at most 3 tries).
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version};
+use http_body::Body as _;
+use portico_plugins::body::{BodyTooLarge, IdleTimeout};
+use portico_plugins::{Body, ErrorKind, GatewayError};
+use portico_upstream::{ConnectTimeout, Upstream};
+use tokio::time::Instant;
+
+use crate::logbody::Finish;
+use crate::pipeline::ConnInfo;
+use crate::snapshot::{CompiledRoute, Snapshot};
+
+const MAX_TRIES: usize = 3;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it
+/// names, plus `Keep-Alive`, `Proxy-Connection`, `TE` (except `trailers`), `Trailer`,
+/// `Transfer-Encoding` and `Upgrade`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    let te_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    h.remove(header::TE);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The path sent upstream: the normalized path, rewritten or with its prefix stripped,
+/// plus the client's query string unchanged.
+fn upstream_path(
+    route: &CompiledRoute,
+    fin: &Finish,
+    query: Option<&str>,
+    prefix_len: Option<usize>,
+) -> String {
+    let ctx = &fin.ctx;
+    let mut p = if let Some(t) = &route.rewrite {
+        ctx.render(None, t)
+    } else if let (true, Some(n)) = (route.strip_prefix, prefix_len) {
+        let rest = ctx.path.get(n..).unwrap_or("");
+        if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        }
+    } else {
+        ctx.path.clone()
+    };
+    if let Some(q) = query {
+        p.push('?');
+        p.push_str(q);
+    }
+    p
+}
+
+/// Send the request upstream and return the response head with a streaming body.
+pub async fn forward(
+    snap: &Snapshot,
+    route: &CompiledRoute,
+    up: &Upstream,
+    fin: &mut Finish,
+    req: Request<Body>,
+    conn: &ConnInfo,
+    prefix_len: Option<usize>,
+) -> Result<Response<Body>, GatewayError> {
+    let (mut parts, body) = req.into_parts();
+    let pq = upstream_path(route, fin, parts.uri.query(), prefix_len);
+    let pq = PathAndQuery::try_from(pq).map_err(|_| {
+        GatewayError::new(
+            ErrorKind::BadRequest,
+            "the rewritten path is not a valid URI path",
+        )
+    })?;
+    let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers);
+    forwarded_headers(snap, fin, conn, &mut parts.headers, client_host.as_ref());
+    if let Ok(v) = HeaderValue::from_str(&fin.ctx.request_id) {
+        parts.headers.insert(&X_REQUEST_ID, v);
+    }
+    parts.version = Version::HTTP_11;
+    for entry in &route.chain {
+        entry.policy.upstream_request(&mut fin.ctx, &mut parts);
+    }
+
+    let replayable = body.is_end_stream() && up.targets.len() > 1;
+    let mut body = Some(body);
+    let mut tried: [usize; MAX_TRIES] = [usize::MAX; MAX_TRIES];
+    let mut last_err = None;
+    for attempt in 0..MAX_TRIES.min(up.targets.len()) {
+        let Some(idx) = up.pick(&tried[..attempt]) else {
+            break;
+        };
+        tried[attempt] = idx;
+        let target = &up.targets[idx];
+        fin.target = Some(target.url.clone());
+        let uri = Uri::builder()
+            .scheme(target.scheme.clone())
+            .authority(target.authority.clone())
+            .path_and_query(pq.clone())
+            .build()
+            .map_err(|e| {
+                GatewayError::new(
+                    ErrorKind::Internal,
+                    format!("building the upstream URI: {e}"),
+                )
+            })?;
+        let mut head = if replayable {
+            clone_parts(&parts)
+        } else {
+            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+        };
+        head.uri = uri;
+        if !route.preserve_host {
+            head.headers
+                .insert(header::HOST, target.host_header.clone());
+        } else if let Some(h) = &client_host {
+            head.headers.insert(header::HOST, h.clone());
+        }
+        let b = if replayable {
+            Body::Empty
+        } else {
+            body.take().unwrap_or_default()
+        };
+        let sent = Instant::now();
+        target.health.start();
+        let result = tokio::time::timeout(
+            route.timeouts.request.0,
+            up.client.request(Request::from_parts(head, b)),
+        )
+        .await;
+        target.health.finish();
+        fin.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+        match result {
+            Ok(Ok(resp)) => {
+                target.health.success();
+                let (mut rp, rb) = resp.into_parts();
+                strip_hop_by_hop(&mut rp.headers);
+                return Ok(Response::from_parts(
+                    rp,
+                    Body::incoming(rb, Some(route.timeouts.idle.0)),
+                ));
+            }
+            Ok(Err(e)) => {
+                let (err, connect) = map_client_error(&e, route.timeouts.connect.0);
+                tracing::debug!(target = %target.url, error = %e, source = ?e.source(), "upstream request failed");
+                if connect {
+                    up.connect_failed(idx);
+                }
+                if !(connect && replayable) {
+                    return Err(err);
+                }
+                last_err = Some(err);
+            }
+            Err(_) => {
+                return Err(GatewayError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!(
+                        "the upstream did not answer within {:?}",
+                        route.timeouts.request.0
+                    ),
+                ));
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| {
+        GatewayError::new(
+            ErrorKind::NoHealthyUpstream,
+            format!("upstream `{}` has no available target", up.name),
+        )
+    }))
+}
+
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = p.method.clone();
+    *r.uri_mut() = p.uri.clone();
+    *r.version_mut() = p.version;
+    *r.headers_mut() = p.headers.clone();
+    r.into_parts().0
+}
+
+/// `X-Forwarded-For` is appended to only when the peer is a trusted proxy; otherwise it
+/// is replaced by the peer address. `-Proto` and `-Host` likewise.
+fn forwarded_headers(
+    snap: &Snapshot,
+    fin: &Finish,
+    conn: &ConnInfo,
+    h: &mut HeaderMap,
+    host: Option<&HeaderValue>,
+) {
+    let peer = conn.peer.ip();
+    let peer = match peer {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let trusted = snap.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let peer_s = peer.to_string();
+    let xff = if trusted {
+        let prior: Vec<&str> = h
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            peer_s
+        } else {
+            format!("{}, {peer_s}", prior.join(", "))
+        }
+    } else {
+        peer_s
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
+        h.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+    }
+    if !(trusted && h.contains_key(&X_FORWARDED_HOST)) {
+        match host {
+            Some(v) => {
+                h.insert(&X_FORWARDED_HOST, v.clone());
+            }
+            None => {
+                h.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+    let _ = fin;
+}
+
+/// Map a client error to the gateway error; the flag says it was a connect failure
+/// (nothing was sent, so another target may be tried).
+fn map_client_error(
+    e: &hyper_util::client::legacy::Error,
+    connect_timeout: Duration,
+) -> (GatewayError, bool) {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(s) = src {
+        if s.is::<ConnectTimeout>() {
+            return (
+                GatewayError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!("connecting to the upstream timed out after {connect_timeout:?}"),
+                ),
+                true,
+            );
+        }
+        if let Some(b) = s.downcast_ref::<BodyTooLarge>() {
+            let mut err = GatewayError::new(ErrorKind::PayloadTooLarge, b.to_string());
+            err.close = true;
+            return (err, false);
+        }
+        if s.is::<IdleTimeout>() {
+            let mut err = GatewayError::new(
+                ErrorKind::BadRequest,
+                "the request body stalled (idle timeout)",
+            );
+            err.close = true;
+            return (err, false);
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        return (
+            GatewayError::new(
+                ErrorKind::UpstreamUnavailable,
+                format!("cannot connect to the upstream: {}", root_cause(e)),
+            ),
+            true,
+        );
+    }
+    (
+        GatewayError::new(
+            ErrorKind::UpstreamUnavailable,
+            format!("the upstream connection failed: {}", root_cause(e)),
+        ),
+        false,
+    )
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(s) = cur.source() {
+        cur = s;
+    }
+    cur.to_string()
+}

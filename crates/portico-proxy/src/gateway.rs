@@ -1,0 +1,232 @@
+//! The running gateway: the current snapshot, the state that outlives snapshots, the
+//! listeners, and reload/shutdown. Every reload path (file watch, SIGHUP, admin API)
+//! goes through [`Gateway::reload`].
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use portico_config::{Diagnostic, Diagnostics, KeyPath, Loaded};
+use portico_plugins::Catalog;
+use portico_upstream::UpstreamState;
+
+use crate::access_log::AccessLog;
+use crate::metrics::Metrics;
+use crate::server::{ListenKey, Listeners};
+use crate::snapshot::{compile, Snapshot};
+
+/// The gateway process state.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+    pub upstreams: UpstreamState,
+    /// Route name used for requests no route took.
+    pub no_route_name: Arc<str>,
+    generation: AtomicU64,
+    config_path: Option<PathBuf>,
+    listeners: tokio::sync::Mutex<Listeners>,
+    ready: AtomicBool,
+}
+
+fn wanted_listeners(l: &Loaded) -> Vec<ListenKey> {
+    let c = &l.config;
+    let mut v: Vec<ListenKey> = c
+        .listen
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .map(|addr| ListenKey { addr, tls: false })
+        .collect();
+    if let Some(t) = &c.tls {
+        v.extend(
+            t.listen
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .map(|addr| ListenKey { addr, tls: true }),
+        );
+    }
+    v
+}
+
+impl Gateway {
+    /// Compile the configuration, bind the listeners and start serving.
+    pub async fn start(
+        loaded: Loaded,
+        config_path: Option<PathBuf>,
+    ) -> Result<Arc<Gateway>, Diagnostics> {
+        let metrics = Arc::new(Metrics::default());
+        let upstreams = UpstreamState::default();
+        let log_path = loaded
+            .config
+            .access_log
+            .path
+            .as_ref()
+            .map(|p| loaded.resolve(p));
+        let wanted = wanted_listeners(&loaded);
+        let snap = compile(loaded, &upstreams, &metrics, 1)?;
+        let gw = Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snap),
+            access_log: AccessLog::start(log_path, metrics.clone()),
+            metrics,
+            upstreams,
+            no_route_name: Arc::from(""),
+            generation: AtomicU64::new(1),
+            config_path,
+            listeners: tokio::sync::Mutex::new(Listeners::default()),
+            ready: AtomicBool::new(false),
+        });
+        {
+            let mut l = gw.listeners.lock().await;
+            let bound = l
+                .bind_missing(&wanted)
+                .map_err(|(k, e)| bind_error(&gw.snapshot(), k, e))?;
+            l.start(&gw, bound);
+        }
+        gw.ready.store(true, Ordering::Release);
+        Ok(gw)
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    pub fn config_path(&self) -> Option<&PathBuf> {
+        self.config_path.as_ref()
+    }
+
+    /// True while serving; false once shutdown started.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Re-read the configuration file, validate, compile and swap it in atomically.
+    /// On any problem the current snapshot keeps serving.
+    pub async fn reload(self: &Arc<Self>) -> Result<u64, Diagnostics> {
+        let result = self.reload_inner().await;
+        match &result {
+            Ok(g) => {
+                self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(generation = g, "configuration reloaded");
+            }
+            Err(d) => {
+                self.metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(problems = %d, "configuration rejected; still serving the previous one");
+            }
+        }
+        result
+    }
+
+    async fn reload_inner(self: &Arc<Self>) -> Result<u64, Diagnostics> {
+        let Some(path) = self.config_path.clone() else {
+            return Err(Diagnostics(vec![Diagnostic::new(
+                KeyPath::root(),
+                "running on the built-in defaults; there is no file to reload",
+            )]));
+        };
+        let mut listeners = self.listeners.lock().await;
+        let loaded = portico_config::load_file(&path, &Catalog)?;
+        let old = self.snapshot();
+        if loaded.config.admin.listen != old.loaded.config.admin.listen {
+            tracing::warn!("admin.listen changed; the admin listener moves only on restart");
+        }
+        if loaded.config.workers != old.loaded.config.workers {
+            tracing::warn!("workers changed; the number of worker threads changes only on restart");
+        }
+        let log_path = loaded
+            .config
+            .access_log
+            .path
+            .as_ref()
+            .map(|p| loaded.resolve(p));
+        let wanted = wanted_listeners(&loaded);
+        let generation = self.generation.load(Ordering::Relaxed) + 1;
+        let snap = compile(loaded, &self.upstreams, &self.metrics, generation)?;
+        let bound = listeners
+            .bind_missing(&wanted)
+            .map_err(|(k, e)| bind_error(&snap, k, e))?;
+        let live: Vec<(String, Vec<String>)> = snap
+            .loaded
+            .config
+            .upstreams
+            .iter()
+            .map(|(n, u)| (n.clone(), u.targets.iter().map(|t| t.url.clone()).collect()))
+            .collect();
+        self.snapshot.store(Arc::new(snap));
+        self.generation.store(generation, Ordering::Relaxed);
+        listeners.start(self, bound);
+        listeners.stop_unwanted(&wanted);
+        self.access_log.set_target(log_path);
+        self.upstreams.retain(&live);
+        Ok(generation)
+    }
+
+    /// Stop accepting, let in-flight requests finish (up to the grace period), return.
+    pub async fn shutdown(&self) {
+        self.ready.store(false, Ordering::Release);
+        let grace = self.snapshot().loaded.config.shutdown.grace.0;
+        tracing::info!(
+            ?grace,
+            "shutting down: no new connections; finishing in-flight requests"
+        );
+        self.listeners.lock().await.shutdown(grace).await;
+    }
+
+    /// Watch the configuration file and reload when it changes (polling every 250 ms:
+    /// robust against editors that replace files and against missed events).
+    pub fn watch_file(self: &Arc<Self>) {
+        let Some(path) = self.config_path.clone() else {
+            return;
+        };
+        let gw = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let stamp = |p: &PathBuf| {
+                std::fs::metadata(p)
+                    .ok()
+                    .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+            };
+            let mut last = stamp(&path);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let Some(gw) = gw.upgrade() else { return };
+                if !gw.is_ready() {
+                    return;
+                }
+                let now = stamp(&path);
+                if now.is_some() && now != last {
+                    last = now;
+                    let _ = gw.reload().await;
+                }
+            }
+        });
+    }
+}
+
+fn bind_error(snap: &Snapshot, k: ListenKey, e: std::io::Error) -> Diagnostics {
+    let c = &snap.loaded.config;
+    let path = if k.tls {
+        let i = c
+            .tls
+            .as_ref()
+            .and_then(|t| t.listen.iter().position(|a| a.parse().ok() == Some(k.addr)))
+            .unwrap_or(0);
+        KeyPath::root().key("tls").key("listen").index(i)
+    } else {
+        let i = c
+            .listen
+            .iter()
+            .position(|a| a.parse().ok() == Some(k.addr))
+            .unwrap_or(0);
+        KeyPath::root().key("listen").index(i)
+    };
+    Diagnostics(vec![snap.loaded.locate(Diagnostic::new(
+        path,
+        format!("cannot listen on {}: {e}", k.addr),
+    ))])
+}

@@ -1,0 +1,227 @@
+//! The end of every exchange: the response body wrapper that, once the body is
+//! finished (or the client went away), records metrics, writes the access-log line
+//! and runs the policies' `log` phase.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use portico_plugins::{Body, BoxError, Ctx, GatewayError, Outcome};
+use portico_router::Params;
+use tokio::time::Instant;
+
+use crate::access_log::{now_rfc3339, Record};
+use crate::gateway::Gateway;
+use crate::snapshot::{CompiledRoute, Snapshot};
+
+/// Everything needed to account for one exchange once it ends.
+pub struct Finish {
+    pub gw: Arc<Gateway>,
+    pub snap: Arc<Snapshot>,
+    pub started: Instant,
+    pub method: Method,
+    pub uri: Uri,
+    pub host: Option<HeaderValue>,
+    pub version: Version,
+    pub ctx: Ctx,
+    pub route: Option<Arc<CompiledRoute>>,
+    pub bytes_in: u64,
+    pub target: Option<Arc<str>>,
+    pub upstream_ms: Option<f64>,
+    pub status: u16,
+    pub error: Option<&'static str>,
+}
+
+impl Finish {
+    pub fn new(
+        gw: Arc<Gateway>,
+        snap: Arc<Snapshot>,
+        started: Instant,
+        parts: &http::request::Parts,
+        request_id: String,
+        ip: IpAddr,
+    ) -> Finish {
+        let ctx = Ctx::new(
+            request_id,
+            ip,
+            gw.no_route_name.clone(),
+            String::new(),
+            Params::default(),
+        );
+        Finish {
+            gw,
+            snap,
+            started,
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            host: parts.headers.get(http::header::HOST).cloned(),
+            version: parts.version,
+            ctx,
+            route: None,
+            bytes_in: 0,
+            target: None,
+            upstream_ms: None,
+            status: 0,
+            error: None,
+        }
+    }
+
+    /// Answer with an error (the standard JSON shape).
+    pub fn error(mut self, e: GatewayError) -> Response<LogBody> {
+        if e.side == portico_plugins::Side::Upstream || e.side == portico_plugins::Side::Internal {
+            tracing::warn!(request_id = %self.ctx.request_id, code = e.kind.code(), error = %e.message, "request failed");
+        }
+        self.error = Some(e.kind.code());
+        let resp = e.to_response(&self.ctx.request_id);
+        self.complete(resp)
+    }
+
+    /// Finish the response head and wrap the body.
+    pub fn complete(mut self, resp: Response<Body>) -> Response<LogBody> {
+        let (mut parts, body) = resp.into_parts();
+        if let Ok(v) = HeaderValue::from_str(&self.ctx.request_id) {
+            parts.headers.insert("x-request-id", v);
+        }
+        self.status = parts.status.as_u16();
+        let end = body.is_end_stream();
+        let mut lb = LogBody {
+            inner: body,
+            fin: Some(Box::new(self)),
+            bytes: 0,
+        };
+        if end {
+            lb.finish();
+        }
+        Response::from_parts(parts, lb)
+    }
+
+    fn emit(self, bytes_out: u64) {
+        let elapsed = self.started.elapsed();
+        let metrics = match &self.route {
+            Some(r) => &r.metrics,
+            None => &self.snap.unrouted,
+        };
+        metrics.observe(&self.method, self.status, elapsed);
+        if let Some(r) = &self.route {
+            let outcome = Outcome {
+                status: self.status,
+                bytes_in: self.bytes_in,
+                bytes_out,
+                error_code: self.error,
+            };
+            for e in &r.chain {
+                e.policy.log(&self.ctx, &outcome);
+            }
+        }
+        if self.snap.access_log {
+            let host = self
+                .host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .or(self.uri.authority().map(|a| a.as_str()))
+                .unwrap_or("");
+            let rec = Record {
+                time: now_rfc3339(),
+                request_id: &self.ctx.request_id,
+                client_ip: self.ctx.client_ip,
+                method: self.method.as_str(),
+                host,
+                path: self.uri.path(),
+                query: self.uri.query(),
+                protocol: version_str(self.version),
+                route: self.route.as_ref().map(|r| &*r.name),
+                upstream: self.target.as_deref(),
+                status: self.status,
+                error: self.error,
+                bytes_in: self.bytes_in,
+                bytes_out,
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                upstream_ms: self.upstream_ms,
+            };
+            self.gw.access_log.write(&rec);
+        }
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP",
+    }
+}
+
+/// The response body sent to the client.
+pub struct LogBody {
+    inner: Body,
+    fin: Option<Box<Finish>>,
+    bytes: u64,
+}
+
+impl LogBody {
+    fn finish(&mut self) {
+        if let Some(f) = self.fin.take() {
+            f.emit(self.bytes);
+        }
+    }
+}
+
+impl http_body::Body for LogBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(f) = this.fin.as_mut() {
+                    f.error = Some("upstream_body_error");
+                    tracing::warn!(request_id = %f.ctx.request_id, error = %e, "response body failed mid-stream");
+                }
+                this.finish();
+            }
+            Poll::Ready(None) => this.finish(),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LogBody {
+    fn drop(&mut self) {
+        let ended = self.inner.is_end_stream();
+        if let Some(f) = self.fin.as_mut() {
+            if f.error.is_none() && !ended {
+                f.error = Some("client_aborted");
+            }
+        }
+        self.finish();
+    }
+}

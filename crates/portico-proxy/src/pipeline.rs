@@ -1,0 +1,212 @@
+//! The request pipeline: limits → normalize → route → policies (`on_request`) →
+//! proxy (`upstream_request`, send, `upstream_response`) → log (when the body ends).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{HeaderValue, ALLOW, HOST};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use portico_plugins::{client_ip, Body, Ctx, ErrorKind, Flow, GatewayError};
+use portico_router::{normalize_host, normalize_path, Match, Params};
+use tokio::time::Instant;
+
+use crate::forward;
+use crate::gateway::Gateway;
+use crate::logbody::{Finish, LogBody};
+use crate::snapshot::{CompiledRoute, Snapshot};
+
+/// What the pipeline knows about the client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+}
+
+/// Handle one request from a client.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<LogBody>, Infallible> {
+    let started = Instant::now();
+    let snap = gw.snapshot();
+    let (parts, body) = req.into_parts();
+    let request_id = request_id(&parts.headers);
+    let ip = client_ip(conn.peer.ip(), &parts.headers, &snap.trusted_proxies);
+    let mut fin = Finish::new(gw.clone(), snap.clone(), started, &parts, request_id, ip);
+    let body_len = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    fin.bytes_in = body_len.unwrap_or(0);
+
+    if let Some(e) = check_limits(&snap, &parts) {
+        return Ok(fin.error(e));
+    }
+    let path = match normalize_path(parts.uri.path()) {
+        Ok(p) => p.into_owned(),
+        Err(_) => {
+            return Ok(fin.error(GatewayError::new(
+                ErrorKind::BadRequest,
+                "the request path is not valid (bad percent-encoding or not absolute)",
+            )));
+        }
+    };
+    let host_raw = parts
+        .uri
+        .host()
+        .or_else(|| parts.headers.get(HOST).and_then(|h| h.to_str().ok()));
+    let host = host_raw.map(normalize_host);
+    let matched = snap
+        .router
+        .route(host.as_deref(), &path, &parts.method, &parts.headers);
+    drop(host);
+    let (route, params, prefix_len, allow) = match matched {
+        Match::Found {
+            route,
+            params,
+            prefix_len,
+        } => (route, params, prefix_len, None),
+        Match::MethodNotAllowed { allow, route } => (route, Params::default(), None, Some(allow)),
+        Match::NotFound => {
+            fin.ctx.path = path;
+            return Ok(fin.error(GatewayError::new(
+                ErrorKind::NoRoute,
+                "no route matches this request",
+            )));
+        }
+    };
+    let Some(route) = snap.routes.get(route).cloned() else {
+        return Ok(fin.error(GatewayError::new(
+            ErrorKind::Internal,
+            "route table out of sync",
+        )));
+    };
+    fin.ctx = Ctx::new(
+        fin.ctx.request_id.clone(),
+        ip,
+        route.name.clone(),
+        path,
+        params,
+    );
+    fin.route = Some(route.clone());
+    let mut req = Request::from_parts(parts, Body::incoming(body, Some(route.timeouts.idle.0)));
+
+    // Request phase. When only the method failed, request hygiene still runs (e.g. so a
+    // CORS preflight can answer) before the 405.
+    let upto = if allow.is_some() {
+        route.hygiene
+    } else {
+        route.chain.len()
+    };
+    for entry in &route.chain[..upto] {
+        match entry.policy.on_request(&mut fin.ctx, &mut req).await {
+            Flow::Continue => {}
+            Flow::Respond(resp) => return Ok(respond(&route, fin, resp)),
+            Flow::Error(e) => return Ok(fin.error(e)),
+        }
+    }
+    if let Some(allow) = allow {
+        let list = allow
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut e = GatewayError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("method {} is not allowed here", req.method()),
+        );
+        if let Ok(v) = HeaderValue::from_str(&list) {
+            e = e.with_header(ALLOW, v);
+        }
+        return Ok(fin.error(e));
+    }
+    let Some(upstream) = route.upstream.clone() else {
+        return Ok(fin.error(GatewayError::new(
+            ErrorKind::Internal,
+            "the route has no upstream and no policy answered",
+        )));
+    };
+    match forward::forward(&snap, &route, &upstream, &mut fin, req, &conn, prefix_len).await {
+        Ok(resp) => Ok(respond(&route, fin, resp)),
+        Err(e) => Ok(fin.error(e)),
+    }
+}
+
+/// Run the response phase (ascending priority) and wrap the body for logging.
+fn respond(route: &CompiledRoute, mut fin: Finish, resp: Response<Body>) -> Response<LogBody> {
+    let (mut parts, body) = resp.into_parts();
+    for entry in route.chain.iter().rev() {
+        entry.policy.upstream_response(&mut fin.ctx, &mut parts);
+    }
+    fin.complete(Response::from_parts(parts, body))
+}
+
+fn check_limits(snap: &Snapshot, parts: &http::request::Parts) -> Option<GatewayError> {
+    let l = &snap.limits;
+    let uri_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if uri_len > l.max_uri_length {
+        return Some(GatewayError::new(
+            ErrorKind::UriTooLong,
+            format!(
+                "the request target is {uri_len} bytes; at most {} are accepted",
+                l.max_uri_length
+            ),
+        ));
+    }
+    if parts.headers.len() > l.max_header_count {
+        let mut e = GatewayError::new(
+            ErrorKind::HeadersTooLarge,
+            format!(
+                "{} request headers; at most {} are accepted",
+                parts.headers.len(),
+                l.max_header_count
+            ),
+        );
+        e.close = true;
+        return Some(e);
+    }
+    let bytes: usize = parts
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes as u64 > l.max_header_bytes.0 {
+        let mut e = GatewayError::new(
+            ErrorKind::HeadersTooLarge,
+            format!(
+                "the request headers are {bytes} bytes; at most {} are accepted",
+                l.max_header_bytes.0
+            ),
+        );
+        e.close = true;
+        return Some(e);
+    }
+    None
+}
+
+/// The client's `X-Request-Id` when it is sane (1–200 visible ASCII characters), else a new one.
+fn request_id(h: &http::HeaderMap) -> String {
+    if let Some(v) = h.get("x-request-id") {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
+            if let Ok(s) = v.to_str() {
+                return s.to_string();
+            }
+        }
+    }
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    let mut s = String::with_capacity(32);
+    for x in [a, b] {
+        for i in (0..16).rev() {
+            s.push(char::from(
+                b"0123456789abcdef"[((x >> (i * 4)) & 0xf) as usize],
+            ));
+        }
+    }
+    s
+}

@@ -1,0 +1,221 @@
+//! Listeners: accept loops for plain (HTTP/1.1 + h2c) and TLS (ALPN h2/http1.1)
+//! sockets, each connection served by hyper-util's auto builder and watched for a
+//! graceful drain. Sockets are bound once and kept across reloads that keep them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::gateway::Gateway;
+use crate::pipeline::{handle, ConnInfo};
+
+/// A listening socket: address and whether it speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The running listeners.
+#[derive(Default)]
+pub struct Listeners {
+    running: HashMap<ListenKey, Running>,
+}
+
+/// Bind a socket with SO_REUSEADDR (tokio sets it on Unix) and a deep backlog.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_nodelay(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
+}
+
+impl Listeners {
+    pub fn keys(&self) -> Vec<ListenKey> {
+        self.running.keys().copied().collect()
+    }
+
+    /// Bind every wanted socket not yet open. On failure nothing new is kept.
+    pub fn bind_missing(
+        &self,
+        wanted: &[ListenKey],
+    ) -> Result<Vec<(ListenKey, TcpListener)>, (ListenKey, std::io::Error)> {
+        let mut out = Vec::new();
+        for k in wanted {
+            if !self.running.contains_key(k) && !out.iter().any(|(o, _)| o == k) {
+                let l = bind(k.addr).map_err(|e| (*k, e))?;
+                out.push((*k, l));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Start accept loops on freshly bound sockets.
+    pub fn start(&mut self, gw: &Arc<Gateway>, bound: Vec<(ListenKey, TcpListener)>) {
+        for (k, l) in bound {
+            let (tx, rx) = watch::channel(false);
+            let task = tokio::spawn(accept_loop(gw.clone(), k, l, rx));
+            tracing::info!(addr = %k.addr, tls = k.tls, "listening");
+            self.running.insert(k, Running { stop: tx, task });
+        }
+    }
+
+    /// Stop listeners not in `wanted`; their connections drain in the background.
+    pub fn stop_unwanted(&mut self, wanted: &[ListenKey]) {
+        let gone: Vec<ListenKey> = self
+            .running
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for k in gone {
+            if let Some(r) = self.running.remove(&k) {
+                tracing::info!(addr = %k.addr, tls = k.tls, "closing listener; draining its connections");
+                let _ = r.stop.send(true);
+            }
+        }
+    }
+
+    /// Stop every listener and wait (up to `grace`) for their connections to finish.
+    pub async fn shutdown(&mut self, grace: Duration) {
+        let all: Vec<Running> = self.running.drain().map(|(_, r)| r).collect();
+        for r in &all {
+            let _ = r.stop.send(true);
+        }
+        let wait = futures_util::future::join_all(all.into_iter().map(|r| r.task));
+        if tokio::time::timeout(grace + Duration::from_millis(200), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(?grace, "grace period over; closing remaining connections");
+        }
+    }
+}
+
+async fn accept_loop(
+    gw: Arc<Gateway>,
+    key: ListenKey,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let limits = gw.snapshot().limits.clone();
+    // hyper's own limits sit above the configured ones so that the pipeline answers
+    // 431 with the standard JSON body; hyper's remain as a hard backstop.
+    let buf = ((limits.max_header_bytes.0 as usize).saturating_mul(2))
+        .max(16 * 1024)
+        .max(limits.max_uri_length * 2);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .keep_alive(true)
+        .max_buf_size(buf)
+        .max_headers(limits.max_header_count + 64);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size((buf as u32).max(16 * 1024))
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let local = stream.local_addr().unwrap_or(key.addr);
+                let conn = ConnInfo { peer, local, tls: key.tls };
+                serve(gw.clone(), builder.clone(), &graceful, stream, conn);
+            }
+        }
+    }
+    drop(listener);
+    let grace = gw.snapshot().loaded.config.shutdown.grace.0;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(addr = %key.addr, "connections still open after the grace period");
+    }
+}
+
+fn serve(
+    gw: Arc<Gateway>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: &GracefulShutdown,
+    stream: TcpStream,
+    conn: ConnInfo,
+) {
+    gw.metrics.open_connections.fetch_add(1, Ordering::Relaxed);
+    let svc_gw = gw.clone();
+    let service = service_fn(move |req| handle(svc_gw.clone(), conn, req));
+    if conn.tls {
+        let Some(cfg) = gw.snapshot().tls.clone() else {
+            gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+            return;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let fut = watcher.watch(
+                        builder
+                            .serve_connection(TokioIo::new(tls), service)
+                            .into_owned(),
+                    );
+                    if let Err(e) = fut.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed")
+                }
+                Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+            }
+            gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    } else {
+        let fut = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}

@@ -1,0 +1,210 @@
+//! The compiled, immutable configuration a request runs against. Built once per
+//! (re)load; published through `ArcSwap`; a request keeps the one it started with.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, Method};
+use ipnet::IpNet;
+use portico_config::grammar::Template;
+use portico_config::load::parse_cidr;
+use portico_config::model::{Limits, Route, Timeouts};
+use portico_config::pattern::PathPattern;
+use portico_config::{Diagnostic, Diagnostics, KeyPath, Loaded};
+use portico_plugins::{build_chain, build_global, ChainEntry, HYGIENE_PRIORITY};
+use portico_router::{RouteSpec, Router};
+use portico_upstream::{Upstream, UpstreamState};
+
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::tls;
+
+/// One compiled route.
+pub struct CompiledRoute {
+    pub name: Arc<str>,
+    pub upstream: Option<Arc<Upstream>>,
+    pub strip_prefix: bool,
+    pub rewrite: Option<Template>,
+    pub preserve_host: bool,
+    pub timeouts: Timeouts,
+    /// Policies by descending priority.
+    pub chain: Vec<ChainEntry>,
+    /// How many leading entries of `chain` are request hygiene.
+    pub hygiene: usize,
+    pub metrics: Arc<RouteMetrics>,
+    pub config: Route,
+}
+
+/// Everything a request needs, compiled.
+pub struct Snapshot {
+    pub routes: Vec<Arc<CompiledRoute>>,
+    pub router: Router,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub limits: Limits,
+    pub access_log: bool,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub loaded: Loaded,
+    /// Metrics for requests no route took.
+    pub unrouted: Arc<RouteMetrics>,
+    pub generation: u64,
+}
+
+/// Compile a validated configuration. Problems found here (files, certificates) are
+/// located like validation problems.
+pub fn compile(
+    loaded: Loaded,
+    upstream_state: &UpstreamState,
+    metrics: &Metrics,
+    generation: u64,
+) -> Result<Snapshot, Diagnostics> {
+    let cfg = &loaded.config;
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let resolve = |p: &str| loaded.resolve(p);
+
+    let mut upstreams = HashMap::new();
+    for (name, u) in &cfg.upstreams {
+        match upstream_state.compile(name, u, &resolve) {
+            Ok(c) => {
+                upstreams.insert(name.clone(), Arc::new(c));
+            }
+            Err(e) => {
+                let mut p = KeyPath::root().key("upstreams").key(name);
+                for k in &e.key {
+                    match k.parse::<usize>() {
+                        Ok(i) => p.push_index(i),
+                        Err(_) => p.push_key(k),
+                    }
+                }
+                diags.push(Diagnostic::new(p, e.message));
+            }
+        }
+    }
+
+    let global = match build_global(&cfg.plugins) {
+        Ok(g) => g,
+        Err((name, errs)) => {
+            for (rel, msg) in errs {
+                let mut p = KeyPath::root().key("plugins").key(&name);
+                p.append(&rel);
+                diags.push(Diagnostic::new(p, msg));
+            }
+            Default::default()
+        }
+    };
+
+    let mut routes = Vec::with_capacity(cfg.routes.len());
+    let mut specs = Vec::with_capacity(cfg.routes.len());
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let rp = KeyPath::root().key("routes").index(i);
+        let chain = match build_chain(&global, &r.plugins) {
+            Ok(c) => c,
+            Err((name, errs)) => {
+                for (rel, msg) in errs {
+                    let mut p = rp.key("plugins").key(&name);
+                    p.append(&rel);
+                    diags.push(Diagnostic::new(p, msg));
+                }
+                Vec::new()
+            }
+        };
+        let hygiene = chain
+            .iter()
+            .take_while(|e| e.priority >= HYGIENE_PRIORITY)
+            .count();
+        let upstream = r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned());
+        let base = upstream.as_ref().map(|u| u.timeouts).unwrap_or_default();
+        let timeouts = Timeouts {
+            connect: r.timeouts.connect.unwrap_or(base.connect),
+            request: r.timeouts.request.unwrap_or(base.request),
+            idle: r.timeouts.idle.unwrap_or(base.idle),
+        };
+        let rewrite = r
+            .rewrite
+            .as_ref()
+            .and_then(|s| Template::parse_path(s).ok());
+        let mut headers = Vec::new();
+        for (n, v) in &r.headers {
+            match (
+                HeaderName::from_bytes(n.as_bytes()),
+                HeaderValue::from_str(&v.0),
+            ) {
+                (Ok(n), Ok(v)) => headers.push((n, v)),
+                _ => diags.push(Diagnostic::new(
+                    rp.key("headers").key(n),
+                    "not a valid header name or value",
+                )),
+            }
+        }
+        specs.push(RouteSpec {
+            hosts: r.hosts.clone(),
+            paths: r
+                .paths
+                .iter()
+                .filter_map(|p| PathPattern::parse(p).ok())
+                .collect(),
+            methods: r
+                .methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
+            headers,
+            priority: r.priority,
+        });
+        routes.push(Arc::new(CompiledRoute {
+            name: r.name.as_str().into(),
+            metrics: metrics.route(&r.name, r.upstream.as_deref().unwrap_or("")),
+            upstream,
+            strip_prefix: r.strip_prefix,
+            rewrite,
+            preserve_host: r.preserve_host,
+            timeouts,
+            chain,
+            hygiene,
+            config: r.clone(),
+        }));
+    }
+    let router = match Router::new(specs) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            diags.push(Diagnostic::new(
+                KeyPath::root().key("routes"),
+                format!("regular expressions: {e}"),
+            ));
+            None
+        }
+    };
+
+    let tls = match &cfg.tls {
+        Some(t) => match tls::server_config(t, &loaded) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(mut ds) => {
+                diags.append(&mut ds);
+                None
+            }
+        },
+        None => None,
+    };
+
+    let trusted_proxies = cfg
+        .trusted_proxies
+        .iter()
+        .filter_map(|s| parse_cidr(s))
+        .collect();
+    match router {
+        Some(router) if diags.is_empty() => Ok(Snapshot {
+            routes,
+            router,
+            upstreams,
+            trusted_proxies,
+            limits: cfg.limits.clone(),
+            access_log: cfg.access_log.enabled,
+            tls,
+            unrouted: metrics.route("", ""),
+            loaded,
+            generation,
+        }),
+        _ => Err(Diagnostics(
+            diags.into_iter().map(|d| loaded.locate(d)).collect(),
+        )),
+    }
+}
