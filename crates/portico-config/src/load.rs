@@ -79,6 +79,14 @@ pub fn schema(catalog: &dyn PluginCatalog) -> Value {
                     json!({"type": "boolean", "description": "false removes this policy (on a route: removes the global one)."}),
                 );
             }
+            // `enabled: false` needs no other settings (it only removes the policy).
+            if let Some(req) = obj.remove("required") {
+                obj.insert(
+                    "if".into(),
+                    json!({"type": "object", "properties": {"enabled": {"const": false}}, "required": ["enabled"]}),
+                );
+                obj.insert("else".into(), json!({ "required": req }));
+            }
         }
         plugins.insert(name.to_string(), s);
     }
@@ -406,6 +414,9 @@ fn check_plugins(
     diags: &mut Vec<Diagnostic>,
 ) {
     for (name, settings) in map {
+        if is_disabled(settings) {
+            continue;
+        }
         let settings = strip_enabled(settings);
         for (rel, msg) in catalog.check(name, &settings) {
             let mut p = path.key(name);

@@ -147,7 +147,7 @@ pub fn parse(text: &str) -> Result<(Value, Positions), Diagnostic> {
                     anchors.insert(anchor, value.clone());
                 }
                 path = parent_path;
-                place_built(&mut stack, &mut root, &mut path, value, pos)?;
+                place_built(&mut stack, &mut root, &path, value, pos)?;
             }
             _ => {}
         }
