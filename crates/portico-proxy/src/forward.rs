@@ -127,6 +127,7 @@ pub async fn forward(
         entry.policy.upstream_request(&mut fin.ctx, &mut parts);
     }
 
+    let client = route.client.as_ref().unwrap_or(&up.client);
     let replayable = body.is_end_stream() && up.targets.len() > 1;
     let mut body = Some(body);
     let mut tried: [usize; MAX_TRIES] = [usize::MAX; MAX_TRIES];
@@ -170,7 +171,7 @@ pub async fn forward(
         target.health.start();
         let result = tokio::time::timeout(
             route.timeouts.request.0,
-            up.client.request(Request::from_parts(head, b)),
+            client.request(Request::from_parts(head, b)),
         )
         .await;
         target.health.finish();

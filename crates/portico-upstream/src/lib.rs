@@ -143,7 +143,8 @@ impl UpstreamState {
         })
     }
 
-    fn client_for(
+    /// The pooled client for `name` with these settings (shared while they are unchanged).
+    pub fn client_for(
         &self,
         name: &str,
         cfg: &UpstreamConfig,
