@@ -170,9 +170,10 @@ impl UpstreamState {
 
     /// Forget state of upstreams and targets that are no longer configured.
     pub fn retain(&self, live: &[(String, Vec<String>)]) {
-        self.clients
-            .lock()
-            .retain(|n, _| live.iter().any(|(u, _)| u == n));
+        self.clients.lock().retain(|n, _| {
+            let base = n.split_once('#').map_or(n.as_str(), |(b, _)| b);
+            live.iter().any(|(u, _)| u == base)
+        });
         self.health.lock().retain(|(u, t), _| {
             live.iter()
                 .any(|(lu, ts)| lu == u && ts.iter().any(|x| x == t))
