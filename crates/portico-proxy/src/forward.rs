@@ -119,7 +119,7 @@ pub async fn forward(
     });
     strip_hop_by_hop(&mut parts.headers);
     forwarded_headers(snap, fin, conn, &mut parts.headers, client_host.as_ref());
-    if let Ok(v) = HeaderValue::from_str(&fin.ctx.request_id) {
+    if let Some(v) = fin.request_id_hv.clone() {
         parts.headers.insert(&X_REQUEST_ID, v);
     }
     parts.version = Version::HTTP_11;

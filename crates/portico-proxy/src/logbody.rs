@@ -34,6 +34,8 @@ pub struct Finish {
     pub upstream_ms: Option<f64>,
     pub status: u16,
     pub error: Option<&'static str>,
+    /// The request id as a header value, made once and sent both ways.
+    pub request_id_hv: Option<HeaderValue>,
 }
 
 impl Finish {
@@ -45,6 +47,7 @@ impl Finish {
         request_id: String,
         ip: IpAddr,
     ) -> Finish {
+        let request_id_hv = HeaderValue::from_str(&request_id).ok();
         let ctx = Ctx::new(
             request_id,
             ip,
@@ -67,6 +70,7 @@ impl Finish {
             upstream_ms: None,
             status: 0,
             error: None,
+            request_id_hv,
         }
     }
 
@@ -83,7 +87,7 @@ impl Finish {
     /// Finish the response head and wrap the body.
     pub fn complete(mut self, resp: Response<Body>) -> Response<LogBody> {
         let (mut parts, body) = resp.into_parts();
-        if let Ok(v) = HeaderValue::from_str(&self.ctx.request_id) {
+        if let Some(v) = self.request_id_hv.clone() {
             parts.headers.insert("x-request-id", v);
         }
         self.status = parts.status.as_u16();

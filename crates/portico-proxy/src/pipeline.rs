@@ -87,7 +87,7 @@ pub async fn handle(
         )));
     };
     fin.ctx = Ctx::new(
-        fin.ctx.request_id.clone(),
+        std::mem::take(&mut fin.ctx.request_id),
         ip,
         route.name.clone(),
         path,
