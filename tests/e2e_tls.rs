@@ -423,6 +423,18 @@ async fn validate_reports_a_missing_certificate_file() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("tls.certificates[0].cert"), "{text}");
     assert!(text.contains("does-not-exist.crt"), "{text}");
+    // `FILE:LINE:COL: key.path: message`; the certificate is on line 6 of that file.
+    let line = text
+        .lines()
+        .find(|l| l.contains("tls.certificates[0].cert"))
+        .unwrap();
+    let loc = line
+        .split(&format!("{file}:"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("{line}"));
+    let mut parts = loc.splitn(3, ':');
+    assert_eq!(parts.next(), Some("6"), "{line}");
+    assert!(parts.next().unwrap().parse::<u32>().is_ok(), "{line}");
 
     // The same file with the certificate present is valid.
     std::fs::rename(
@@ -636,4 +648,83 @@ routes:
         "upstream_unavailable"
     );
     assert_eq!(without.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_ca_bundle_is_reread_on_reload() {
+    let ca = Ca::new();
+    let other = Ca::named("unrelated CA");
+    let dir = Scratch::new("upca");
+    let ca_file = dir.write_file("ca.pem", &other.cert_pem());
+    let leaf = ca.issue(&["127.0.0.1"]);
+    let secure = Upstream::start_tls("secure", &leaf.cert_pem, &leaf.key_pem).await;
+    let p = Ports::new();
+    let yaml = format!(
+        r#"listen: ["127.0.0.1:{http}"]
+admin: {{listen: "127.0.0.1:{admin}"}}
+upstreams:
+  up: {{targets: [{{url: "{u}"}}], tls: {{ca: "{ca_file}"}}}}
+routes:
+{r}"#,
+        http = p.http,
+        admin = p.admin,
+        u = secure.url(),
+        r = route("r", "up"),
+    );
+    let gw = Gateway::start_async(&bin(), &yaml, p.admin()).await;
+    let url = format!("http://127.0.0.1:{}/r/x", p.http);
+    let resp = http_client().get(&url).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        502,
+        "the upstream is not signed by the configured CA"
+    );
+
+    // Put the right CA in the bundle and reload: the new bundle is used.
+    dir.write_file("ca.pem", &ca.cert_pem());
+    gw.write_config(&yaml);
+    let resp = http_client()
+        .post(format!("http://{}/admin/reload", p.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = http_client().get(&url).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "the CA bundle was not re-read on reload\n{}",
+        gw.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_can_add_an_https_listener_with_certificates_next_to_the_config() {
+    let ca = Ca::new();
+    let p = Ports::new();
+    let plain = format!(
+        "listen: [\"127.0.0.1:{}\"]\nadmin: {{listen: \"127.0.0.1:{}\"}}\nroutes:\n  - name: all\n    paths: [\"/*\"]\n    plugins:\n      echo: {{}}\n",
+        p.http, p.admin
+    );
+    let gw = Gateway::start_async(&bin(), &plain, p.admin()).await;
+    // Certificates written into the gateway's directory, named relative to the config.
+    ca.issue(&["localhost"]).write_to(gw.dir(), "site");
+    gw.write_config(&tls_config(&p, &[("site.crt", "site.key", true)], ""));
+    let url = format!("https://localhost:{}/tls", p.https);
+    let resolve = [("localhost", p.https())];
+    let ca_pem = ca.cert_pem();
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            fresh_ok(&ca_pem, &url, &resolve)
+        })
+        .await,
+        "the HTTPS listener added by the reload does not serve\n{}",
+        gw.logs()
+    );
+    let resp = http_client()
+        .get(format!("http://127.0.0.1:{}/plain", p.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 }

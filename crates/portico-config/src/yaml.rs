@@ -82,10 +82,19 @@ pub fn parse(text: &str) -> Result<(Value, Positions), Diagnostic> {
             }
             Event::Scalar(text, style, anchor, tag) => {
                 // A scalar in key position of a mapping is a key.
-                if let Some((Frame::Map(_, pending @ None, _), _, _)) = stack.last_mut() {
+                if let Some((Frame::Map(_, pending @ None, explicit), _, _)) = stack.last_mut() {
                     let key = text.into_owned();
                     let mut child = path.clone();
                     child.push_key(&key);
+                    if explicit.contains(&key) {
+                        let mut d =
+                            Diagnostic::new(child.clone(), format!("duplicate key `{key}`"))
+                                .at(pos);
+                        if let Some(first) = positions.keys.get(&child.to_string()) {
+                            d = d.hint(format!("first written at line {}", first.line));
+                        }
+                        return Err(d);
+                    }
                     positions.keys.insert(child.to_string(), pos);
                     *pending = Some(key);
                     continue;

@@ -4,6 +4,8 @@
 //! between frames (its timer is only allocated once a read actually waits).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +32,8 @@ pub enum Body {
         inner: Incoming,
         idle: Option<Duration>,
         timer: Option<Pin<Box<Sleep>>>,
+        /// Counts the data bytes read (for the access log when there is no Content-Length).
+        counter: Option<Arc<AtomicU64>>,
     },
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -45,6 +49,21 @@ impl Body {
             inner,
             idle,
             timer: None,
+            counter: None,
+        }
+    }
+
+    /// Like [`Body::incoming`], adding the length of every data frame read to `counter`.
+    pub fn incoming_counted(
+        inner: Incoming,
+        idle: Option<Duration>,
+        counter: Arc<AtomicU64>,
+    ) -> Body {
+        Body::Incoming {
+            inner,
+            idle,
+            timer: None,
+            counter: Some(counter),
         }
     }
 
@@ -78,10 +97,20 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
-            Body::Incoming { inner, idle, timer } => match Pin::new(inner).poll_frame(cx) {
+            Body::Incoming {
+                inner,
+                idle,
+                timer,
+                counter,
+            } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(r) => {
                     if let (Some(t), Some(d)) = (timer.as_mut(), idle) {
                         t.as_mut().reset(Instant::now() + *d);
+                    }
+                    if let (Some(c), Some(Ok(f))) = (counter.as_ref(), r.as_ref()) {
+                        if let Some(data) = f.data_ref() {
+                            c.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
                     }
                     Poll::Ready(r.map(|r| r.map_err(Into::into)))
                 }
@@ -122,3 +151,42 @@ use std::future::Future;
 #[derive(Debug, thiserror::Error)]
 #[error("the request body is larger than the {0} bytes allowed")]
 pub struct BodyTooLarge(pub u64);
+
+/// At most this much of an unwanted request body is read and discarded after an early
+/// answer (see [`drain_in_background`]).
+pub const DRAIN_MAX_BYTES: u64 = 64 << 20;
+/// At most this long is spent discarding an unwanted request body.
+pub const DRAIN_MAX_TIME: Duration = Duration::from_secs(5);
+
+/// Lingering close: reads and discards a request body the gateway answered without
+/// consuming (an error, a policy's own answer), for at most [`DRAIN_MAX_BYTES`] and
+/// [`DRAIN_MAX_TIME`]. Dropping the body instead makes hyper close the HTTP/1.1
+/// connection while the client is still sending, and the client then sees a
+/// connection reset instead of the answer (e.g. the 413 of a size limit).
+pub fn drain_in_background(body: Body) {
+    if http_body::Body::is_end_stream(&body) {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let mut body = body;
+        let mut left = DRAIN_MAX_BYTES;
+        let _ = tokio::time::timeout(DRAIN_MAX_TIME, async {
+            while let Some(Ok(frame)) =
+                std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx))
+                    .await
+            {
+                if let Some(d) = frame.data_ref() {
+                    let n = d.len() as u64;
+                    if n >= left {
+                        break;
+                    }
+                    left -= n;
+                }
+            }
+        })
+        .await;
+    });
+}

@@ -16,6 +16,7 @@ use portico_plugins::{Body, ErrorKind, GatewayError};
 use portico_upstream::{ConnectTimeout, Upstream};
 use tokio::time::Instant;
 
+use crate::bodyclock::{self, BodyClock};
 use crate::logbody::Finish;
 use crate::pipeline::ConnInfo;
 use crate::snapshot::{CompiledRoute, Snapshot};
@@ -66,16 +67,18 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 /// The path sent upstream: the normalized path, rewritten or with its prefix stripped,
-/// plus the client's query string unchanged.
+/// plus the client's query string unchanged. A `rewrite` may use every template
+/// namespace (`${query.page}`, `${header.x-tenant}`, ...), so it sees the request.
 fn upstream_path(
     route: &CompiledRoute,
     fin: &Finish,
-    query: Option<&str>,
+    req: &http::request::Parts,
     prefix_len: Option<usize>,
 ) -> String {
     let ctx = &fin.ctx;
+    let query = req.uri.query();
     let mut p = if let Some(t) = &route.rewrite {
-        ctx.render(None, t)
+        ctx.render(Some(req), t)
     } else if let (true, Some(n)) = (route.strip_prefix, prefix_len) {
         let rest = ctx.path.get(n..).unwrap_or("");
         if rest.starts_with('/') {
@@ -104,7 +107,7 @@ pub async fn forward(
     prefix_len: Option<usize>,
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = req.into_parts();
-    let pq = upstream_path(route, fin, parts.uri.query(), prefix_len);
+    let pq = upstream_path(route, fin, &parts, prefix_len);
     let pq = PathAndQuery::try_from(pq).map_err(|_| {
         GatewayError::new(
             ErrorKind::BadRequest,
@@ -167,11 +170,15 @@ pub async fn forward(
         } else {
             body.take().unwrap_or_default()
         };
+        // `request` counts from the end of the request body; `idle` while it streams.
+        let (b, clock) = BodyClock::wrap(b);
         let sent = Instant::now();
         target.health.start();
-        let result = tokio::time::timeout(
-            route.timeouts.request.0,
+        let result = bodyclock::send(
             client.request(Request::from_parts(head, b)),
+            clock.as_deref(),
+            route.timeouts.request.0,
+            route.timeouts.idle.0,
         )
         .await;
         target.health.finish();
@@ -197,15 +204,7 @@ pub async fn forward(
                 }
                 last_err = Some(err);
             }
-            Err(_) => {
-                return Err(GatewayError::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!(
-                        "the upstream did not answer within {:?}",
-                        route.timeouts.request.0
-                    ),
-                ));
-            }
+            Err(timeout) => return Err(timeout),
         }
     }
     Err(last_err.unwrap_or_else(|| {

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod bodyclock;
 pub mod forward;
 pub mod gateway;
 pub mod logbody;

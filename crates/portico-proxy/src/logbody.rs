@@ -30,6 +30,8 @@ pub struct Finish {
     pub ctx: Ctx,
     pub route: Option<Arc<CompiledRoute>>,
     pub bytes_in: u64,
+    /// Set when the request body has no Content-Length: the bytes actually read.
+    pub bytes_in_counter: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub target: Option<Arc<str>>,
     pub upstream_ms: Option<f64>,
     pub status: u16,
@@ -66,6 +68,7 @@ impl Finish {
             ctx,
             route: None,
             bytes_in: 0,
+            bytes_in_counter: None,
             target: None,
             upstream_ms: None,
             status: 0,
@@ -103,8 +106,11 @@ impl Finish {
         Response::from_parts(parts, lb)
     }
 
-    fn emit(self, bytes_out: u64) {
+    fn emit(mut self, bytes_out: u64) {
         let elapsed = self.started.elapsed();
+        if let Some(c) = &self.bytes_in_counter {
+            self.bytes_in = c.load(std::sync::atomic::Ordering::Relaxed);
+        }
         let metrics = match &self.route {
             Some(r) => &r.metrics,
             None => &self.snap.unrouted,

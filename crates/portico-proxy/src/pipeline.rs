@@ -45,11 +45,13 @@ pub async fn handle(
     fin.bytes_in = body_len.unwrap_or(0);
 
     if let Some(e) = check_limits(&snap, &parts) {
+        linger(Body::incoming(body, None), parts.version);
         return Ok(fin.error(e));
     }
     let path = match normalize_path(parts.uri.path()) {
         Ok(p) => p.into_owned(),
         Err(_) => {
+            linger(Body::incoming(body, None), parts.version);
             return Ok(fin.error(GatewayError::new(
                 ErrorKind::BadRequest,
                 "the request path is not valid (bad percent-encoding or not absolute)",
@@ -74,6 +76,7 @@ pub async fn handle(
         Match::MethodNotAllowed { allow, route } => (route, Params::default(), None, Some(allow)),
         Match::NotFound => {
             fin.ctx.path = path;
+            linger(Body::incoming(body, None), parts.version);
             return Ok(fin.error(GatewayError::new(
                 ErrorKind::NoRoute,
                 "no route matches this request",
@@ -94,7 +97,16 @@ pub async fn handle(
         params,
     );
     fin.route = Some(route.clone());
-    let mut req = Request::from_parts(parts, Body::incoming(body, Some(route.timeouts.idle.0)));
+    let idle = Some(route.timeouts.idle.0);
+    // Without a Content-Length (chunked, or HTTP/2 without one) count what is read.
+    let body = if body_len.is_none() && !http_body::Body::is_end_stream(&body) {
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        fin.bytes_in_counter = Some(counter.clone());
+        Body::incoming_counted(body, idle, counter)
+    } else {
+        Body::incoming(body, idle)
+    };
+    let mut req = Request::from_parts(parts, body);
 
     // Request phase. When only the method failed, request hygiene still runs (e.g. so a
     // CORS preflight can answer) before the 405.
@@ -106,11 +118,18 @@ pub async fn handle(
     for entry in &route.chain[..upto] {
         match entry.policy.on_request(&mut fin.ctx, &mut req).await {
             Flow::Continue => {}
-            Flow::Respond(resp) => return Ok(respond(&route, fin, resp)),
-            Flow::Error(e) => return Ok(fin.error(e)),
+            Flow::Respond(resp) => {
+                linger(std::mem::take(req.body_mut()), req.version());
+                return Ok(respond(&route, fin, resp));
+            }
+            Flow::Error(e) => {
+                linger(std::mem::take(req.body_mut()), req.version());
+                return Ok(fin.error(e));
+            }
         }
     }
     if let Some(allow) = allow {
+        linger(std::mem::take(req.body_mut()), req.version());
         let list = allow
             .iter()
             .map(|m| m.as_str())
@@ -134,6 +153,15 @@ pub async fn handle(
     match forward::forward(&snap, &route, &upstream, &mut fin, req, &conn, prefix_len).await {
         Ok(resp) => Ok(respond(&route, fin, resp)),
         Err(e) => Ok(fin.error(e)),
+    }
+}
+
+/// The request body of an early answer is read and discarded in the background on
+/// HTTP/1.x, so that a client still sending it gets the answer, not a connection reset
+/// (HTTP/2 resets just the stream, cleanly).
+fn linger(body: Body, version: http::Version) {
+    if version < http::Version::HTTP_2 {
+        portico_plugins::body::drain_in_background(body);
     }
 }
 

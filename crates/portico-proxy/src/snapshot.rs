@@ -121,7 +121,10 @@ pub fn compile(
             request: r.timeouts.request.unwrap_or(base.request),
             idle: r.timeouts.idle.unwrap_or(base.idle),
         };
-        let client = match (&upstream, r.upstream.as_ref().and_then(|u| cfg.upstreams.get(u))) {
+        let client = match (
+            &upstream,
+            r.upstream.as_ref().and_then(|u| cfg.upstreams.get(u)),
+        ) {
             (Some(up), Some(ucfg)) if timeouts.connect != ucfg.timeouts.connect => {
                 let mut c = ucfg.clone();
                 c.timeouts.connect = timeouts.connect;
@@ -129,7 +132,10 @@ pub fn compile(
                 match upstream_state.client_for(&key, &c, &resolve) {
                     Ok(c) => Some(c),
                     Err(e) => {
-                        diags.push(Diagnostic::new(rp.key("timeouts").key("connect"), e.message));
+                        diags.push(Diagnostic::new(
+                            rp.key("timeouts").key("connect"),
+                            e.message,
+                        ));
                         None
                     }
                 }

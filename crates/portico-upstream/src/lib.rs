@@ -71,8 +71,11 @@ impl Upstream {
     }
 }
 
+/// What a client is built from: the settings (without targets) and the contents of the
+/// files they name (CA bundle, client certificate and key), so that a reload after
+/// replacing a file builds a new client.
 #[derive(Clone, PartialEq)]
-struct ClientKey(UpstreamConfig);
+struct ClientKey(UpstreamConfig, Vec<Option<Vec<u8>>>);
 
 /// State that outlives snapshots: clients (with their pools) and target health.
 #[derive(Default)]
@@ -153,7 +156,16 @@ impl UpstreamState {
         // Targets and weights do not affect the client; everything else does.
         let mut key_cfg = cfg.clone();
         key_cfg.targets.clear();
-        let key = ClientKey(key_cfg);
+        let tls = &cfg.tls;
+        let files = [
+            tls.ca.as_deref(),
+            tls.client_cert.as_ref().map(|c| c.cert.as_str()),
+            tls.client_cert.as_ref().map(|c| c.key.as_str()),
+        ]
+        .iter()
+        .map(|f| f.and_then(|f| std::fs::read(resolve(f)).ok()))
+        .collect();
+        let key = ClientKey(key_cfg, files);
         let mut clients = self.clients.lock();
         if let Some((k, c)) = clients.get(name) {
             if *k == key {

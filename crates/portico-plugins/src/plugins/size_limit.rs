@@ -11,7 +11,7 @@ use portico_config::units::ByteSize;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::body::{Body, BodyTooLarge, BoxError};
+use crate::body::{drain_in_background, Body, BodyTooLarge, BoxError};
 use crate::ctx::Ctx;
 use crate::error::{ErrorKind, GatewayError};
 use crate::policy::{Policy, Step};
@@ -62,10 +62,13 @@ impl Policy for SizeLimit {
             return Step::cont();
         }
         let inner = std::mem::take(req.body_mut());
+        // HTTP/2 cancels the stream cleanly instead; no need to read on there.
+        let linger = req.version() < http::Version::HTTP_2;
         *req.body_mut() = Body::boxed(Limited {
             inner,
             left: self.max,
             max: self.max,
+            linger,
         });
         Step::cont()
     }
@@ -75,6 +78,8 @@ struct Limited {
     inner: Body,
     left: u64,
     max: u64,
+    /// Drain the rest of the body after the limit is hit (HTTP/1.x).
+    linger: bool,
 }
 
 impl http_body::Body for Limited {
@@ -91,6 +96,11 @@ impl http_body::Body for Limited {
                 if let Some(d) = frame.data_ref() {
                     let n = d.len() as u64;
                     if n > this.left {
+                        // Keep reading what the client still sends, so that it receives
+                        // the 413 rather than a connection reset.
+                        if this.linger {
+                            drain_in_background(std::mem::take(&mut this.inner));
+                        }
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.max)))));
                     }
                     this.left -= n;

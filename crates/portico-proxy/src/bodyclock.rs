@@ -1,0 +1,142 @@
+//! The upstream `request` timeout runs until the response headers arrive, counted from
+//! the end of the request body: while the body is still being sent (a long upload),
+//! only `idle` applies, so a large stream is never cut by `request`.
+//!
+//! [`BodyClock::wrap`] wraps the request body to record its progress; [`send`] awaits
+//! the upstream's answer under those deadlines.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use portico_plugins::{Body, BoxError, ErrorKind, GatewayError};
+use tokio::time::Instant;
+
+/// Progress of a request body being sent upstream.
+pub struct BodyClock {
+    base: Instant,
+    /// Milliseconds after `base` of the last frame (or of the end).
+    last_ms: AtomicU64,
+    /// The body ended (or failed).
+    done: AtomicBool,
+    /// The last poll was pending: waiting on the client, whose own idle timer applies.
+    waiting: AtomicBool,
+}
+
+impl BodyClock {
+    /// Wraps `body` unless it is already complete (then there is nothing to track).
+    pub fn wrap(body: Body) -> (Body, Option<Arc<BodyClock>>) {
+        if http_body::Body::is_end_stream(&body) {
+            return (body, None);
+        }
+        let clock = Arc::new(BodyClock {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
+        });
+        let wrapped = Body::boxed(Clocked {
+            inner: body,
+            clock: clock.clone(),
+        });
+        (wrapped, Some(clock))
+    }
+
+    fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The current deadline, and whether the body is still being sent.
+    fn deadline(&self, request: Duration, idle: Duration) -> (Instant, bool) {
+        let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        if self.done.load(Ordering::Relaxed) {
+            (last + request, false)
+        } else if self.waiting.load(Ordering::Relaxed) {
+            (Instant::now() + idle, true)
+        } else {
+            (last + idle, true)
+        }
+    }
+}
+
+struct Clocked {
+    inner: Body,
+    clock: Arc<BodyClock>,
+}
+
+impl http_body::Body for Clocked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let c = &this.clock;
+        match &r {
+            Poll::Pending => c.waiting.store(true, Ordering::Relaxed),
+            Poll::Ready(frame) => {
+                c.touch();
+                c.waiting.store(false, Ordering::Relaxed);
+                if !matches!(frame, Some(Ok(_))) || this.inner.is_end_stream() {
+                    c.done.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Awaits `fut` (the upstream exchange up to the response headers): within `request`
+/// of the end of the request body (of the start, without one), and, while the body is
+/// being sent, within `idle` of its last progress.
+pub async fn send<F: Future>(
+    fut: F,
+    clock: Option<&BodyClock>,
+    request: Duration,
+    idle: Duration,
+) -> Result<F::Output, GatewayError> {
+    let start = Instant::now();
+    let deadline = |c: Option<&BodyClock>| match c {
+        Some(c) => c.deadline(request, idle),
+        None => (start + request, false),
+    };
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let (at, _) = deadline(clock);
+        if let Ok(out) = tokio::time::timeout_at(at, fut.as_mut()).await {
+            return Ok(out);
+        }
+        let (at, streaming) = deadline(clock);
+        if at > Instant::now() {
+            continue;
+        }
+        return Err(if streaming {
+            GatewayError::new(
+                ErrorKind::UpstreamTimeout,
+                format!("the upstream stopped reading the request body for {idle:?}"),
+            )
+        } else {
+            GatewayError::new(
+                ErrorKind::UpstreamTimeout,
+                format!("the upstream did not answer within {request:?}"),
+            )
+        });
+    }
+}
