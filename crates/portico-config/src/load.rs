@@ -28,6 +28,12 @@ pub trait PluginCatalog: Send + Sync {
         let _ = (name, settings);
         Vec::new()
     }
+    /// Whether the policy answers requests itself, so its route needs no upstream.
+    /// Default: false.
+    fn answers_itself(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
 }
 
 /// A configuration that passed validation, with what is needed to locate later problems.
@@ -667,6 +673,11 @@ fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mut Vec<Diagn
                     )
                     .suggest(&up, KNOWN_METHODS),
                 );
+            } else if !KNOWN_METHODS.contains(&m.as_str()) && closest(m, KNOWN_METHODS).is_some() {
+                diags.push(
+                    Diagnostic::new(p.key("methods").index(j), format!("unknown method `{m}`"))
+                        .suggest(m, KNOWN_METHODS),
+                );
             }
         }
         for name in r.headers.keys() {
@@ -677,7 +688,13 @@ fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mut Vec<Diagn
                 ));
             }
         }
-        let has_terminator = r.plugins.keys().any(|k| k == "echo" || k == "mock");
+        let has_terminator = r
+            .plugins
+            .iter()
+            .any(|(k, v)| !is_disabled(v) && catalog.answers_itself(k))
+            || c.plugins.iter().any(|(k, v)| {
+                !is_disabled(v) && !r.plugins.contains_key(k) && catalog.answers_itself(k)
+            });
         match &r.upstream {
             Some(u) if !c.upstreams.contains_key(u) => diags.push(
                 Diagnostic::new(

@@ -23,6 +23,8 @@ pub struct PluginDef {
     pub priority: i32,
     /// The stage of the baseline order this policy belongs to (for docs and the admin API).
     pub stage: &'static str,
+    /// The policy answers requests itself (its route needs no upstream).
+    pub terminal: bool,
     pub schema: fn(&mut SchemaGenerator) -> Schema,
     pub build: fn(&Value) -> Result<Arc<dyn Policy>, SettingsErrors>,
 }
@@ -73,6 +75,9 @@ impl PluginCatalog for Catalog {
             Some(d) => (d.build)(settings).err().unwrap_or_default(),
             None => vec![(KeyPath::root(), format!("unknown policy `{name}`"))],
         }
+    }
+    fn answers_itself(&self, name: &str) -> bool {
+        find(name).is_some_and(|d| d.terminal)
     }
 }
 

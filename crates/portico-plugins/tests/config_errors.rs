@@ -768,3 +768,27 @@ fn request_keys() {
         assert!(err.contains(msg), "{bad}: {err}");
     }
 }
+
+#[test]
+fn response_templates_cannot_use_the_request_and_custom_methods_are_checked() {
+    let text = "upstreams:\n  u: {targets: [{url: \"http://127.0.0.1:1\"}]}\nroutes:\n  - name: r\n    paths: [\"/\"]\n    methods: [PSOT, PURGE]\n    upstream: u\n    plugins:\n      response-transformer: {headers: {set: {x-a: \"${header.x}\"}}}\n";
+    let err = portico_config::load_str(
+        text,
+        None,
+        std::path::PathBuf::from("."),
+        &portico_plugins::Catalog,
+    )
+    .expect_err("must be rejected");
+    let all = err.to_string();
+    assert!(
+        all.contains("routes[0].methods[0]: unknown method `PSOT` (did you mean `POST`?)"),
+        "{all}"
+    );
+    assert!(!all.contains("PURGE"), "custom methods stay allowed: {all}");
+    assert!(
+        all.contains(
+            "routes[0].plugins.response-transformer.headers.set.x-a: response templates cannot use"
+        ),
+        "{all}"
+    );
+}

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use portico_config::grammar::Template;
+use portico_config::grammar::{Template, Var};
 use portico_config::KeyPath;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -69,6 +69,7 @@ fn values(
     map: BTreeMap<String, Template>,
     op: &str,
     errs: &mut SettingsErrors,
+    response: bool,
 ) -> Vec<(HeaderName, Value)> {
     let base = KeyPath::root().key("headers").key(op);
     let mut out = Vec::new();
@@ -85,6 +86,16 @@ fn values(
                 }
             }
         } else {
+            if response
+                && t.vars()
+                    .any(|v| matches!(v, Var::Header(_) | Var::Query(_) | Var::Cookie(_)))
+            {
+                errs.push((
+                    base.key(&n),
+                    "response templates cannot use `header.`, `query.` or `cookie.`: the request is gone by the response phase".into(),
+                ));
+                continue;
+            }
             Value::Dynamic(t)
         };
         out.push((h, v));
@@ -93,14 +104,15 @@ fn values(
 }
 
 impl Compiled {
-    pub fn new(s: Settings) -> Result<Self, SettingsErrors> {
+    /// Compile the settings; `response` rejects templates that need the request.
+    pub fn new(s: Settings, response: bool) -> Result<Self, SettingsErrors> {
         let mut errs = Vec::new();
         let ops = s.headers;
         let base = KeyPath::root().key("headers");
         let c = Compiled {
-            add: values(ops.add, "add", &mut errs),
-            set: values(ops.set, "set", &mut errs),
-            append: values(ops.append, "append", &mut errs),
+            add: values(ops.add, "add", &mut errs, response),
+            set: values(ops.set, "set", &mut errs, response),
+            append: values(ops.append, "append", &mut errs, response),
             remove: ops
                 .remove
                 .iter()

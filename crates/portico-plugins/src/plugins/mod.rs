@@ -15,6 +15,7 @@ pub static DEFS: &[PluginDef] = &[
         name: "request-size-limit",
         priority: 3900,
         stage: "request hygiene",
+        terminal: false,
         schema: schema_of::<size_limit::Settings>,
         build: |v| Ok(Arc::new(size_limit::SizeLimit::new(parse(v)?))),
     },
@@ -22,10 +23,12 @@ pub static DEFS: &[PluginDef] = &[
         name: "request-transformer",
         priority: 800,
         stage: "request transforms",
+        terminal: false,
         schema: schema_of::<headers::Settings>,
         build: |v| {
             Ok(Arc::new(headers::RequestHeaders(headers::Compiled::new(
                 parse(v)?,
+                false,
             )?)))
         },
     },
@@ -33,10 +36,12 @@ pub static DEFS: &[PluginDef] = &[
         name: "response-transformer",
         priority: 790,
         stage: "response transforms",
+        terminal: false,
         schema: schema_of::<headers::Settings>,
         build: |v| {
             Ok(Arc::new(headers::ResponseHeaders(headers::Compiled::new(
                 parse(v)?,
+                true,
             )?)))
         },
     },
@@ -44,6 +49,7 @@ pub static DEFS: &[PluginDef] = &[
         name: "echo",
         priority: 100,
         stage: "proxy (answers itself)",
+        terminal: true,
         schema: schema_of::<echo::Settings>,
         build: |v| Ok(Arc::new(echo::Echo::new(parse(v)?)?)),
     },
