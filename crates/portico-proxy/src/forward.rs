@@ -34,6 +34,19 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// names, plus `Keep-Alive`, `Proxy-Connection`, `TE` (except `trailers`), `Trailer`,
 /// `Transfer-Encoding` and `Upgrade`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names instead of a lookup each.
+    let hop = |n: &HeaderName| {
+        n == header::CONNECTION
+            || n == header::TE
+            || n == header::TRAILER
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    };
+    if !h.keys().any(hop) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -238,24 +251,28 @@ fn forwarded_headers(
         std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
         v4 => v4,
     };
-    let trusted = snap.trusted_proxies.iter().any(|n| n.contains(&peer));
-    let peer_s = peer.to_string();
-    let xff = if trusted {
-        let prior: Vec<&str> = h
+    let trusted =
+        !snap.trusted_proxies.is_empty() && snap.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let prior: Option<String> = if trusted {
+        let parts: Vec<&str> = h
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        if prior.is_empty() {
-            peer_s
-        } else {
-            format!("{}, {peer_s}", prior.join(", "))
-        }
+        (!parts.is_empty()).then(|| parts.join(", "))
     } else {
-        peer_s
+        None
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert(&X_FORWARDED_FOR, v);
+    match prior {
+        Some(p) => {
+            let xff = format!("{p}, {}", conn.peer_header.to_str().unwrap_or_default());
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                h.insert(&X_FORWARDED_FOR, v);
+            }
+        }
+        None => {
+            h.insert(&X_FORWARDED_FOR, conn.peer_header.clone());
+        }
     }
     if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
         h.insert(

@@ -17,18 +17,38 @@ use crate::gateway::Gateway;
 use crate::logbody::{Finish, LogBody};
 use crate::snapshot::{CompiledRoute, Snapshot};
 
-/// What the pipeline knows about the client connection.
-#[derive(Debug, Clone, Copy)]
+/// What the pipeline knows about the client connection (made once per connection).
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub tls: bool,
+    /// The peer address (IPv4-mapped IPv6 shown as IPv4) as a header value, for
+    /// `X-Forwarded-For`.
+    pub peer_header: http::HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool) -> ConnInfo {
+        let ip = match peer.ip() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer.ip(), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let peer_header = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string()))
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
+        ConnInfo {
+            peer,
+            local,
+            tls,
+            peer_header,
+        }
+    }
 }
 
 /// Handle one request from a client.
 pub async fn handle(
     gw: Arc<Gateway>,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<LogBody>, Infallible> {
     let started = Instant::now();

@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 use crate::gateway::Gateway;
 use crate::pipeline::{handle, ConnInfo};
 
+/// How many headers hyper parses without allocating.
+const HYPER_STACK_HEADERS: usize = 100;
+
 /// A listening socket: address and whether it speaks TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenKey {
@@ -126,13 +129,18 @@ async fn accept_loop(
     let buf = ((limits.max_header_bytes.0 as usize).saturating_mul(2))
         .max(16 * 1024)
         .max(limits.max_uri_length * 2);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    let mut h1 = builder.http1();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
         .keep_alive(true)
-        .max_buf_size(buf)
-        .max_headers(limits.max_header_count + 64);
+        .max_buf_size(buf);
+    // hyper parses up to 100 headers on the stack; a larger configured limit makes it
+    // allocate per request, so it is only raised when the configuration asks for more.
+    // Up to the limit the pipeline answers 431 with the JSON body; beyond 100 (the
+    // default) hyper answers 431 itself.
+    if limits.max_header_count > HYPER_STACK_HEADERS {
+        h1.max_headers(limits.max_header_count + 1);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -154,7 +162,7 @@ async fn accept_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 let local = stream.local_addr().unwrap_or(key.addr);
-                let conn = ConnInfo { peer, local, tls: key.tls };
+                let conn = Arc::new(ConnInfo::new(peer, local, key.tls));
                 serve(gw.clone(), builder.clone(), &graceful, stream, conn);
             }
         }
@@ -174,11 +182,12 @@ fn serve(
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: &GracefulShutdown,
     stream: TcpStream,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
 ) {
     gw.metrics.open_connections.fetch_add(1, Ordering::Relaxed);
     let svc_gw = gw.clone();
-    let service = service_fn(move |req| handle(svc_gw.clone(), conn, req));
+    let svc_conn = conn.clone();
+    let service = service_fn(move |req| handle(svc_gw.clone(), svc_conn.clone(), req));
     if conn.tls {
         let Some(cfg) = gw.snapshot().tls.clone() else {
             gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);

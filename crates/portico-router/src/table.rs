@@ -99,9 +99,10 @@ pub struct Router {
     any_host: Table,
 }
 
-struct Candidate {
-    entry: Entry,
-    params: Params,
+/// A path match found while scanning: borrowed, so collecting them copies little.
+struct Candidate<'a> {
+    entry: &'a Entry,
+    caps: SmallVec<[Range<usize>; 4]>,
     prefix: Option<usize>,
 }
 
@@ -195,16 +196,20 @@ impl Router {
         allow: &mut Vec<Method>,
         path_matched: &mut Option<usize>,
     ) -> Option<Match> {
-        let mut cands: SmallVec<[Candidate; 8]> = SmallVec::new();
+        // Exact paths first: most requests stop here without walking the trie.
         if let Some(es) = t.exact.get(path) {
-            cands.extend(es.iter().map(|e| Candidate {
-                entry: e.clone(),
-                params: Params::default(),
-                prefix: None,
-            }));
+            for e in es {
+                if self.accepts(e, method, headers, allow, path_matched) {
+                    return Some(Match::Found {
+                        route: e.route,
+                        params: Params::default(),
+                        prefix_len: None,
+                    });
+                }
+            }
         }
-        let mut params_found: SmallVec<[Candidate; 8]> = SmallVec::new();
-        let mut prefix_found: SmallVec<[Candidate; 8]> = SmallVec::new();
+        let mut params_found: SmallVec<[Candidate<'_>; 4]> = SmallVec::new();
+        let mut prefix_found: SmallVec<[Candidate<'_>; 4]> = SmallVec::new();
         let segs: SmallVec<[Range<usize>; 16]> = segments(path);
         walk(
             &t.tree,
@@ -217,13 +222,27 @@ impl Router {
         );
         params_found.sort_by_key(|c| c.entry.rank);
         prefix_found.sort_by_key(|c| c.entry.rank);
-        cands.extend(params_found);
-        cands.extend(prefix_found);
+        for c in params_found.iter().chain(prefix_found.iter()) {
+            if self.accepts(c.entry, method, headers, allow, path_matched) {
+                let mut params = Params::default();
+                for (n, r) in c.entry.names.iter().zip(c.caps.iter()) {
+                    params.0.push((n.clone(), r.clone()));
+                }
+                return Some(Match::Found {
+                    route: c.entry.route,
+                    params,
+                    prefix_len: c.prefix,
+                });
+            }
+        }
         if let Some(set) = &t.regex_set {
             let mut hits: SmallVec<[usize; 8]> = set.matches(path).into_iter().collect();
             hits.sort_by_key(|&i| t.regexes[i].1.rank);
             for i in hits {
                 let (re, e) = &t.regexes[i];
+                if !self.accepts(e, method, headers, allow, path_matched) {
+                    continue;
+                }
                 let mut params = Params::default();
                 if let Some(caps) = re.captures(path) {
                     for name in e.names.iter() {
@@ -232,34 +251,40 @@ impl Router {
                         }
                     }
                 }
-                cands.push(Candidate {
-                    entry: e.clone(),
+                return Some(Match::Found {
+                    route: e.route,
                     params,
-                    prefix: None,
+                    prefix_len: None,
                 });
             }
         }
-        for c in cands {
-            let spec = &self.specs[c.entry.route];
-            if !spec
-                .headers
-                .iter()
-                .all(|(n, v)| headers.get_all(n).iter().any(|h| h == v))
-            {
-                continue;
-            }
-            if !spec.methods.is_empty() && !spec.methods.contains(method) {
-                path_matched.get_or_insert(c.entry.route);
-                allow.extend(spec.methods.iter().cloned());
-                continue;
-            }
-            return Some(Match::Found {
-                route: c.entry.route,
-                params: c.params,
-                prefix_len: c.prefix,
-            });
-        }
         None
+    }
+
+    /// Whether the route of a path match also accepts the headers and method; records
+    /// the methods that would have matched for a 405.
+    fn accepts(
+        &self,
+        e: &Entry,
+        method: &Method,
+        headers: &HeaderMap,
+        allow: &mut Vec<Method>,
+        path_matched: &mut Option<usize>,
+    ) -> bool {
+        let spec = &self.specs[e.route];
+        if !spec
+            .headers
+            .iter()
+            .all(|(n, v)| headers.get_all(n).iter().any(|h| h == v))
+        {
+            return false;
+        }
+        if !spec.methods.is_empty() && !spec.methods.contains(method) {
+            path_matched.get_or_insert(e.route);
+            allow.extend(spec.methods.iter().cloned());
+            return false;
+        }
+        true
     }
 }
 
@@ -276,31 +301,27 @@ fn segments(path: &str) -> SmallVec<[Range<usize>; 16]> {
     out
 }
 
-fn walk(
-    node: &Node,
+fn walk<'a>(
+    node: &'a Node,
     path: &str,
     segs: &[Range<usize>],
     depth: usize,
     caps: &mut SmallVec<[Range<usize>; 4]>,
-    params_out: &mut SmallVec<[Candidate; 8]>,
-    prefix_out: &mut SmallVec<[Candidate; 8]>,
+    params_out: &mut SmallVec<[Candidate<'a>; 4]>,
+    prefix_out: &mut SmallVec<[Candidate<'a>; 4]>,
 ) {
     for e in &node.prefix {
         prefix_out.push(Candidate {
-            entry: e.clone(),
-            params: Params::default(),
+            entry: e,
+            caps: SmallVec::new(),
             prefix: Some(e.prefix_len),
         });
     }
     if depth == segs.len() {
         for e in &node.terminal {
-            let mut params = Params::default();
-            for (n, r) in e.names.iter().zip(caps.iter()) {
-                params.0.push((n.clone(), r.clone()));
-            }
             params_out.push(Candidate {
-                entry: e.clone(),
-                params,
+                entry: e,
+                caps: caps.clone(),
                 prefix: None,
             });
         }

@@ -142,12 +142,21 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("portico-worker")
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    // One worker: a current-thread runtime does the same work without the
+    // work-stealing scheduler's cross-thread bookkeeping.
+    let rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .thread_name("portico-worker")
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("portico-worker")
+            .enable_all()
+            .build()
+    }
+    .context("starting the runtime")?;
     rt.block_on(serve(loaded, path))
 }
 
