@@ -24,8 +24,9 @@ use crate::error::GatewayError;
 pub enum Flow {
     /// Go on with the next policy.
     Continue,
-    /// Answer the client with this response; later request policies and the proxy are skipped.
-    Respond(Response<Body>),
+    /// Answer the client with this response; later request policies and the proxy are
+    /// skipped. (Boxed: answering is the rare path; it keeps `Flow` small.)
+    Respond(Box<Response<Body>>),
     /// Answer with an error.
     Error(GatewayError),
 }
@@ -41,7 +42,7 @@ impl Step<'_> {
         Step::Ready(Some(Flow::Continue))
     }
     pub fn respond(r: Response<Body>) -> Self {
-        Step::Ready(Some(Flow::Respond(r)))
+        Step::Ready(Some(Flow::Respond(Box::new(r))))
     }
     pub fn error(e: GatewayError) -> Self {
         Step::Ready(Some(Flow::Error(e)))

@@ -13,7 +13,7 @@ use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
 use portico_plugins::body::{BodyTooLarge, IdleTimeout};
 use portico_plugins::{Body, ErrorKind, GatewayError};
-use portico_upstream::{ConnectTimeout, Upstream};
+use portico_upstream::{ConnectTimeout, SendError, Upstream};
 use tokio::time::Instant;
 
 use crate::bodyclock::{self, BodyClock};
@@ -143,7 +143,6 @@ pub async fn forward(
         entry.policy.upstream_request(&mut fin.ctx, &mut parts);
     }
 
-    let client = route.client.as_ref().unwrap_or(&up.client);
     let replayable = body.is_end_stream() && up.targets.len() > 1;
     let mut body = Some(body);
     let mut tried: [usize; MAX_TRIES] = [usize::MAX; MAX_TRIES];
@@ -188,7 +187,11 @@ pub async fn forward(
         let sent = Instant::now();
         target.health.start();
         let result = bodyclock::send(
-            client.request(Request::from_parts(head, b)),
+            target.pool.send(
+                Request::from_parts(head, b),
+                route.timeouts.connect.0,
+                Some(route.timeouts.idle.0),
+            ),
             clock.as_deref(),
             route.timeouts.request.0,
             route.timeouts.idle.0,
@@ -197,14 +200,10 @@ pub async fn forward(
         target.health.finish();
         fin.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
         match result {
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
                 target.health.success();
-                let (mut rp, rb) = resp.into_parts();
-                strip_hop_by_hop(&mut rp.headers);
-                return Ok(Response::from_parts(
-                    rp,
-                    Body::incoming(rb, Some(route.timeouts.idle.0)),
-                ));
+                strip_hop_by_hop(resp.headers_mut());
+                return Ok(resp);
             }
             Ok(Err(e)) => {
                 let (err, connect) = map_client_error(&e, route.timeouts.connect.0);
@@ -295,11 +294,8 @@ fn forwarded_headers(
 
 /// Map a client error to the gateway error; the flag says it was a connect failure
 /// (nothing was sent, so another target may be tried).
-fn map_client_error(
-    e: &hyper_util::client::legacy::Error,
-    connect_timeout: Duration,
-) -> (GatewayError, bool) {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
+fn map_client_error(e: &SendError, connect_timeout: Duration) -> (GatewayError, bool) {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if s.is::<ConnectTimeout>() {
             return (

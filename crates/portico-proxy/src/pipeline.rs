@@ -139,6 +139,7 @@ pub async fn handle(
         match entry.policy.on_request(&mut fin.ctx, &mut req).await {
             Flow::Continue => {}
             Flow::Respond(resp) => {
+                let resp = *resp;
                 linger(std::mem::take(req.body_mut()), req.version());
                 return Ok(respond(&route, fin, resp));
             }

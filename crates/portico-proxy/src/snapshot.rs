@@ -13,7 +13,7 @@ use portico_config::pattern::PathPattern;
 use portico_config::{Diagnostic, Diagnostics, KeyPath, Loaded};
 use portico_plugins::{build_chain, build_global, ChainEntry, HYGIENE_PRIORITY};
 use portico_router::{RouteSpec, Router};
-use portico_upstream::{HttpClient, Upstream, UpstreamState};
+use portico_upstream::{Upstream, UpstreamState};
 
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::tls;
@@ -22,9 +22,6 @@ use crate::tls;
 pub struct CompiledRoute {
     pub name: Arc<str>,
     pub upstream: Option<Arc<Upstream>>,
-    /// The client used for this route: the upstream's, or one of its own when the route
-    /// overrides the connect timeout (connections are pooled per connect timeout).
-    pub client: Option<HttpClient>,
     pub strip_prefix: bool,
     pub rewrite: Option<Template>,
     pub preserve_host: bool,
@@ -121,28 +118,6 @@ pub fn compile(
             request: r.timeouts.request.unwrap_or(base.request),
             idle: r.timeouts.idle.unwrap_or(base.idle),
         };
-        let client = match (
-            &upstream,
-            r.upstream.as_ref().and_then(|u| cfg.upstreams.get(u)),
-        ) {
-            (Some(up), Some(ucfg)) if timeouts.connect != ucfg.timeouts.connect => {
-                let mut c = ucfg.clone();
-                c.timeouts.connect = timeouts.connect;
-                let key = format!("{}#connect={}", up.name, timeouts.connect);
-                match upstream_state.client_for(&key, &c, &resolve) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        diags.push(Diagnostic::new(
-                            rp.key("timeouts").key("connect"),
-                            e.message,
-                        ));
-                        None
-                    }
-                }
-            }
-            (Some(up), _) => Some(up.client.clone()),
-            _ => None,
-        };
         let rewrite = r
             .rewrite
             .as_ref()
@@ -179,7 +154,6 @@ pub fn compile(
             name: r.name.as_str().into(),
             metrics: metrics.route(&r.name, r.upstream.as_deref().unwrap_or("")),
             upstream,
-            client,
             strip_prefix: r.strip_prefix,
             rewrite,
             preserve_host: r.preserve_host,

@@ -1,70 +1,21 @@
-//! Pooled HTTP clients towards upstream targets (hyper-util's pooled client over
-//! hyper-rustls), one per upstream, kept across snapshots while its settings hold.
+//! TLS settings towards upstream targets, made once per upstream and shared by the
+//! connection pools of its targets (see [`crate::pool`]).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use portico_config::model::{Protocol, Upstream as UpstreamConfig};
-use portico_plugins::Body;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 
-pub type HttpClient = Client<TimeoutConnector, Body>;
+use crate::pool::Connector;
 
 /// The connect timeout expired (TCP and TLS handshake together).
 #[derive(Debug, thiserror::Error)]
 #[error("connect timeout after {0:?}")]
 pub struct ConnectTimeout(pub Duration);
-
-/// Wraps the HTTPS connector so that `connect` covers TCP and the TLS handshake.
-#[derive(Clone)]
-pub struct TimeoutConnector {
-    inner: HttpsConnector<HttpConnector>,
-    timeout: Duration,
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type ConnFuture = Pin<
-    Box<
-        dyn Future<
-                Output = Result<
-                    <HttpsConnector<HttpConnector> as tower_service::Service<Uri>>::Response,
-                    BoxError,
-                >,
-            > + Send,
-    >,
->;
-
-impl tower_service::Service<Uri> for TimeoutConnector {
-    type Response = <HttpsConnector<HttpConnector> as tower_service::Service<Uri>>::Response;
-    type Error = BoxError;
-    type Future = ConnFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> ConnFuture {
-        let fut = self.inner.call(uri);
-        let t = self.timeout;
-        Box::pin(async move {
-            match tokio::time::timeout(t, fut).await {
-                Ok(r) => r,
-                Err(_) => Err(Box::new(ConnectTimeout(t)) as BoxError),
-            }
-        })
-    }
-}
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -95,11 +46,11 @@ fn err(key: &'static [&'static str], message: String) -> ClientError {
     ClientError { key, message }
 }
 
-/// Build the client for an upstream. `resolve` turns a config path into a file path.
+/// Build the connector of an upstream. `resolve` turns a config path into a file path.
 pub fn build(
     cfg: &UpstreamConfig,
     resolve: &dyn Fn(&str) -> std::path::PathBuf,
-) -> Result<HttpClient, ClientError> {
+) -> Result<Connector, ClientError> {
     let tls = &cfg.tls;
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -162,40 +113,27 @@ pub fn build(
         None => builder.with_no_client_auth(),
     };
 
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let b = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_or_http();
-    let b = match &tls.sni {
-        Some(name) => {
-            let name = name.clone();
-            b.with_server_name_resolver(move |_: &Uri| ServerName::try_from(name.clone()))
-        }
-        None => b,
+    let mut config = config;
+    config.alpn_protocols = match cfg.protocol {
+        Protocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        Protocol::Http1 => vec![b"http/1.1".to_vec()],
+        Protocol::H2 | Protocol::H2c => vec![b"h2".to_vec()],
     };
-    let https = match cfg.protocol {
-        Protocol::Http1 => b.enable_http1().wrap_connector(http),
-        Protocol::H2 | Protocol::H2c => b.enable_http2().wrap_connector(http),
-        Protocol::Auto => b.enable_all_versions().wrap_connector(http),
+    let sni = match &tls.sni {
+        Some(name) => Some(ServerName::try_from(name.clone()).map_err(|e| {
+            err(
+                &["tls", "sni"],
+                format!("`{name}` is not a valid server name: {e}"),
+            )
+        })?),
+        None => None,
     };
-    let connector = TimeoutConnector {
-        inner: https,
-        timeout: cfg.timeouts.connect.0,
-    };
-    let mut cb = Client::builder(TokioExecutor::new());
-    cb.timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(cfg.max_idle_connections)
-        .retry_canceled_requests(true)
-        .set_host(false);
-    if matches!(cfg.protocol, Protocol::H2 | Protocol::H2c) {
-        cb.http2_only(true);
-    }
-    Ok(cb.build(connector))
+    Ok(Connector {
+        tls: Arc::new(config),
+        sni,
+        protocol: cfg.protocol,
+        max_idle: cfg.max_idle_connections,
+    })
 }
 
 /// Accepts any server certificate (`tls.verify: false`). Signatures are still checked.

@@ -12,6 +12,7 @@
 pub mod balance;
 pub mod client;
 pub mod health;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,11 +20,14 @@ use std::sync::Arc;
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use parking_lot::Mutex;
-use portico_config::model::{Balance, Passive, Timeouts, Upstream as UpstreamConfig};
+use portico_config::model::{
+    Balance, Passive, Protocol, Timeouts, Upstream as UpstreamConfig, UpstreamTls,
+};
 
 pub use balance::Schedule;
-pub use client::{ClientError, ConnectTimeout, HttpClient};
+pub use client::{ClientError, ConnectTimeout};
 pub use health::{now_ms, TargetHealth};
+pub use pool::{Connector, SendError, TargetPool};
 
 /// One target of a compiled upstream.
 #[derive(Debug)]
@@ -35,6 +39,8 @@ pub struct Target {
     pub host_header: HeaderValue,
     pub weight: u32,
     pub health: Arc<TargetHealth>,
+    /// Connections to this target.
+    pub pool: Arc<TargetPool>,
 }
 
 /// A compiled upstream, part of a snapshot.
@@ -44,7 +50,6 @@ pub struct Upstream {
     pub schedule: Schedule,
     pub timeouts: Timeouts,
     pub passive: Passive,
-    pub client: HttpClient,
 }
 
 impl Upstream {
@@ -71,16 +76,17 @@ impl Upstream {
     }
 }
 
-/// What a client is built from: the settings (without targets) and the contents of the
+/// What a connector is built from: the connection settings and the contents of the
 /// files they name (CA bundle, client certificate and key), so that a reload after
-/// replacing a file builds a new client.
+/// replacing a file builds a new connector (and new connections).
 #[derive(Clone, PartialEq)]
-struct ClientKey(UpstreamConfig, Vec<Option<Vec<u8>>>);
+struct ConnectorKey(Protocol, UpstreamTls, usize, Vec<Option<Vec<u8>>>);
 
-/// State that outlives snapshots: clients (with their pools) and target health.
+/// State that outlives snapshots: connectors, connection pools and target health.
 #[derive(Default)]
 pub struct UpstreamState {
-    clients: Mutex<HashMap<String, (ClientKey, HttpClient)>>,
+    connectors: Mutex<HashMap<String, (ConnectorKey, Arc<Connector>)>>,
+    pools: Mutex<HashMap<(String, String), Arc<TargetPool>>>,
     health: Mutex<HashMap<(String, String), Arc<TargetHealth>>>,
 }
 
@@ -99,6 +105,7 @@ impl UpstreamState {
         cfg: &UpstreamConfig,
         resolve: &dyn Fn(&str) -> std::path::PathBuf,
     ) -> Result<Upstream, CompileError> {
+        let connector = self.connector_for(name, cfg, resolve)?;
         let mut targets = Vec::with_capacity(cfg.targets.len());
         for (i, t) in cfg.targets.iter().enumerate() {
             let uri = portico_config::load::check_target_url(&t.url).map_err(|m| CompileError {
@@ -121,7 +128,9 @@ impl UpstreamState {
                 .entry((name.to_string(), t.url.clone()))
                 .or_default()
                 .clone();
+            let pool = self.pool_for(name, &t.url, &uri, &connector);
             targets.push(Target {
+                pool,
                 url: t.url.as_str().into(),
                 scheme,
                 authority,
@@ -135,27 +144,22 @@ impl UpstreamState {
             Balance::Weighted => Schedule::weighted(&weights),
             Balance::RoundRobin => Schedule::round_robin(&weights),
         };
-        let client = self.client_for(name, cfg, resolve)?;
         Ok(Upstream {
             name: name.into(),
             targets,
             schedule,
             timeouts: cfg.timeouts,
             passive: cfg.health.passive,
-            client,
         })
     }
 
-    /// The pooled client for `name` with these settings (shared while they are unchanged).
-    pub fn client_for(
+    /// The connector for `name` (shared while its settings and files are unchanged).
+    fn connector_for(
         &self,
         name: &str,
         cfg: &UpstreamConfig,
         resolve: &dyn Fn(&str) -> std::path::PathBuf,
-    ) -> Result<HttpClient, CompileError> {
-        // Targets and weights do not affect the client; everything else does.
-        let mut key_cfg = cfg.clone();
-        key_cfg.targets.clear();
+    ) -> Result<Arc<Connector>, CompileError> {
         let tls = &cfg.tls;
         let files = [
             tls.ca.as_deref(),
@@ -165,26 +169,59 @@ impl UpstreamState {
         .iter()
         .map(|f| f.and_then(|f| std::fs::read(resolve(f)).ok()))
         .collect();
-        let key = ClientKey(key_cfg, files);
-        let mut clients = self.clients.lock();
-        if let Some((k, c)) = clients.get(name) {
+        let key = ConnectorKey(
+            cfg.protocol,
+            cfg.tls.clone(),
+            cfg.max_idle_connections,
+            files,
+        );
+        let mut connectors = self.connectors.lock();
+        if let Some((k, c)) = connectors.get(name) {
             if *k == key {
                 return Ok(c.clone());
             }
         }
-        let c = client::build(cfg, resolve).map_err(|e| CompileError {
+        let c = Arc::new(client::build(cfg, resolve).map_err(|e| CompileError {
             key: e.key.iter().map(|s| s.to_string()).collect(),
             message: e.message,
-        })?;
-        clients.insert(name.to_string(), (key, c.clone()));
+        })?);
+        connectors.insert(name.to_string(), (key, c.clone()));
         Ok(c)
+    }
+
+    /// The pool of a target, kept while its connector is the same.
+    fn pool_for(
+        &self,
+        name: &str,
+        url: &str,
+        uri: &http::Uri,
+        connector: &Arc<Connector>,
+    ) -> Arc<TargetPool> {
+        let mut pools = self.pools.lock();
+        let key = (name.to_string(), url.to_string());
+        if let Some(p) = pools.get(&key) {
+            if Arc::ptr_eq(p.connector(), connector) {
+                return p.clone();
+            }
+        }
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let host = uri.host().unwrap_or_default().to_string();
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
+        let p = TargetPool::new(scheme, host, port, connector.clone());
+        pools.insert(key, p.clone());
+        p
     }
 
     /// Forget state of upstreams and targets that are no longer configured.
     pub fn retain(&self, live: &[(String, Vec<String>)]) {
-        self.clients.lock().retain(|n, _| {
-            let base = n.split_once('#').map_or(n.as_str(), |(b, _)| b);
-            live.iter().any(|(u, _)| u == base)
+        self.connectors
+            .lock()
+            .retain(|n, _| live.iter().any(|(u, _)| u == n));
+        self.pools.lock().retain(|(u, t), _| {
+            live.iter()
+                .any(|(lu, ts)| lu == u && ts.iter().any(|x| x == t))
         });
         self.health.lock().retain(|(u, t), _| {
             live.iter()

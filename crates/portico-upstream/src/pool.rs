@@ -1,0 +1,308 @@
+//! Connections to one target: pooled HTTP/1.1 connections (one request at a time each)
+//! or one shared HTTP/2 connection, over TCP or TLS.
+//!
+//! An HTTP/1.1 connection goes back to the pool when its response body has been read
+//! to the end (see `Body::incoming_pooled`), so checking one out is a short lock on a
+//! per-target list: no hashing, no spawned task per request. A request that a reused
+//! connection could not even start sending (the peer closed it while idle) is retried
+//! once on a new connection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Scheme, Uri};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use portico_config::model::Protocol;
+use portico_plugins::body::{PoolReturn, Repool};
+use portico_plugins::Body;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// How long an idle pooled connection is kept.
+const IDLE_KEEP: Duration = Duration::from_secs(90);
+
+/// How connections to the targets of one upstream are made.
+pub struct Connector {
+    /// TLS settings, ALPN already set from the protocol.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Server name to send instead of the target host.
+    pub sni: Option<ServerName<'static>>,
+    pub protocol: Protocol,
+    pub max_idle: usize,
+}
+
+/// Why a request could not be exchanged with a target.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The connection could not be established (nothing was sent).
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// TCP and TLS did not complete within the connect timeout (nothing was sent).
+    #[error(transparent)]
+    ConnectTimeout(#[from] crate::ConnectTimeout),
+    /// The exchange failed after the connection was made.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+impl SendError {
+    /// Nothing was sent: another target may be tried.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_) | SendError::ConnectTimeout(_))
+    }
+}
+
+struct Idle {
+    conn: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// The connections to one target.
+pub struct TargetPool {
+    scheme: Scheme,
+    host: String,
+    port: u16,
+    connector: Arc<Connector>,
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    me: std::sync::Weak<TargetPool>,
+}
+
+impl std::fmt::Debug for TargetPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetPool")
+            .field("scheme", &self.scheme)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("idle", &self.idle_count())
+            .finish()
+    }
+}
+
+impl Repool for TargetPool {
+    fn put(&self, conn: http1::SendRequest<Body>) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        if idle.len() < self.connector.max_idle {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+enum Conn {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl TargetPool {
+    pub fn new(
+        scheme: Scheme,
+        host: String,
+        port: u16,
+        connector: Arc<Connector>,
+    ) -> Arc<TargetPool> {
+        Arc::new_cyclic(|me| TargetPool {
+            scheme,
+            host,
+            port,
+            connector,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            me: me.clone(),
+        })
+    }
+
+    /// The connector this pool makes connections with.
+    pub fn connector(&self) -> &Arc<Connector> {
+        &self.connector
+    }
+
+    /// Idle HTTP/1.1 connections currently pooled.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    fn pooled(&self) -> Option<Conn> {
+        if let Some(h2) = self.h2.lock().as_ref() {
+            if !h2.is_closed() {
+                return Some(Conn::H2(h2.clone()));
+            }
+        }
+        let mut idle = self.idle.lock();
+        while let Some(c) = idle.pop() {
+            if !c.conn.is_closed() && c.since.elapsed() < IDLE_KEEP {
+                return Some(Conn::H1(c.conn));
+            }
+        }
+        None
+    }
+
+    /// Send a request (its URI in absolute form) and return the response head with
+    /// a body that gives the connection back when finished. `connect` bounds making a
+    /// new connection (TCP and TLS); `idle` bounds the gaps in the response body.
+    pub async fn send(
+        &self,
+        mut req: Request<Body>,
+        connect: Duration,
+        idle: Option<Duration>,
+    ) -> Result<Response<Body>, SendError> {
+        let mut reused = true;
+        let mut conn = match self.pooled() {
+            Some(c) => c,
+            None => {
+                reused = false;
+                self.connect(connect).await?
+            }
+        };
+        loop {
+            let result = match &mut conn {
+                Conn::H1(c) => {
+                    if c.ready().await.is_err() {
+                        // Closed while idle: take another one.
+                        conn = match self.pooled() {
+                            Some(c) => c,
+                            None => {
+                                reused = false;
+                                self.connect(connect).await?
+                            }
+                        };
+                        continue;
+                    }
+                    *req.version_mut() = Version::HTTP_11;
+                    origin_form(req.uri_mut());
+                    c.try_send_request(req).await
+                }
+                Conn::H2(c) => {
+                    *req.version_mut() = Version::HTTP_2;
+                    c.try_send_request(req).await
+                }
+            };
+            match result {
+                Ok(resp) => return Ok(self.wrap(resp, conn, idle)),
+                Err(mut e) => match e.take_message() {
+                    // Not sent on a reused connection: once more on a new one.
+                    Some(back) if reused => {
+                        req = back;
+                        reused = false;
+                        conn = self.connect(connect).await?;
+                    }
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn wrap(&self, resp: Response<Incoming>, conn: Conn, idle: Option<Duration>) -> Response<Body> {
+        let (parts, body) = resp.into_parts();
+        let body = match (conn, self.me.upgrade()) {
+            (Conn::H1(c), Some(pool)) => {
+                Body::incoming_pooled(body, idle, PoolReturn { pool, conn: c })
+            }
+            _ => Body::incoming(body, idle),
+        };
+        Response::from_parts(parts, body)
+    }
+
+    /// Make a new connection. Boxed: the TLS handshake state is large and only needed
+    /// here, so it must not inflate the future of every request.
+    fn connect(
+        &self,
+        t: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<Conn, SendError>> + Send + '_>> {
+        Box::pin(async move {
+            match tokio::time::timeout(t, self.connect_inner()).await {
+                Ok(r) => r,
+                Err(_) => Err(SendError::ConnectTimeout(crate::ConnectTimeout(t))),
+            }
+        })
+    }
+
+    async fn connect_inner(&self) -> Result<Conn, SendError> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(SendError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let c = &self.connector;
+        if self.scheme == Scheme::HTTPS {
+            let name = match &c.sni {
+                Some(n) => n.clone(),
+                None => ServerName::try_from(
+                    self.host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                )
+                .map_err(|e| {
+                    SendError::Connect(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+                })?,
+            };
+            let tls = tokio_rustls::TlsConnector::from(c.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(SendError::Connect)?;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            if h2 {
+                self.handshake_h2(TokioIo::new(tls)).await
+            } else {
+                self.handshake_h1(TokioIo::new(tls)).await
+            }
+        } else if matches!(c.protocol, Protocol::H2 | Protocol::H2c) {
+            self.handshake_h2(TokioIo::new(tcp)).await
+        } else {
+            self.handshake_h1(TokioIo::new(tcp)).await
+        }
+    }
+
+    async fn handshake_h1<T>(&self, io: T) -> Result<Conn, SendError>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (tx, conn) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(Conn::H1(tx))
+    }
+
+    async fn handshake_h2<T>(&self, io: T) -> Result<Conn, SendError>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        *self.h2.lock() = Some(tx.clone());
+        Ok(Conn::H2(tx))
+    }
+}
+
+/// HTTP/1.1 requests carry the path and query only (the `Host` header names the target).
+fn origin_form(uri: &mut Uri) {
+    let pq = uri.path_and_query().cloned();
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = pq.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    if let Ok(u) = Uri::from_parts(parts) {
+        *uri = u;
+    }
+}
