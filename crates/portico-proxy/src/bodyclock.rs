@@ -106,37 +106,78 @@ impl http_body::Body for Clocked {
 /// Awaits `fut` (the upstream exchange up to the response headers): within `request`
 /// of the end of the request body (of the start, without one), and, while the body is
 /// being sent, within `idle` of its last progress.
-pub async fn send<F: Future>(
+pub fn send<F: Future>(
     fut: F,
     clock: Option<&BodyClock>,
     request: Duration,
     idle: Duration,
-) -> Result<F::Output, GatewayError> {
+) -> Deadline<'_, F> {
     let start = Instant::now();
-    let deadline = |c: Option<&BodyClock>| match c {
-        Some(c) => c.deadline(request, idle),
-        None => (start + request, false),
+    let first = match clock {
+        Some(c) => c.deadline(request, idle).0,
+        None => start + request,
     };
-    let mut fut = std::pin::pin!(fut);
-    loop {
-        let (at, _) = deadline(clock);
-        if let Ok(out) = tokio::time::timeout_at(at, fut.as_mut()).await {
-            return Ok(out);
+    Deadline {
+        fut,
+        sleep: tokio::time::sleep_until(first),
+        clock,
+        request,
+        idle,
+        start,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future returned by [`send`]: the exchange under its moving deadline. A
+    /// hand-written future (not an `async fn`) so the exchange is stored once, in place.
+    pub struct Deadline<'a, F> {
+        #[pin]
+        fut: F,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        clock: Option<&'a BodyClock>,
+        request: Duration,
+        idle: Duration,
+        start: Instant,
+    }
+}
+
+impl<F: Future> Future for Deadline<'_, F> {
+    type Output = Result<F::Output, GatewayError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
         }
-        let (at, streaming) = deadline(clock);
-        if at > Instant::now() {
-            continue;
+        let (request, idle, start) = (*this.request, *this.idle, *this.start);
+        let deadline = |c: Option<&BodyClock>| match c {
+            Some(c) => c.deadline(request, idle),
+            None => (start + request, false),
+        };
+        loop {
+            let (at, streaming) = deadline(*this.clock);
+            if this.sleep.deadline() != at {
+                this.sleep.as_mut().reset(at);
+            }
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let (again, _) = deadline(*this.clock);
+            if again > Instant::now() {
+                continue;
+            }
+            return Poll::Ready(Err(if streaming {
+                GatewayError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!("the upstream stopped reading the request body for {idle:?}"),
+                )
+            } else {
+                GatewayError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!("the upstream did not answer within {request:?}"),
+                )
+            }));
         }
-        return Err(if streaming {
-            GatewayError::new(
-                ErrorKind::UpstreamTimeout,
-                format!("the upstream stopped reading the request body for {idle:?}"),
-            )
-        } else {
-            GatewayError::new(
-                ErrorKind::UpstreamTimeout,
-                format!("the upstream did not answer within {request:?}"),
-            )
-        });
     }
 }

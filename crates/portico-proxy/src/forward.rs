@@ -120,13 +120,21 @@ pub async fn forward(
     prefix_len: Option<usize>,
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = req.into_parts();
-    let pq = upstream_path(route, fin, &parts, prefix_len);
-    let pq = PathAndQuery::try_from(pq).map_err(|_| {
-        GatewayError::new(
-            ErrorKind::BadRequest,
-            "the rewritten path is not a valid URI path",
-        )
-    })?;
+    // Most requests go upstream with the path they came with: reuse it, unparsed.
+    let unchanged = route.rewrite.is_none()
+        && !(route.strip_prefix && prefix_len.is_some())
+        && fin.ctx.path == parts.uri.path();
+    let pq = match parts.uri.path_and_query() {
+        Some(pq) if unchanged => pq.clone(),
+        _ => {
+            PathAndQuery::try_from(upstream_path(route, fin, &parts, prefix_len)).map_err(|_| {
+                GatewayError::new(
+                    ErrorKind::BadRequest,
+                    "the rewritten path is not a valid URI path",
+                )
+            })?
+        }
+    };
     let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -154,17 +162,8 @@ pub async fn forward(
         tried[attempt] = idx;
         let target = &up.targets[idx];
         fin.target = Some(target.url.clone());
-        let uri = Uri::builder()
-            .scheme(target.scheme.clone())
-            .authority(target.authority.clone())
-            .path_and_query(pq.clone())
-            .build()
-            .map_err(|e| {
-                GatewayError::new(
-                    ErrorKind::Internal,
-                    format!("building the upstream URI: {e}"),
-                )
-            })?;
+        // Origin form; the pool adds scheme and authority where HTTP/2 needs them.
+        let uri = Uri::from(pq.clone());
         let mut head = if replayable {
             clone_parts(&parts)
         } else {

@@ -50,6 +50,7 @@ impl Finish {
         ip: IpAddr,
     ) -> Finish {
         let request_id_hv = HeaderValue::from_str(&request_id).ok();
+        let logged = snap.access_log;
         let ctx = Ctx::new(
             request_id,
             ip,
@@ -62,8 +63,17 @@ impl Finish {
             snap,
             started,
             method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            host: parts.headers.get(http::header::HOST).cloned(),
+            // Only the access log needs these; skip the copies when it is off.
+            uri: if logged {
+                parts.uri.clone()
+            } else {
+                Uri::default()
+            },
+            host: if logged {
+                parts.headers.get(http::header::HOST).cloned()
+            } else {
+                None
+            },
             version: parts.version,
             ctx,
             route: None,

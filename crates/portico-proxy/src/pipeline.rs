@@ -248,14 +248,18 @@ fn request_id(h: &http::HeaderMap) -> String {
             }
         }
     }
-    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
-    let mut s = String::with_capacity(32);
-    for x in [a, b] {
-        for i in (0..16).rev() {
-            s.push(char::from(
-                b"0123456789abcdef"[((x >> (i * 4)) & 0xf) as usize],
-            ));
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    for (i, x) in [fastrand::u64(..), fastrand::u64(..)]
+        .into_iter()
+        .enumerate()
+    {
+        for (j, byte) in x.to_be_bytes().into_iter().enumerate() {
+            let k = i * 16 + j * 2;
+            buf[k] = HEX[usize::from(byte >> 4)];
+            buf[k + 1] = HEX[usize::from(byte & 0xf)];
         }
     }
-    s
+    // Only ASCII hex digits were written.
+    String::from_utf8_lossy(&buf).into_owned()
 }

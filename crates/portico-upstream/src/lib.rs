@@ -209,7 +209,11 @@ impl UpstreamState {
         let port = uri
             .port_u16()
             .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
-        let p = TargetPool::new(scheme, host, port, connector.clone());
+        let authority = uri
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+        let p = TargetPool::new(scheme, authority, host, port, connector.clone());
         pools.insert(key, p.clone());
         p
     }

@@ -67,6 +67,7 @@ struct Idle {
 /// The connections to one target.
 pub struct TargetPool {
     scheme: Scheme,
+    authority: http::uri::Authority,
     host: String,
     port: u16,
     connector: Arc<Connector>,
@@ -109,12 +110,14 @@ enum Conn {
 impl TargetPool {
     pub fn new(
         scheme: Scheme,
+        authority: http::uri::Authority,
         host: String,
         port: u16,
         connector: Arc<Connector>,
     ) -> Arc<TargetPool> {
         Arc::new_cyclic(|me| TargetPool {
             scheme,
+            authority,
             host,
             port,
             connector,
@@ -122,6 +125,20 @@ impl TargetPool {
             h2: Mutex::new(None),
             me: me.clone(),
         })
+    }
+
+    /// HTTP/2 requests carry scheme and authority (`:scheme`, `:authority`).
+    fn absolute_form(&self, uri: &mut Uri) {
+        if uri.scheme().is_some() {
+            return;
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = uri.path_and_query().cloned();
+        if let Ok(u) = Uri::from_parts(parts) {
+            *uri = u;
+        }
     }
 
     /// The connector this pool makes connections with.
@@ -149,7 +166,7 @@ impl TargetPool {
         None
     }
 
-    /// Send a request (its URI in absolute form) and return the response head with
+    /// Send a request (its URI in origin form: path and query) and return the response head with
     /// a body that gives the connection back when finished. `connect` bounds making a
     /// new connection (TCP and TLS); `idle` bounds the gaps in the response body.
     pub async fn send(
@@ -181,11 +198,11 @@ impl TargetPool {
                         continue;
                     }
                     *req.version_mut() = Version::HTTP_11;
-                    origin_form(req.uri_mut());
                     c.try_send_request(req).await
                 }
                 Conn::H2(c) => {
                     *req.version_mut() = Version::HTTP_2;
+                    self.absolute_form(req.uri_mut());
                     c.try_send_request(req).await
                 }
             };
@@ -294,15 +311,5 @@ impl TargetPool {
         });
         *self.h2.lock() = Some(tx.clone());
         Ok(Conn::H2(tx))
-    }
-}
-
-/// HTTP/1.1 requests carry the path and query only (the `Host` header names the target).
-fn origin_form(uri: &mut Uri) {
-    let pq = uri.path_and_query().cloned();
-    let mut parts = http::uri::Parts::default();
-    parts.path_and_query = pq.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-    if let Ok(u) = Uri::from_parts(parts) {
-        *uri = u;
     }
 }
