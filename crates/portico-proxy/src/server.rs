@@ -8,15 +8,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::gateway::Gateway;
+use crate::logbody::LogBody;
 use crate::pipeline::{handle, ConnInfo};
 
 /// How many headers hyper parses without allocating.
@@ -122,14 +123,13 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
     let limits = gw.snapshot().limits.clone();
     // hyper's own limits sit above the configured ones so that the pipeline answers
     // 431 with the standard JSON body; hyper's remain as a hard backstop.
     let buf = ((limits.max_header_bytes.0 as usize).saturating_mul(2))
         .max(16 * 1024)
         .max(limits.max_uri_length * 2);
-    let mut h1 = builder.http1();
+    let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
         .keep_alive(true)
@@ -141,13 +141,12 @@ async fn accept_loop(
     if limits.max_header_count > HYPER_STACK_HEADERS {
         h1.max_headers(limits.max_header_count + 1);
     }
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size((buf as u32).max(16 * 1024))
         .max_concurrent_streams(1024)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
+    let builder = Arc::new(Builders { h1, h2 });
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -177,9 +176,61 @@ async fn accept_loop(
     }
 }
 
+/// The HTTP/1.1 and HTTP/2 server settings of a listener.
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// The HTTP/2 connection preface a client with prior knowledge (h2c) starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plain-text connection starts with the HTTP/2 preface, read without
+/// consuming it (so the chosen server sees every byte, with no rewind layer per read).
+async fn is_h2c(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 24];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            return false;
+        }
+        if n == H2_PREFACE.len() {
+            return true;
+        }
+        // A partial preface: wait for the rest (rare; clients send it in one piece).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Serve one connection with HTTP/2 or HTTP/1.1, watched for graceful shutdown.
+async fn serve_io<I, S>(builders: &Builders, watcher: Watcher, io: I, h2: bool, service: S)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = LogBody> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let result = if h2 {
+        watcher
+            .watch(builders.h2.serve_connection(io, service))
+            .await
+    } else {
+        watcher
+            .watch(builders.h1.serve_connection(io, service))
+            .await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 fn serve(
     gw: Arc<Gateway>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     graceful: &GracefulShutdown,
     stream: TcpStream,
     conn: Arc<ConnInfo>,
@@ -188,43 +239,37 @@ fn serve(
     let svc_gw = gw.clone();
     let svc_conn = conn.clone();
     let service = service_fn(move |req| handle(svc_gw.clone(), svc_conn.clone(), req));
-    if conn.tls {
-        let Some(cfg) = gw.snapshot().tls.clone() else {
-            gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
-            return;
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    let fut = watcher.watch(
-                        builder
-                            .serve_connection(TokioIo::new(tls), service)
-                            .into_owned(),
-                    );
-                    if let Err(e) = fut.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed")
-                }
-                Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+    let watcher = graceful.watcher();
+    let tls = if conn.tls {
+        match gw.snapshot().tls.clone() {
+            Some(cfg) => Some(tokio_rustls::TlsAcceptor::from(cfg)),
+            None => {
+                gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+                return;
             }
-            gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
-        });
+        }
     } else {
-        let fut = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = fut.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+        None
+    };
+    tokio::spawn(async move {
+        match tls {
+            Some(acceptor) => {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        serve_io(&builders, watcher, TokioIo::new(tls), h2, service).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+                }
             }
-            gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
+            None => {
+                let h2 = is_h2c(&stream).await;
+                serve_io(&builders, watcher, TokioIo::new(stream), h2, service).await;
+            }
+        }
+        gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+    });
 }
