@@ -634,3 +634,30 @@ async fn normalization_cannot_bypass_prefix_rules() {
     }
     drop(env.gw);
 }
+
+/// Request hygiene runs before the method check: a route that only allows GET still
+/// applies its size limit to a POST (413), and only then answers 405.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_hygiene_runs_before_the_method_check() {
+    let env = start(
+        &["a"],
+        "  - name: r\n    paths: [\"/only-get\"]\n    methods: [GET]\n    upstream: a\n    plugins:\n      request-size-limit: {max_body: 10}\n",
+    )
+    .await;
+    let client = http_client();
+    let url = format!("http://{}/only-get", env.addr);
+    let big = client
+        .post(&url)
+        .body("x".repeat(100))
+        .send()
+        .await
+        .unwrap();
+    let status = big.status().as_u16();
+    let body: Value = big.json().await.unwrap();
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    let small = send(&env, "POST", "/only-get", None, &[]).await;
+    assert_error(&small, 405, "method_not_allowed");
+    assert_eq!(small.header("allow"), Some("GET"));
+    assert_eq!(get(&env, "/only-get").await.status, 200);
+}
