@@ -15,6 +15,8 @@ pub mod grammar;
 pub mod load;
 pub mod model;
 pub mod pattern;
+mod semantic;
+mod structure;
 pub mod units;
 pub mod yaml;
 
