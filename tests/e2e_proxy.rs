@@ -1237,3 +1237,72 @@ routes:
     assert_eq!(missing.status, 404);
     assert_eq!(missing.body["error"]["status"], 404);
 }
+
+/// An upstream that answers one request per connection and then closes it, sometimes
+/// right away and sometimes a little later (after the gateway pooled the connection).
+/// Returns its address and a counter of connections accepted.
+async fn closing_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let body = format!("conn {n}");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                // Keep-alive is implied, but the connection is closed anyway: at once for
+                // even connections, after a pause for odd ones.
+                if n % 2 == 1 {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Pooled connections that the upstream closed while idle are never used for a new
+/// request (or the request is retried on a fresh connection): every request succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_closing_idle_connections_loses_no_request() {
+    let (up, accepted) = closing_upstream().await;
+    let env = start(&format!(
+        "upstreams:\n  u:\n    targets: [{{url: \"http://{up}\"}}]\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n"
+    ))
+    .await;
+    let client = http_client();
+    for i in 0..30 {
+        let resp = client
+            .get(format!("http://{}/x", env.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "request {i}");
+        let text = resp.text().await.unwrap();
+        assert!(text.starts_with("conn "), "request {i}: {text}");
+        if i % 3 == 0 {
+            // Let some closes land while the connection sits in the pool.
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    }
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 30,
+        "one connection per request"
+    );
+    drop(env);
+}

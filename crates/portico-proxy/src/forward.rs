@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use portico_plugins::body::{BodyTooLarge, IdleTimeout};
 use portico_plugins::{Body, ErrorKind, GatewayError};
@@ -151,15 +151,31 @@ pub async fn forward(
         entry.policy.upstream_request(&mut fin.ctx, &mut parts);
     }
 
-    let replayable = body.is_end_stream() && up.targets.len() > 1;
+    // A request without a body can be sent again: on another target when a connection
+    // could not be made, or, if idempotent, on a fresh connection when a pooled one
+    // turned out to be closed by the upstream (the keep-alive race).
+    let replayable = body.is_end_stream();
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
     let mut body = Some(body);
     let mut tried: [usize; MAX_TRIES] = [usize::MAX; MAX_TRIES];
+    let mut tries = 0;
+    let mut stale_retry = false;
+    let mut fresh = false;
     let mut last_err = None;
-    for attempt in 0..MAX_TRIES.min(up.targets.len()) {
-        let Some(idx) = up.pick(&tried[..attempt]) else {
-            break;
+    while tries < MAX_TRIES {
+        let idx = if fresh {
+            tried[tries - 1]
+        } else {
+            match up.pick(&tried[..tries]) {
+                Some(i) => i,
+                None => break,
+            }
         };
-        tried[attempt] = idx;
+        tried[tries] = idx;
+        tries += 1;
         let target = &up.targets[idx];
         fin.target = Some(target.url.clone());
         // Origin form; the pool adds scheme and authority where HTTP/2 needs them.
@@ -190,6 +206,7 @@ pub async fn forward(
                 Request::from_parts(head, b),
                 route.timeouts.connect.0,
                 Some(route.timeouts.idle.0),
+                fresh,
             ),
             clock.as_deref(),
             route.timeouts.request.0,
@@ -198,6 +215,7 @@ pub async fn forward(
         .await;
         target.health.finish();
         fin.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+        fresh = false;
         match result {
             Ok(Ok(mut resp)) => {
                 target.health.success();
@@ -210,7 +228,10 @@ pub async fn forward(
                 if connect {
                     up.connect_failed(idx);
                 }
-                if !(connect && replayable) {
+                if e.is_stale() && replayable && idempotent && !stale_retry {
+                    stale_retry = true;
+                    fresh = true;
+                } else if !(connect && replayable) {
                     return Err(err);
                 }
                 last_err = Some(err);

@@ -47,6 +47,10 @@ pub enum SendError {
     /// TCP and TLS did not complete within the connect timeout (nothing was sent).
     #[error(transparent)]
     ConnectTimeout(#[from] crate::ConnectTimeout),
+    /// A pooled connection the upstream had already closed: the request may have been
+    /// written but no answer began (the keep-alive race). Safe to repeat if idempotent.
+    #[error("the upstream closed a kept-alive connection: {0}")]
+    Stale(hyper::Error),
     /// The exchange failed after the connection was made.
     #[error(transparent)]
     Http(#[from] hyper::Error),
@@ -56,6 +60,11 @@ impl SendError {
     /// Nothing was sent: another target may be tried.
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect(_) | SendError::ConnectTimeout(_))
+    }
+
+    /// A reused connection was found closed before any answer (see [`SendError::Stale`]).
+    pub fn is_stale(&self) -> bool {
+        matches!(self, SendError::Stale(_))
     }
 }
 
@@ -168,15 +177,18 @@ impl TargetPool {
 
     /// Send a request (its URI in origin form: path and query) and return the response head with
     /// a body that gives the connection back when finished. `connect` bounds making a
-    /// new connection (TCP and TLS); `idle` bounds the gaps in the response body.
+    /// new connection (TCP and TLS); `idle` bounds the gaps in the response body;
+    /// `fresh` skips the pooled connections.
     pub async fn send(
         &self,
         mut req: Request<Body>,
         connect: Duration,
         idle: Option<Duration>,
+        fresh: bool,
     ) -> Result<Response<Body>, SendError> {
         let mut reused = true;
-        let mut conn = match self.pooled() {
+        let pooled = if fresh { None } else { self.pooled() };
+        let mut conn = match pooled {
             Some(c) => c,
             None => {
                 reused = false;
@@ -215,7 +227,19 @@ impl TargetPool {
                         reused = false;
                         conn = self.connect(connect).await?;
                     }
-                    _ => return Err(SendError::Http(e.into_error())),
+                    _ => {
+                        let e = e.into_error();
+                        let stale = reused
+                            && (e.is_incomplete_message()
+                                || e.is_closed()
+                                || e.is_canceled()
+                                || is_reset(&e));
+                        return Err(if stale {
+                            SendError::Stale(e)
+                        } else {
+                            SendError::Http(e)
+                        });
+                    }
                 },
             }
         }
@@ -312,4 +336,21 @@ impl TargetPool {
         *self.h2.lock() = Some(tx.clone());
         Ok(Conn::H2(tx))
     }
+}
+
+/// The connection was reset or its write side broken (the peer closed it).
+fn is_reset(e: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        src = s.source();
+    }
+    false
 }
