@@ -151,62 +151,43 @@ pub async fn forward(
         entry.policy.upstream_request(&mut fin.ctx, &mut parts);
     }
 
-    // A request without a body can be sent again: on another target when a connection
-    // could not be made, or, if idempotent, on a fresh connection when a pooled one
-    // turned out to be closed by the upstream (the keep-alive race).
-    let replayable = body.is_end_stream();
+    // Retries: a request none of which was sent (the connection could not be made) goes
+    // to another target; an idempotent request without a body that met a pooled
+    // connection the upstream had just closed is repeated by the pool itself.
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
-    let mut body = Some(body);
+    let replayable = idempotent && body.is_end_stream();
+    parts.uri = Uri::from(pq);
+    // `request` counts from the end of the request body; `idle` while it streams.
+    let (body, clock) = BodyClock::wrap(body);
+    let mut req = Some(Request::from_parts(parts, body));
     let mut tried: [usize; MAX_TRIES] = [usize::MAX; MAX_TRIES];
-    let mut tries = 0;
-    let mut stale_retry = false;
-    let mut fresh = false;
     let mut last_err = None;
-    while tries < MAX_TRIES {
-        let idx = if fresh {
-            tried[tries - 1]
-        } else {
-            match up.pick(&tried[..tries]) {
-                Some(i) => i,
-                None => break,
-            }
+    for attempt in 0..MAX_TRIES {
+        let Some(mut request) = req.take() else { break };
+        let Some(idx) = up.pick(&tried[..attempt]) else {
+            break;
         };
-        tried[tries] = idx;
-        tries += 1;
+        tried[attempt] = idx;
         let target = &up.targets[idx];
         fin.target = Some(target.url.clone());
-        // Origin form; the pool adds scheme and authority where HTTP/2 needs them.
-        let uri = Uri::from(pq.clone());
-        let mut head = if replayable {
-            clone_parts(&parts)
-        } else {
-            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
-        };
-        head.uri = uri;
         if !route.preserve_host {
-            head.headers
+            request
+                .headers_mut()
                 .insert(header::HOST, target.host_header.clone());
         } else if let Some(h) = &client_host {
-            head.headers.insert(header::HOST, h.clone());
+            request.headers_mut().insert(header::HOST, h.clone());
         }
-        let b = if replayable {
-            Body::Empty
-        } else {
-            body.take().unwrap_or_default()
-        };
-        // `request` counts from the end of the request body; `idle` while it streams.
-        let (b, clock) = BodyClock::wrap(b);
         let sent = Instant::now();
         target.health.start();
         let result = bodyclock::send(
             target.pool.send(
-                Request::from_parts(head, b),
+                request,
                 route.timeouts.connect.0,
                 Some(route.timeouts.idle.0),
-                fresh,
+                replayable,
             ),
             clock.as_deref(),
             route.timeouts.request.0,
@@ -215,24 +196,22 @@ pub async fn forward(
         .await;
         target.health.finish();
         fin.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
-        fresh = false;
         match result {
             Ok(Ok(mut resp)) => {
                 target.health.success();
                 strip_hop_by_hop(resp.headers_mut());
                 return Ok(resp);
             }
-            Ok(Err(e)) => {
-                let (err, connect) = map_client_error(&e, route.timeouts.connect.0);
+            Ok(Err(failed)) => {
+                let e = &failed.error;
+                let (err, connect) = map_client_error(e, route.timeouts.connect.0);
                 tracing::debug!(target = %target.url, error = %e, source = ?e.source(), "upstream request failed");
                 if connect {
                     up.connect_failed(idx);
                 }
-                if e.is_stale() && replayable && idempotent && !stale_retry {
-                    stale_retry = true;
-                    fresh = true;
-                } else if !(connect && replayable) {
-                    return Err(err);
+                match failed.request {
+                    Some(back) if connect => req = Some(back),
+                    _ => return Err(err),
                 }
                 last_err = Some(err);
             }
@@ -245,15 +224,6 @@ pub async fn forward(
             format!("upstream `{}` has no available target", up.name),
         )
     }))
-}
-
-fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
-    let mut r = Request::new(());
-    *r.method_mut() = p.method.clone();
-    *r.uri_mut() = p.uri.clone();
-    *r.version_mut() = p.version;
-    *r.headers_mut() = p.headers.clone();
-    r.into_parts().0
 }
 
 /// `X-Forwarded-For` is appended to only when the peer is a trusted proxy; otherwise it

@@ -27,7 +27,7 @@ use portico_config::model::{
 pub use balance::Schedule;
 pub use client::{ClientError, ConnectTimeout};
 pub use health::{now_ms, TargetHealth};
-pub use pool::{Connector, SendError, TargetPool};
+pub use pool::{Connector, Failed, SendError, TargetPool};
 
 /// One target of a compiled upstream.
 #[derive(Debug)]

@@ -28,6 +28,35 @@ use tokio::time::Instant;
 /// How long an idle pooled connection is kept.
 const IDLE_KEEP: Duration = Duration::from_secs(90);
 
+/// Below this idle time no upstream closes a kept-alive connection (keep-alive timeouts
+/// are seconds), so a request on a busier connection needs no replay copy.
+const STALE_RISK: Duration = Duration::from_millis(250);
+
+/// A failed exchange; `request` is given back when nothing of it was sent.
+pub struct Failed {
+    pub error: SendError,
+    pub request: Option<Request<Body>>,
+}
+
+impl std::fmt::Debug for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failed")
+            .field("error", &self.error)
+            .field("request_returned", &self.request.is_some())
+            .finish()
+    }
+}
+
+/// A copy of a bodyless request's head, to send it again.
+fn copy_head(req: &Request<Body>) -> Request<Body> {
+    let mut r = Request::new(Body::Empty);
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
 /// How connections to the targets of one upstream are made.
 pub struct Connector {
     /// TLS settings, ALPN already set from the protocol.
@@ -160,52 +189,74 @@ impl TargetPool {
         self.idle.lock().len()
     }
 
-    fn pooled(&self) -> Option<Conn> {
+    /// A pooled connection and how long it sat idle.
+    fn pooled(&self) -> Option<(Conn, Option<Duration>)> {
         if let Some(h2) = self.h2.lock().as_ref() {
             if !h2.is_closed() {
-                return Some(Conn::H2(h2.clone()));
+                return Some((Conn::H2(h2.clone()), Some(Duration::ZERO)));
             }
         }
         let mut idle = self.idle.lock();
         while let Some(c) = idle.pop() {
-            if !c.conn.is_closed() && c.since.elapsed() < IDLE_KEEP {
-                return Some(Conn::H1(c.conn));
+            let idle_for = c.since.elapsed();
+            if !c.conn.is_closed() && idle_for < IDLE_KEEP {
+                return Some((Conn::H1(c.conn), Some(idle_for)));
             }
         }
         None
     }
 
-    /// Send a request (its URI in origin form: path and query) and return the response head with
-    /// a body that gives the connection back when finished. `connect` bounds making a
-    /// new connection (TCP and TLS); `idle` bounds the gaps in the response body;
-    /// `fresh` skips the pooled connections.
+    /// Send a request (its URI in origin form: path and query) and return the response
+    /// head with a body that gives the connection back when finished. `connect` bounds
+    /// making a new connection (TCP and TLS); `idle` bounds the gaps in the response
+    /// body. `replayable` says the request may be sent twice (idempotent, no body): then
+    /// a pooled connection that turns out closed by the upstream (its keep-alive timeout
+    /// racing with our request) is replaced by a fresh one and the request sent again.
+    /// On failure the request comes back when nothing of it was sent.
     pub async fn send(
         &self,
         mut req: Request<Body>,
         connect: Duration,
         idle: Option<Duration>,
-        fresh: bool,
-    ) -> Result<Response<Body>, SendError> {
-        let mut reused = true;
-        let pooled = if fresh { None } else { self.pooled() };
-        let mut conn = match pooled {
+        replayable: bool,
+    ) -> Result<Response<Body>, Failed> {
+        let (mut conn, mut idle_for) = match self.pooled() {
             Some(c) => c,
-            None => {
-                reused = false;
-                self.connect(connect).await?
-            }
+            None => match self.connect(connect).await {
+                Ok(c) => (c, None),
+                Err(error) => {
+                    return Err(Failed {
+                        error,
+                        request: Some(req),
+                    })
+                }
+            },
         };
+        let mut retried = false;
         loop {
+            // Only a connection that sat idle for a while can have been closed by the
+            // upstream's keep-alive timeout; keep a copy of the request just then.
+            let backup = match (&conn, idle_for) {
+                (Conn::H1(_), Some(d)) if replayable && !retried && d >= STALE_RISK => {
+                    Some(copy_head(&req))
+                }
+                _ => None,
+            };
             let result = match &mut conn {
                 Conn::H1(c) => {
                     if c.ready().await.is_err() {
                         // Closed while idle: take another one.
-                        conn = match self.pooled() {
+                        (conn, idle_for) = match self.pooled() {
                             Some(c) => c,
-                            None => {
-                                reused = false;
-                                self.connect(connect).await?
-                            }
+                            None => match self.connect(connect).await {
+                                Ok(c) => (c, None),
+                                Err(error) => {
+                                    return Err(Failed {
+                                        error,
+                                        request: Some(req),
+                                    })
+                                }
+                            },
                         };
                         continue;
                     }
@@ -218,29 +269,46 @@ impl TargetPool {
                     c.try_send_request(req).await
                 }
             };
+            let reused = idle_for.is_some();
             match result {
                 Ok(resp) => return Ok(self.wrap(resp, conn, idle)),
-                Err(mut e) => match e.take_message() {
-                    // Not sent on a reused connection: once more on a new one.
-                    Some(back) if reused => {
-                        req = back;
-                        reused = false;
-                        conn = self.connect(connect).await?;
-                    }
-                    _ => {
-                        let e = e.into_error();
-                        let stale = reused
-                            && (e.is_incomplete_message()
-                                || e.is_closed()
-                                || e.is_canceled()
-                                || is_reset(&e));
-                        return Err(if stale {
-                            SendError::Stale(e)
-                        } else {
-                            SendError::Http(e)
-                        });
-                    }
-                },
+                Err(mut e) => {
+                    let back = e.take_message();
+                    let error = e.into_error();
+                    let stale = reused
+                        && (error.is_incomplete_message()
+                            || error.is_closed()
+                            || error.is_canceled()
+                            || is_reset(&error));
+                    req = match (back, backup) {
+                        // Not sent at all on a reused connection: once more on a new one.
+                        (Some(r), _) if reused => r,
+                        // Sent on a connection the upstream had closed: repeat it.
+                        (None, Some(copy)) if stale => copy,
+                        (back, _) => {
+                            let error = if stale {
+                                SendError::Stale(error)
+                            } else {
+                                SendError::Http(error)
+                            };
+                            return Err(Failed {
+                                error,
+                                request: back,
+                            });
+                        }
+                    };
+                    retried = true;
+                    idle_for = None;
+                    conn = match self.connect(connect).await {
+                        Ok(c) => c,
+                        Err(error) => {
+                            return Err(Failed {
+                                error,
+                                request: Some(req),
+                            })
+                        }
+                    };
+                }
             }
         }
     }
