@@ -1321,3 +1321,25 @@ async fn keep_alive_race_is_retried_for_idempotent_requests() {
     assert!([200, 502].contains(&resp.status().as_u16()));
     drop(env);
 }
+
+/// HTTP/1.1 pipelining: two requests written at once on one connection are answered
+/// in order, each proxied.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = Upstream::start("p").await;
+    let env = start(&format!(
+        "upstreams:\n  u:\n    targets: [{{url: \"{}\"}}]\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n",
+        up.url()
+    ))
+    .await;
+    let raw = raw_http(
+        env.addr,
+        b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /second HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let first = raw.find("\"path\":\"/first\"").expect("first answered");
+    let second = raw.find("\"path\":\"/second\"").expect("second answered");
+    assert!(first < second, "answers in request order: {raw}");
+    assert_eq!(raw.matches("HTTP/1.1 200 OK").count(), 2, "{raw}");
+    assert_eq!(up.hits(), 2);
+}
