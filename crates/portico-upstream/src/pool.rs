@@ -111,6 +111,8 @@ pub struct TargetPool {
     connector: Arc<Connector>,
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Whether connections to this target can be HTTP/2 at all.
+    may_h2: bool,
     me: std::sync::Weak<TargetPool>,
 }
 
@@ -153,7 +155,13 @@ impl TargetPool {
         port: u16,
         connector: Arc<Connector>,
     ) -> Arc<TargetPool> {
+        let may_h2 = match connector.protocol {
+            Protocol::Http1 => false,
+            Protocol::H2 | Protocol::H2c => true,
+            Protocol::Auto => scheme == Scheme::HTTPS,
+        };
         Arc::new_cyclic(|me| TargetPool {
+            may_h2,
             scheme,
             authority,
             host,
@@ -191,9 +199,11 @@ impl TargetPool {
 
     /// A pooled connection and how long it sat idle.
     fn pooled(&self) -> Option<(Conn, Option<Duration>)> {
-        if let Some(h2) = self.h2.lock().as_ref() {
-            if !h2.is_closed() {
-                return Some((Conn::H2(h2.clone()), Some(Duration::ZERO)));
+        if self.may_h2 {
+            if let Some(h2) = self.h2.lock().as_ref() {
+                if !h2.is_closed() {
+                    return Some((Conn::H2(h2.clone()), Some(Duration::ZERO)));
+                }
             }
         }
         let mut idle = self.idle.lock();
