@@ -10,13 +10,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use portico_test_support::upstream::{default_handler, full, handler};
-use portico_test_support::{free_port, h2c_client, http_client, raw_http, Gateway, Upstream};
+use portico_test_support::{
+    free_port, h2c_client, http_client, raw_http, Gateway, LocalGateway, RawResponse, Upstream,
+};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,39 +26,39 @@ const GIB: u64 = 1 << 30;
 const MIB: usize = 1 << 20;
 
 /// A running gateway and its addresses.
-struct Env {
-    gw: Gateway,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
+type Env = LocalGateway;
 
 /// Starts a gateway with `body` appended after the `listen`/`admin` keys.
 async fn start(body: &str) -> Env {
-    let port = free_port();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let yaml = format!("listen: [\"127.0.0.1:{port}\"]\nadmin:\n  listen: \"{admin}\"\n{body}");
-    let gw = Gateway::start_async(Path::new(env!("CARGO_BIN_EXE_portico")), &yaml, admin).await;
-    Env {
-        gw,
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        admin,
-    }
+    LocalGateway::start(Path::new(env!("CARGO_BIN_EXE_portico")), body).await
 }
 
 /// What the client saw.
 #[derive(Debug)]
 struct Answer {
     status: u16,
-    headers: HashMap<String, Vec<String>>,
+    headers: Vec<(String, String)>,
     body: Value,
 }
 
+impl From<RawResponse> for Answer {
+    fn from(r: RawResponse) -> Answer {
+        let body = r.json();
+        Answer {
+            status: r.status,
+            headers: r.headers,
+            body,
+        }
+    }
+}
+
 impl Answer {
+    /// The first value of header `name` (lower-case).
     fn header(&self, name: &str) -> Option<&str> {
         self.headers
-            .get(name)
-            .and_then(|v| v.first())
-            .map(String::as_str)
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
     fn upstream(&self) -> &str {
         self.header("x-upstream").unwrap_or("<none>")
@@ -78,21 +79,7 @@ impl Answer {
 }
 
 async fn answer(resp: reqwest::Response) -> Answer {
-    let status = resp.status().as_u16();
-    let mut headers: HashMap<String, Vec<String>> = HashMap::new();
-    for (k, v) in resp.headers() {
-        headers
-            .entry(k.as_str().to_owned())
-            .or_default()
-            .push(v.to_str().unwrap_or("").to_owned());
-    }
-    let text = resp.text().await.unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    RawResponse::from_reqwest(resp).await.into()
 }
 
 async fn get(client: &reqwest::Client, addr: SocketAddr, path: &str) -> Answer {
@@ -108,55 +95,7 @@ async fn get(client: &reqwest::Client, addr: SocketAddr, path: &str) -> Answer {
 
 /// Parses one HTTP/1.1 response read off a raw socket.
 fn parse_response(raw: &str) -> Answer {
-    let (head, rest) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete response head in {raw:?}"));
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let mut headers: HashMap<String, Vec<String>> = HashMap::new();
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            headers
-                .entry(k.trim().to_ascii_lowercase())
-                .or_default()
-                .push(v.trim().to_owned());
-        }
-    }
-    let chunked = headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.iter().any(|v| v.eq_ignore_ascii_case("chunked")));
-    let body = if chunked {
-        let mut out = String::new();
-        let mut s = rest;
-        while let Some((size, r)) = s.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(r.get(..n).unwrap_or(r));
-            s = r.get(n + 2..).unwrap_or("");
-        }
-        out
-    } else if let Some(n) = headers
-        .get("content-length")
-        .and_then(|v| v.first())
-        .and_then(|v| v.parse().ok())
-    {
-        rest.get(..n).unwrap_or(rest).to_owned()
-    } else {
-        rest.to_owned()
-    };
-    let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    RawResponse::parse(raw).into()
 }
 
 async fn raw(addr: SocketAddr, request: &str) -> Answer {

@@ -9,11 +9,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use portico_test_support::{free_port, http_client, raw_http, Gateway, Upstream};
+use portico_test_support::{http_client, raw_http, Gateway, LocalGateway, RawResponse, Upstream};
 use serde_json::Value;
 
 /// A gateway plus the named upstreams it proxies to (one upstream per name; the
@@ -31,10 +30,7 @@ async fn start(names: &[&str], routes_yaml: &str) -> Env {
     for n in names {
         ups.push(Upstream::start(n).await);
     }
-    let port = free_port();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut yaml =
-        format!("listen: [\"127.0.0.1:{port}\"]\nadmin:\n  listen: \"{admin}\"\nupstreams:\n");
+    let mut yaml = String::from("upstreams:\n");
     for u in &ups {
         yaml.push_str(&format!(
             "  {}:\n    targets: [{{url: \"{}\"}}]\n",
@@ -44,10 +40,11 @@ async fn start(names: &[&str], routes_yaml: &str) -> Env {
     }
     yaml.push_str("routes:\n");
     yaml.push_str(routes_yaml);
-    let gw = Gateway::start_async(Path::new(env!("CARGO_BIN_EXE_portico")), &yaml, admin).await;
+    let LocalGateway { gw, addr, .. } =
+        LocalGateway::start(Path::new(env!("CARGO_BIN_EXE_portico")), &yaml).await;
     Env {
         gw,
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        addr,
         _ups: ups,
     }
 }
@@ -56,13 +53,28 @@ async fn start(names: &[&str], routes_yaml: &str) -> Env {
 #[derive(Debug)]
 struct Answer {
     status: u16,
-    headers: HashMap<String, String>,
+    headers: Vec<(String, String)>,
     body: Value,
 }
 
+impl From<RawResponse> for Answer {
+    fn from(r: RawResponse) -> Answer {
+        let body = r.json();
+        Answer {
+            status: r.status,
+            headers: r.headers,
+            body,
+        }
+    }
+}
+
 impl Answer {
+    /// The first value of header `name` (lower-case).
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
     /// The `x-upstream` header: which upstream answered.
     fn upstream(&self) -> &str {
@@ -91,20 +103,9 @@ async fn send(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
-        .collect();
-    let text = resp.text().await.unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    RawResponse::from_reqwest(req.send().await.unwrap())
+        .await
+        .into()
 }
 
 async fn get(env: &Env, path: &str) -> Answer {
@@ -124,51 +125,7 @@ async fn raw_get(env: &Env, target: &str) -> Answer {
 
 /// Parses one HTTP/1.1 response (Content-Length, chunked or until close).
 fn parse_response(raw: &str) -> Answer {
-    let (head, rest) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete response head in {raw:?}"));
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let mut headers = HashMap::new();
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-    }
-    let body = if headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
-        dechunk(rest)
-    } else if let Some(n) = headers.get("content-length").and_then(|v| v.parse().ok()) {
-        rest.get(..n).unwrap_or(rest).to_owned()
-    } else {
-        rest.to_owned()
-    };
-    let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    Answer {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(rest.get(..n).unwrap_or(rest));
-        s = rest.get(n + 2..).unwrap_or("");
-    }
-    out
+    RawResponse::parse(raw).into()
 }
 
 /// Asserts the standard error shape and that `request_id` equals `X-Request-Id`.

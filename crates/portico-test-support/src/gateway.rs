@@ -256,6 +256,36 @@ impl Drop for Gateway {
     }
 }
 
+/// A gateway listening on a free `127.0.0.1` port, with its admin API on another.
+pub struct LocalGateway {
+    /// The process.
+    pub gw: Gateway,
+    /// The proxy listener.
+    pub addr: SocketAddr,
+    /// The admin API listener.
+    pub admin: SocketAddr,
+}
+
+impl LocalGateway {
+    /// Picks two free ports and starts `bin` (as [`Gateway::start_async`], waiting for
+    /// the admin `/ready`) with the config
+    ///
+    /// ```yaml
+    /// listen: ["127.0.0.1:PORT"]
+    /// admin:
+    ///   listen: "127.0.0.1:ADMIN_PORT"
+    /// ```
+    ///
+    /// followed by `rest_yaml` (more top-level keys, e.g. `upstreams:` and `routes:`).
+    pub async fn start(bin: &Path, rest_yaml: &str) -> LocalGateway {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let yaml = format!("listen: [\"{addr}\"]\nadmin:\n  listen: \"{admin}\"\n{rest_yaml}");
+        let gw = Gateway::start_async(bin, &yaml, admin).await;
+        LocalGateway { gw, addr, admin }
+    }
+}
+
 fn read_lossy(path: &Path) -> String {
     std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())

@@ -9,6 +9,8 @@
 //! * [`gateway`]: starts the real `portico` binary in a temporary directory and
 //!   controls it (config rewrite, signals, logs, RSS, exit).
 //! * [`client`]: preconfigured `reqwest` clients and a raw TCP helper.
+//! * [`response`]: [`RawResponse`], a response as plain data, parsed from raw
+//!   HTTP/1.1 text or read from a `reqwest` response.
 //!
 //! # Runtime note
 //! [`upstream::Upstream`] runs on the tokio runtime it was started from. The
@@ -23,6 +25,7 @@
 pub mod certs;
 pub mod client;
 pub mod gateway;
+pub mod response;
 pub mod upstream;
 
 use std::future::Future;
@@ -30,7 +33,8 @@ use std::time::{Duration, Instant};
 
 pub use certs::{Ca, Cert};
 pub use client::{h2c_client, http_client, raw_http, tls_client};
-pub use gateway::{free_port, portico_bin, Gateway};
+pub use gateway::{free_port, portico_bin, Gateway, LocalGateway};
+pub use response::RawResponse;
 pub use upstream::{BoxBody, Handler, Upstream};
 
 /// Polls `check` every `interval` until it returns `true` or `timeout` elapses.
