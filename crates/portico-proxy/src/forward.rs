@@ -200,6 +200,8 @@ pub async fn forward(
             Ok(Ok(mut resp)) => {
                 target.health.success();
                 strip_hop_by_hop(resp.headers_mut());
+                // The client gets the gateway's protocol version, not the upstream's.
+                *resp.version_mut() = Version::HTTP_11;
                 return Ok(resp);
             }
             Ok(Err(failed)) => {

@@ -64,7 +64,7 @@ pub async fn handle(
         .and_then(|v| v.parse::<u64>().ok());
     fin.bytes_in = body_len.unwrap_or(0);
 
-    if let Some(e) = check_limits(&snap, &parts) {
+    if let Some(e) = check_limits(&snap, &parts).or_else(|| check_framing(&parts)) {
         linger(Body::incoming(body, None), parts.version);
         return Ok(fin.error(e));
     }
@@ -193,6 +193,49 @@ fn respond(route: &CompiledRoute, mut fin: Finish, resp: Response<Body>) -> Resp
         entry.policy.upstream_response(&mut fin.ctx, &mut parts);
     }
     fin.complete(Response::from_parts(parts, body))
+}
+
+/// Requests that cannot be forwarded safely or that a gateway does not serve:
+/// ambiguous framing (both `Transfer-Encoding` and `Content-Length`, a request-smuggling
+/// vector; RFC 9112 §6.3), more than one or an invalid `Host` (RFC 9112 §3.2),
+/// `CONNECT` tunnels and the server-wide `OPTIONS *`.
+fn check_framing(parts: &http::request::Parts) -> Option<GatewayError> {
+    let bad = |m: &'static str| {
+        let mut e = GatewayError::new(ErrorKind::BadRequest, m);
+        e.close = true;
+        Some(e)
+    };
+    let h = &parts.headers;
+    if h.contains_key(http::header::TRANSFER_ENCODING)
+        && h.contains_key(http::header::CONTENT_LENGTH)
+    {
+        return bad("the request has both Transfer-Encoding and Content-Length");
+    }
+    let mut hosts = h.get_all(HOST).iter();
+    if let Some(first) = hosts.next() {
+        if hosts.next().is_some() {
+            return bad("the request has more than one Host header");
+        }
+        if http::uri::Authority::try_from(first.as_bytes()).is_err() {
+            return bad("the Host header is not a valid host[:port]");
+        }
+    }
+    if parts.method == http::Method::CONNECT {
+        let mut e = GatewayError::new(
+            ErrorKind::MethodNotAllowed,
+            "CONNECT (tunnelling) is not supported",
+        );
+        e.close = true;
+        return Some(e);
+    }
+    if parts
+        .uri
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str() == "*")
+    {
+        return bad("the server-wide request target `*` is not supported; send OPTIONS to a path");
+    }
+    None
 }
 
 fn check_limits(snap: &Snapshot, parts: &http::request::Parts) -> Option<GatewayError> {
