@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use portico_test_support::{free_port, raw_http, Gateway};
+use portico_test_support::{raw_http, LocalGateway, RawResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An upstream that answers every request with an HTTP/1.0 response, then closes.
@@ -35,30 +35,30 @@ async fn http10_upstream() -> SocketAddr {
     addr
 }
 
-async fn gateway(up: SocketAddr) -> (Gateway, SocketAddr) {
-    let port = free_port();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let yaml = format!(
-        "listen: [\"127.0.0.1:{port}\"]\nadmin: {{listen: \"{admin}\"}}\nupstreams:\n  u: {{targets: [{{url: \"http://{up}\"}}]}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n"
+async fn gateway(up: SocketAddr) -> LocalGateway {
+    let rest = format!(
+        "upstreams:\n  u: {{targets: [{{url: \"http://{up}\"}}]}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n"
     );
-    let gw = Gateway::start_async(Path::new(env!("CARGO_BIN_EXE_portico")), &yaml, admin).await;
-    (gw, format!("127.0.0.1:{port}").parse().unwrap())
+    LocalGateway::start(Path::new(env!("CARGO_BIN_EXE_portico")), &rest).await
 }
 
+/// The status line, which `RawResponse` does not keep (it holds the protocol version).
 fn status_line(raw: &str) -> &str {
     raw.split("\r\n").next().unwrap_or("")
 }
 
 fn error_code(raw: &str) -> String {
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    v["error"]["code"].as_str().unwrap_or("").to_string()
+    RawResponse::parse(raw).json()["error"]["code"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ambiguous_or_unsupported_requests_are_refused_with_json() {
     let up = http10_upstream().await;
-    let (_gw, addr) = gateway(up).await;
+    let env = gateway(up).await;
+    let addr = env.addr;
     let cases: [(&[u8], &str, &str); 4] = [
         (
             b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
@@ -95,7 +95,8 @@ async fn ambiguous_or_unsupported_requests_are_refused_with_json() {
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_get_the_gateways_http_version_not_the_upstreams() {
     let up = http10_upstream().await;
-    let (_gw, addr) = gateway(up).await;
+    let env = gateway(up).await;
+    let addr = env.addr;
     let raw = raw_http(
         addr,
         b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
