@@ -108,3 +108,77 @@ async fn clients_get_the_gateways_http_version_not_the_upstreams() {
     let raw = raw_http(addr, b"GET /x HTTP/1.0\r\n\r\n").await;
     assert!(status_line(&raw).starts_with("HTTP/1.0 200"), "{raw}");
 }
+
+/// Reads until the peer closes, or gives up after `limit`. Returns what was read and
+/// whether the peer closed.
+async fn read_until_closed(
+    s: &mut tokio::net::TcpStream,
+    limit: std::time::Duration,
+) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+/// `limits.client_idle_timeout` closes connections that carry no request in progress:
+/// silent ones, idle keep-alive ones, and ones trickling headers (slow loris) — but never
+/// one whose request is still being answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_and_slow_header_connections_are_closed_but_slow_answers_are_not() {
+    let up = portico_test_support::Upstream::start("slow").await;
+    let env = LocalGateway::start(
+        Path::new(env!("CARGO_BIN_EXE_portico")),
+        &format!(
+            "limits: {{client_idle_timeout: 1s}}\nupstreams:\n  u: {{targets: [{{url: \"{}\"}}]}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n",
+            up.url()
+        ),
+    )
+    .await;
+    let generous = std::time::Duration::from_secs(10);
+
+    // Silent connection.
+    let mut s = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let (got, closed) = read_until_closed(&mut s, generous).await;
+    assert!(
+        closed && got.is_empty(),
+        "silent connection closed without an answer: {got:?}"
+    );
+
+    // Headers that never finish.
+    let mut s = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let (got, closed) = read_until_closed(&mut s, generous).await;
+    assert!(
+        closed && got.is_empty(),
+        "slow headers closed without an answer: {got:?}"
+    );
+
+    // A keep-alive connection: answered, then closed once idle.
+    let mut s = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, closed) = read_until_closed(&mut s, generous).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(closed, "idle keep-alive connection closed");
+
+    // An answer slower than the idle timeout is not cut.
+    let mut s = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    s.write_all(b"GET /sleep/2500 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, _) = read_until_closed(&mut s, generous).await;
+    assert!(
+        got.starts_with("HTTP/1.1 200"),
+        "slow answer delivered: {got}"
+    );
+}

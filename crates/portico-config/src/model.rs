@@ -124,6 +124,14 @@ pub struct Limits {
     /// Largest total size of the request headers; larger gets 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: ByteSize,
+    /// How long a client connection may go without a request in progress (idle
+    /// keep-alive, or still sending the next request's headers) before it is closed.
+    #[serde(default = "default_client_idle_timeout")]
+    pub client_idle_timeout: Dur,
+}
+
+fn default_client_idle_timeout() -> Dur {
+    Dur::secs(30)
 }
 
 fn default_max_uri() -> usize {
@@ -142,6 +150,7 @@ impl Default for Limits {
             max_uri_length: default_max_uri(),
             max_header_count: default_max_headers(),
             max_header_bytes: default_max_header_bytes(),
+            client_idle_timeout: default_client_idle_timeout(),
         }
     }
 }

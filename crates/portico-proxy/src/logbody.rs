@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::access_log::{now_rfc3339, Record};
 use crate::gateway::Gateway;
+use crate::pipeline::ConnInfo;
 use crate::snapshot::{CompiledRoute, Snapshot};
 
 /// Everything needed to account for one exchange once it ends.
@@ -38,6 +39,28 @@ pub struct Finish {
     pub error: Option<&'static str>,
     /// The request id as a header value, made once and sent both ways.
     pub request_id_hv: Option<HeaderValue>,
+    /// Counts this exchange as in progress on its client connection until dropped.
+    pub conn: InFlight,
+}
+
+/// An exchange in progress on a client connection; dropping it (the exchange ended,
+/// or was abandoned) restarts the connection's idle clock.
+pub struct InFlight(pub Arc<ConnInfo>);
+
+impl InFlight {
+    pub fn start(conn: Arc<ConnInfo>) -> InFlight {
+        conn.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(conn)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.idle_since.store(portico_upstream::now_ms(), Relaxed);
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Finish {
@@ -48,6 +71,7 @@ impl Finish {
         parts: &http::request::Parts,
         request_id: String,
         ip: IpAddr,
+        conn: Arc<ConnInfo>,
     ) -> Finish {
         let request_id_hv = HeaderValue::from_str(&request_id).ok();
         let logged = snap.access_log;
@@ -84,6 +108,7 @@ impl Finish {
             status: 0,
             error: None,
             request_id_hv,
+            conn: InFlight::start(conn),
         }
     }
 

@@ -18,7 +18,7 @@ use crate::logbody::{Finish, LogBody};
 use crate::snapshot::{CompiledRoute, Snapshot};
 
 /// What the pipeline knows about the client connection (made once per connection).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
@@ -26,6 +26,10 @@ pub struct ConnInfo {
     /// The peer address (IPv4-mapped IPv6 shown as IPv4) as a header value, for
     /// `X-Forwarded-For`.
     pub peer_header: http::HeaderValue,
+    /// Requests in progress on this connection.
+    pub in_flight: std::sync::atomic::AtomicU32,
+    /// When the last request on this connection finished (ms, `portico_upstream::now_ms`).
+    pub idle_since: std::sync::atomic::AtomicU64,
 }
 
 impl ConnInfo {
@@ -41,6 +45,8 @@ impl ConnInfo {
             local,
             tls,
             peer_header,
+            in_flight: std::sync::atomic::AtomicU32::new(0),
+            idle_since: std::sync::atomic::AtomicU64::new(portico_upstream::now_ms()),
         }
     }
 }
@@ -56,7 +62,15 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let request_id = request_id(&parts.headers);
     let ip = client_ip(conn.peer.ip(), &parts.headers, &snap.trusted_proxies);
-    let mut fin = Finish::new(gw.clone(), snap.clone(), started, &parts, request_id, ip);
+    let mut fin = Finish::new(
+        gw.clone(),
+        snap.clone(),
+        started,
+        &parts,
+        request_id,
+        ip,
+        conn.clone(),
+    );
     let body_len = parts
         .headers
         .get(http::header::CONTENT_LENGTH)
@@ -216,7 +230,7 @@ fn check_framing(parts: &http::request::Parts) -> Option<GatewayError> {
         if hosts.next().is_some() {
             return bad("the request has more than one Host header");
         }
-        if http::uri::Authority::try_from(first.as_bytes()).is_err() {
+        if !valid_host(first.as_bytes()) {
             return bad("the Host header is not a valid host[:port]");
         }
     }
@@ -236,6 +250,36 @@ fn check_framing(parts: &http::request::Parts) -> Option<GatewayError> {
         return bad("the server-wide request target `*` is not supported; send OPTIONS to a path");
     }
     None
+}
+
+/// A `Host` value is `host[:port]`: a registered name, an IPv4 address or a bracketed
+/// IPv6 literal. Spaces, `/`, `?`, `#`, `@` and control characters are refused.
+fn valid_host(b: &[u8]) -> bool {
+    !b.is_empty()
+        && b.iter().all(|&c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b':'
+                        | b'['
+                        | b']'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        })
 }
 
 fn check_limits(snap: &Snapshot, parts: &http::request::Parts) -> Option<GatewayError> {

@@ -131,7 +131,8 @@ async fn accept_loop(
         .max(limits.max_uri_length * 2);
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        // Header-read and idle timeouts are enforced per connection by `idle_guard`.
+        .header_read_timeout(None::<Duration>)
         .keep_alive(true)
         .max_buf_size(buf);
     // hyper parses up to 100 headers on the stack; a larger configured limit makes it
@@ -146,7 +147,11 @@ async fn accept_loop(
         .max_header_list_size((buf as u32).max(16 * 1024))
         .max_concurrent_streams(1024)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(Builders { h1, h2 });
+    let builder = Arc::new(Builders {
+        h1,
+        h2,
+        idle: limits.client_idle_timeout.0,
+    });
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -180,6 +185,8 @@ async fn accept_loop(
 struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// `limits.client_idle_timeout`.
+    idle: Duration,
 }
 
 /// The HTTP/2 connection preface a client with prior knowledge (h2c) starts with.
@@ -187,44 +194,89 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Whether a plain-text connection starts with the HTTP/2 preface, read without
 /// consuming it (so the chosen server sees every byte, with no rewind layer per read).
-async fn is_h2c(stream: &TcpStream) -> bool {
+/// `None` when the client sent nothing within `timeout` (the connection is dropped).
+async fn is_h2c(stream: &TcpStream, timeout: Duration) -> Option<bool> {
     let mut buf = [0u8; 24];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
-            _ => return false,
+            Ok(Err(_)) => return Some(false),
+            Err(_) => return None,
         };
         if n == 0 || buf[..n] != H2_PREFACE[..n] {
-            return false;
+            return Some(false);
         }
         if n == H2_PREFACE.len() {
-            return true;
+            return Some(true);
         }
         // A partial preface: wait for the rest (rare; clients send it in one piece).
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
 /// Serve one connection with HTTP/2 or HTTP/1.1, watched for graceful shutdown.
-async fn serve_io<I, S>(builders: &Builders, watcher: Watcher, io: I, h2: bool, service: S)
-where
+async fn serve_io<I, S>(
+    builders: &Builders,
+    watcher: Watcher,
+    io: I,
+    h2: bool,
+    service: S,
+    conn: &ConnInfo,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = LogBody> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let result = if h2 {
-        watcher
-            .watch(builders.h2.serve_connection(io, service))
-            .await
+        let c = watcher.watch(builders.h2.serve_connection(io, service));
+        idle_guard(c, conn, builders.idle).await
     } else {
-        watcher
-            .watch(builders.h1.serve_connection(io, service))
-            .await
+        let c = watcher.watch(builders.h1.serve_connection(io, service));
+        idle_guard(c, conn, builders.idle).await
     };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "connection ended with an error");
+    match result {
+        Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+        None => {
+            tracing::debug!(peer = %conn.peer, "closing a connection idle past limits.client_idle_timeout")
+        }
+        Some(Ok(())) => {}
+    }
+}
+
+/// Runs a connection until it ends, or until it has had no request in progress for
+/// `timeout` (idle keep-alive, or a client still trickling the next request's headers:
+/// slow-loris protection). One timer per connection, re-armed only when it fires, so
+/// requests pay two atomic updates for it, not a timer each (hyper's own header-read
+/// timeout allocates and registers one per request).
+async fn idle_guard<F: std::future::Future>(
+    conn_fut: F,
+    conn: &ConnInfo,
+    timeout: Duration,
+) -> Option<F::Output> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut conn_fut = std::pin::pin!(conn_fut);
+    let sleep = tokio::time::sleep(timeout);
+    let mut sleep = std::pin::pin!(sleep);
+    let timeout_ms = timeout.as_millis() as u64;
+    loop {
+        tokio::select! {
+            out = &mut conn_fut => return Some(out),
+            () = &mut sleep => {
+                let now = portico_upstream::now_ms();
+                let idle_since = conn.idle_since.load(Relaxed);
+                if conn.in_flight.load(Relaxed) == 0 && now.saturating_sub(idle_since) >= timeout_ms {
+                    return None;
+                }
+                let next = if conn.in_flight.load(Relaxed) > 0 { now + timeout_ms } else { idle_since + timeout_ms };
+                let wait = Duration::from_millis(next.saturating_sub(now).max(1));
+                sleep.as_mut().reset(tokio::time::Instant::now() + wait);
+            }
+        }
     }
 }
 
@@ -257,7 +309,7 @@ fn serve(
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                        serve_io(&builders, watcher, TokioIo::new(tls), h2, service).await;
+                        serve_io(&builders, watcher, TokioIo::new(tls), h2, service, &conn).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed")
@@ -265,10 +317,14 @@ fn serve(
                     Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
                 }
             }
-            None => {
-                let h2 = is_h2c(&stream).await;
-                serve_io(&builders, watcher, TokioIo::new(stream), h2, service).await;
-            }
+            None => match is_h2c(&stream, builders.idle).await {
+                Some(h2) => {
+                    serve_io(&builders, watcher, TokioIo::new(stream), h2, service, &conn).await
+                }
+                None => {
+                    tracing::debug!(peer = %conn.peer, "closing a connection that sent nothing")
+                }
+            },
         }
         gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
     });

@@ -13,7 +13,12 @@ fn base() -> Instant {
 
 /// Milliseconds on the process's monotonic clock (tokio's, so tests can pause time).
 pub fn now_ms() -> u64 {
-    Instant::now().saturating_duration_since(base()).as_millis() as u64 + 1
+    ms_at(Instant::now())
+}
+
+/// The same clock, read at `t`.
+pub fn ms_at(t: Instant) -> u64 {
+    t.saturating_duration_since(base()).as_millis() as u64 + 1
 }
 
 /// Health of one target.

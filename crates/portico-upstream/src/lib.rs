@@ -26,7 +26,7 @@ use portico_config::model::{
 
 pub use balance::Schedule;
 pub use client::{ClientError, ConnectTimeout};
-pub use health::{now_ms, TargetHealth};
+pub use health::{ms_at, now_ms, TargetHealth};
 pub use pool::{Connector, Failed, SendError, TargetPool};
 
 /// One target of a compiled upstream.
