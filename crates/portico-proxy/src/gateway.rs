@@ -31,6 +31,10 @@ pub struct Gateway {
     ready: AtomicBool,
 }
 
+fn access_log_path(l: &Loaded) -> Option<PathBuf> {
+    l.config.access_log.path.as_ref().map(|p| l.resolve(p))
+}
+
 fn wanted_listeners(l: &Loaded) -> Vec<ListenKey> {
     let c = &l.config;
     let mut v: Vec<ListenKey> = c
@@ -58,12 +62,7 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, Diagnostics> {
         let metrics = Arc::new(Metrics::default());
         let upstreams = UpstreamState::default();
-        let log_path = loaded
-            .config
-            .access_log
-            .path
-            .as_ref()
-            .map(|p| loaded.resolve(p));
+        let log_path = access_log_path(&loaded);
         let wanted = wanted_listeners(&loaded);
         let snap = compile(loaded, &upstreams, &metrics, 1)?;
         let gw = Arc::new(Gateway {
@@ -139,12 +138,7 @@ impl Gateway {
         if loaded.config.workers != old.loaded.config.workers {
             tracing::warn!("workers changed; the number of worker threads changes only on restart");
         }
-        let log_path = loaded
-            .config
-            .access_log
-            .path
-            .as_ref()
-            .map(|p| loaded.resolve(p));
+        let log_path = access_log_path(&loaded);
         let wanted = wanted_listeners(&loaded);
         let generation = self.generation.load(Ordering::Relaxed) + 1;
         let snap = compile(loaded, &self.upstreams, &self.metrics, generation)?;

@@ -197,6 +197,14 @@ impl TargetPool {
         self.idle.lock().len()
     }
 
+    /// A pooled connection and how long it sat idle, or else a new connection.
+    async fn checkout(&self, connect: Duration) -> Result<(Conn, Option<Duration>), SendError> {
+        match self.pooled() {
+            Some(c) => Ok(c),
+            None => Ok((self.connect(connect).await?, None)),
+        }
+    }
+
     /// A pooled connection and how long it sat idle.
     fn pooled(&self) -> Option<(Conn, Option<Duration>)> {
         if self.may_h2 {
@@ -230,17 +238,14 @@ impl TargetPool {
         idle: Option<Duration>,
         replayable: bool,
     ) -> Result<Response<Body>, Failed> {
-        let (mut conn, mut idle_for) = match self.pooled() {
-            Some(c) => c,
-            None => match self.connect(connect).await {
-                Ok(c) => (c, None),
-                Err(error) => {
-                    return Err(Failed {
-                        error,
-                        request: Some(req),
-                    })
-                }
-            },
+        let (mut conn, mut idle_for) = match self.checkout(connect).await {
+            Ok(c) => c,
+            Err(error) => {
+                return Err(Failed {
+                    error,
+                    request: Some(req),
+                })
+            }
         };
         let mut retried = false;
         loop {
@@ -256,17 +261,14 @@ impl TargetPool {
                 Conn::H1(c) => {
                     if c.ready().await.is_err() {
                         // Closed while idle: take another one.
-                        (conn, idle_for) = match self.pooled() {
-                            Some(c) => c,
-                            None => match self.connect(connect).await {
-                                Ok(c) => (c, None),
-                                Err(error) => {
-                                    return Err(Failed {
-                                        error,
-                                        request: Some(req),
-                                    })
-                                }
-                            },
+                        (conn, idle_for) = match self.checkout(connect).await {
+                            Ok(c) => c,
+                            Err(error) => {
+                                return Err(Failed {
+                                    error,
+                                    request: Some(req),
+                                })
+                            }
                         };
                         continue;
                     }
