@@ -1,8 +1,10 @@
 //! Proxying one request to an upstream: the upstream path, the forwarded headers,
 //! target choice with passive health, timeouts, and error mapping.
 //!
-//! Retries here are limited to what is always safe: a request with no body whose
-//! connection could not be established is tried on another target (at most 3 tries).
+//! Retries here are limited to what is always safe: a request none of which was sent
+//! (its connection could not be established) is tried on another target (at most 3
+//! tries); an idempotent request without a body that met a pooled connection the
+//! upstream had just closed is repeated once by the pool on a fresh connection.
 
 use std::error::Error as _;
 use std::time::Duration;
