@@ -182,3 +182,32 @@ async fn idle_and_slow_header_connections_are_closed_but_slow_answers_are_not() 
         "slow answer delivered: {got}"
     );
 }
+
+/// A request with both `Transfer-Encoding: chunked` and a conflicting `Content-Length`
+/// reaches the upstream framed one way only: the chunked body, no length.
+#[tokio::test(flavor = "multi_thread")]
+async fn transfer_encoding_wins_over_content_length_upstream() {
+    let up = portico_test_support::Upstream::start("te").await;
+    let env = LocalGateway::start(
+        Path::new(env!("CARGO_BIN_EXE_portico")),
+        &format!(
+            "upstreams:\n  u: {{targets: [{{url: \"{}\"}}]}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n",
+            up.url()
+        ),
+    )
+    .await;
+    let raw = raw_http(
+        env.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let resp = RawResponse::parse(&raw);
+    assert_eq!(resp.status, 200, "{raw}");
+    let seen = resp.json();
+    assert_eq!(seen["body_len"], 5, "{seen}");
+    assert_eq!(seen["body"], "hello", "{seen}");
+    assert!(
+        seen["headers"]["content-length"].is_null(),
+        "no length upstream: {seen}"
+    );
+}

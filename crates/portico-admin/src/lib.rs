@@ -8,7 +8,6 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -78,7 +77,6 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
             ));
         }
     }
-    let _ = gw.metrics.open_connections.load(Ordering::Relaxed);
     (
         [(
             header::CONTENT_TYPE,

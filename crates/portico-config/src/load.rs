@@ -188,5 +188,5 @@ pub fn load_str(
 use crate::semantic::semantic_check;
 /// Structural problems, and the JSON pointers of the values to drop before the
 /// semantic checks look at the rest ([`partial_config`]).
-pub use crate::semantic::{check_target_url, did_you_mean, is_disabled, parse_cidr, strip_enabled};
+pub use crate::semantic::{check_target_url, is_disabled, parse_cidr, strip_enabled};
 use crate::structure::{partial_config, schema_check, under_any};

@@ -284,11 +284,3 @@ pub fn check_target_url(url: &str) -> Result<http::Uri, String> {
     }
     Ok(uri)
 }
-
-/// Closest valid name among `candidates`, for hints.
-pub fn did_you_mean<'a>(
-    got: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
-    closest(got, candidates)
-}

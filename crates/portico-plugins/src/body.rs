@@ -107,13 +107,6 @@ impl Body {
         use http_body_util::BodyExt;
         Body::Boxed(b.map_err(Into::into).boxed_unsync())
     }
-
-    /// Set the idle timeout of a streamed body.
-    pub fn set_idle(&mut self, d: Duration) {
-        if let Body::Incoming { idle, .. } = self {
-            *idle = Some(d);
-        }
-    }
 }
 
 impl http_body::Body for Body {

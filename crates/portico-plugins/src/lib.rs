@@ -16,7 +16,7 @@ pub mod policy;
 pub mod registry;
 
 pub use body::{Body, BoxError};
-pub use ctx::{client_ip, Consumer, Ctx};
+pub use ctx::{canonical, client_ip, Consumer, Ctx};
 pub use error::{ErrorKind, GatewayError, Side};
 pub use policy::{Flow, Outcome, Policy, Step};
 pub use registry::{build_chain, build_global, Catalog, ChainEntry, HYGIENE_PRIORITY};

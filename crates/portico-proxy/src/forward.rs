@@ -144,7 +144,7 @@ pub async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut parts.headers);
-    forwarded_headers(snap, fin, conn, &mut parts.headers, client_host.as_ref());
+    forwarded_headers(snap, conn, &mut parts.headers, client_host.as_ref());
     if let Some(v) = fin.request_id_hv.clone() {
         parts.headers.insert(&X_REQUEST_ID, v);
     }
@@ -234,16 +234,11 @@ pub async fn forward(
 /// is replaced by the peer address. `-Proto` and `-Host` likewise.
 fn forwarded_headers(
     snap: &Snapshot,
-    fin: &Finish,
     conn: &ConnInfo,
     h: &mut HeaderMap,
     host: Option<&HeaderValue>,
 ) {
-    let peer = conn.peer.ip();
-    let peer = match peer {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
-        v4 => v4,
-    };
+    let peer = conn.peer_ip;
     let trusted =
         !snap.trusted_proxies.is_empty() && snap.trusted_proxies.iter().any(|n| n.contains(&peer));
     let prior: Option<String> = if trusted {
@@ -283,7 +278,6 @@ fn forwarded_headers(
             }
         }
     }
-    let _ = fin;
 }
 
 /// Map a client error to the gateway error; the flag says it was a connect failure

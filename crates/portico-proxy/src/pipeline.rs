@@ -21,7 +21,8 @@ use crate::snapshot::{CompiledRoute, Snapshot};
 #[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
-    pub local: SocketAddr,
+    /// The peer's IP, IPv4-mapped IPv6 shown as IPv4.
+    pub peer_ip: std::net::IpAddr,
     pub tls: bool,
     /// The peer address (IPv4-mapped IPv6 shown as IPv4) as a header value, for
     /// `X-Forwarded-For`.
@@ -33,16 +34,13 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool) -> ConnInfo {
-        let ip = match peer.ip() {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer.ip(), std::net::IpAddr::V4),
-            v4 => v4,
-        };
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let ip = portico_plugins::canonical(peer.ip());
         let peer_header = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string()))
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
         ConnInfo {
             peer,
-            local,
+            peer_ip: ip,
             tls,
             peer_header,
             in_flight: std::sync::atomic::AtomicU32::new(0),
@@ -61,7 +59,7 @@ pub async fn handle(
     let snap = gw.snapshot();
     let (parts, body) = req.into_parts();
     let request_id = request_id(&parts.headers);
-    let ip = client_ip(conn.peer.ip(), &parts.headers, &snap.trusted_proxies);
+    let ip = client_ip(conn.peer_ip, &parts.headers, &snap.trusted_proxies);
     let mut fin = Finish::new(
         gw.clone(),
         snap.clone(),
@@ -209,10 +207,11 @@ fn respond(route: &CompiledRoute, mut fin: Finish, resp: Response<Body>) -> Resp
     fin.complete(Response::from_parts(parts, body))
 }
 
-/// Requests that cannot be forwarded safely or that a gateway does not serve:
-/// ambiguous framing (both `Transfer-Encoding` and `Content-Length`, a request-smuggling
-/// vector; RFC 9112 §6.3), more than one or an invalid `Host` (RFC 9112 §3.2),
-/// `CONNECT` tunnels and the server-wide `OPTIONS *`.
+/// Requests that cannot be forwarded safely or that a gateway does not serve: more
+/// than one or an invalid `Host` (RFC 9112 §3.2), `CONNECT` tunnels and the
+/// server-wide `OPTIONS *`. (Ambiguous framing — `Transfer-Encoding` with
+/// `Content-Length` — is settled by hyper's parser, which drops the length as RFC 9112
+/// §6.3 requires; the request then goes upstream chunked.)
 fn check_framing(parts: &http::request::Parts) -> Option<GatewayError> {
     let bad = |m: &'static str| {
         let mut e = GatewayError::new(ErrorKind::BadRequest, m);
@@ -220,11 +219,6 @@ fn check_framing(parts: &http::request::Parts) -> Option<GatewayError> {
         Some(e)
     };
     let h = &parts.headers;
-    if h.contains_key(http::header::TRANSFER_ENCODING)
-        && h.contains_key(http::header::CONTENT_LENGTH)
-    {
-        return bad("the request has both Transfer-Encoding and Content-Length");
-    }
     let mut hosts = h.get_all(HOST).iter();
     if let Some(first) = hosts.next() {
         if hosts.next().is_some() {

@@ -55,10 +55,6 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 impl Listeners {
-    pub fn keys(&self) -> Vec<ListenKey> {
-        self.running.keys().copied().collect()
-    }
-
     /// Bind every wanted socket not yet open. On failure nothing new is kept.
     pub fn bind_missing(
         &self,
@@ -165,8 +161,7 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(key.addr);
-                let conn = Arc::new(ConnInfo::new(peer, local, key.tls));
+                let conn = Arc::new(ConnInfo::new(peer, key.tls));
                 serve(gw.clone(), builder.clone(), &graceful, stream, conn);
             }
         }
