@@ -54,7 +54,9 @@ enum Frame {
 /// Parse a YAML document. Returns the value and the positions of its nodes.
 pub fn parse(text: &str) -> Result<(Value, Positions), Diagnostic> {
     let mut positions = Positions::default();
-    let mut anchors: HashMap<usize, Value> = HashMap::new();
+    // Anchored values with their size in nodes, so that alias expansion can be bounded.
+    let mut anchors: HashMap<usize, (Value, usize)> = HashMap::new();
+    let mut nodes: usize = 0;
     let mut stack: Vec<(Frame, usize, KeyPath)> = Vec::new();
     let mut root: Option<Value> = None;
     let mut path = KeyPath::root();
@@ -105,24 +107,34 @@ pub fn parse(text: &str) -> Result<(Value, Positions), Diagnostic> {
                 } else {
                     Value::String(text.into_owned())
                 };
+                nodes += 1;
                 if anchor > 0 {
-                    anchors.insert(anchor, value.clone());
+                    anchors.insert(anchor, (value.clone(), 1));
                 }
                 place(&mut stack, &mut root, &mut path, &mut positions, value, pos)?;
             }
             Event::Alias(id) => {
                 if let Some((Frame::Map(_, pending @ None, _), _, _)) = stack.last_mut() {
                     let key = match anchors.get(&id) {
-                        Some(Value::String(s)) => s.clone(),
-                        Some(other) => other.to_string(),
+                        Some((Value::String(s), _)) => s.clone(),
+                        Some((other, _)) => other.to_string(),
                         None => String::new(),
                     };
                     *pending = Some(key);
                     continue;
                 }
-                let value = anchors.get(&id).cloned().ok_or_else(|| {
+                let (value, size) = anchors.get(&id).ok_or_else(|| {
                     Diagnostic::new(path.clone(), "alias refers to an unknown anchor").at(pos)
                 })?;
+                nodes += size;
+                if nodes > MAX_NODES {
+                    return Err(Diagnostic::new(
+                        path.clone(),
+                        format!("aliases expand the document past {MAX_NODES} values"),
+                    )
+                    .at(pos));
+                }
+                let value = value.clone();
                 place(&mut stack, &mut root, &mut path, &mut positions, value, pos)?;
             }
             Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
@@ -134,6 +146,7 @@ pub fn parse(text: &str) -> Result<(Value, Positions), Diagnostic> {
                     )
                     .at(pos));
                 }
+                nodes += 1;
                 let child = child_path(&stack, &path);
                 positions.values.insert(child.to_string(), pos);
                 let frame = if is_seq {
@@ -153,7 +166,7 @@ pub fn parse(text: &str) -> Result<(Value, Positions), Diagnostic> {
                     Frame::Map(m, _, _) => Value::Object(m),
                 };
                 if anchor > 0 {
-                    anchors.insert(anchor, value.clone());
+                    anchors.insert(anchor, (value.clone(), count_nodes(&value)));
                 }
                 path = parent_path;
                 place_built(&mut stack, &mut root, &path, value, pos)?;
@@ -162,6 +175,18 @@ pub fn parse(text: &str) -> Result<(Value, Positions), Diagnostic> {
         }
     }
     Ok((root.unwrap_or(Value::Null), positions))
+}
+
+/// Most values a document may expand to through aliases (a bound against
+/// "billion laughs" files, far above any real configuration).
+const MAX_NODES: usize = 1_000_000;
+
+fn count_nodes(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(count_nodes).sum::<usize>(),
+        Value::Object(m) => 1 + m.values().map(count_nodes).sum::<usize>(),
+        _ => 1,
+    }
 }
 
 fn start(span: &Span) -> Pos {
@@ -318,6 +343,21 @@ mod tests {
         let (v, _) = parse("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n").unwrap();
         assert_eq!(v["other"]["x"], 1);
         assert_eq!(v["other"]["y"], 3);
+    }
+
+    #[test]
+    fn alias_expansion_is_bounded() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let p = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("aliases expand"), "{err}");
+        // Ordinary reuse is fine.
+        assert!(parse("a: &a {x: 1}\nb: *a\nc: *a\n").is_ok());
     }
 
     #[test]
