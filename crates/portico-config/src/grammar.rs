@@ -173,17 +173,14 @@ impl Template {
         })
     }
 
-    /// Render with a lookup function; a missing value renders as empty.
-    pub fn render<'a>(&'a self, mut lookup: impl FnMut(&Var) -> Option<Cow<'a, str>>) -> String {
+    /// Render: `write` appends the value of each variable to the output (nothing for
+    /// a missing value), so values are never copied into strings of their own.
+    pub fn render(&self, mut write: impl FnMut(&Var, &mut String)) -> String {
         let mut out = String::with_capacity(self.source.len() + 16);
         for p in &self.parts {
             match p {
                 Part::Lit(l) => out.push_str(l),
-                Part::Var(v) => {
-                    if let Some(val) = lookup(v) {
-                        out.push_str(&val);
-                    }
-                }
+                Part::Var(v) => write(v, &mut out),
             }
         }
         out
@@ -333,10 +330,10 @@ mod tests {
     #[test]
     fn templates() {
         let t = Template::parse("id=${param.id} ip=${client_ip} $$5").unwrap();
-        let out = t.render(|v| match v {
-            Var::Param(n) if n == "id" => Some("42".into()),
-            Var::ClientIp => Some("1.2.3.4".into()),
-            _ => None,
+        let out = t.render(|v, out| match v {
+            Var::Param(n) if n == "id" => out.push_str("42"),
+            Var::ClientIp => out.push_str("1.2.3.4"),
+            _ => {}
         });
         assert_eq!(out, "id=42 ip=1.2.3.4 $5");
         assert!(Template::parse("${nope}")

@@ -84,7 +84,11 @@ impl Ctx {
     /// Render a template for this request; missing values render empty. Without the
     /// request (response phases), `header.`, `query.` and `cookie.` render empty.
     pub fn render(&self, req: Option<&Parts>, t: &Template) -> String {
-        t.render(|v| self.var(req, v).map(|c| Cow::Owned(c.into_owned())))
+        t.render(|v, out| {
+            if let Some(value) = self.var(req, v) {
+                out.push_str(&value);
+            }
+        })
     }
 
     /// The value of a request key; parts are joined by `|`, a missing part is empty.
