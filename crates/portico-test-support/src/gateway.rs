@@ -303,14 +303,28 @@ fn tail(s: &str, max: usize) -> &str {
     &s[start..]
 }
 
-/// A currently free TCP port on `127.0.0.1` (bound to port 0, then released).
-/// Another process may grab it before it is reused; good enough for tests.
+/// A currently free TCP port on `127.0.0.1` (bound once to check, then released).
+///
+/// Ports come from 20000–32767, below Linux's ephemeral range (32768–60999 by
+/// default), and from a counter shared by the whole test binary: an outgoing connection
+/// of another test cannot take the port between this call and the gateway binding it
+/// (which for a listener added by a reload can be seconds later), and two tests never
+/// get the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const BASE: u32 = 20000;
+    const SPAN: u32 = 12700;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Binaries run one after another, but start each at its own offset anyway.
+    let seed = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (BASE + (seed + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {BASE}..{}", BASE + SPAN)
 }
 
 /// A minimal blocking `GET` with short timeouts; returns the status code, or `None`
