@@ -9,7 +9,7 @@ command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq
 command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null; }
 cargo build --release -q -p portico -p portico-bench-upstream
 d="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$d"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$d/cg.out" "$KEEP"; rm -rf "$d"' EXIT
 cat >"$d/p.yaml" <<YAML
 listen: ["127.0.0.1:19180"]
 workers: 1

@@ -22,17 +22,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("no body data for {0:?} (idle timeout)")]
 pub struct IdleTimeout(pub Duration);
 
-/// Takes back a pooled HTTP/1.1 upstream connection once a response body is finished.
-pub trait Repool: Send + Sync {
-    fn put(&self, conn: hyper::client::conn::http1::SendRequest<Body>);
-}
-
-/// The connection a response body came on, given back to its pool at the end of the body.
-pub struct PoolReturn {
-    pub pool: Arc<dyn Repool>,
-    pub conn: hyper::client::conn::http1::SendRequest<Body>,
-}
-
 /// A request or response body.
 #[derive(Default)]
 pub enum Body {
@@ -45,8 +34,6 @@ pub enum Body {
         timer: Option<Pin<Box<Sleep>>>,
         /// Counts the data bytes read (for the access log when there is no Content-Length).
         counter: Option<Arc<AtomicU64>>,
-        /// The upstream connection to give back when the body ends.
-        pooled: Option<PoolReturn>,
     },
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -63,7 +50,6 @@ impl Body {
             idle,
             timer: None,
             counter: None,
-            pooled: None,
         }
     }
 
@@ -78,23 +64,6 @@ impl Body {
             idle,
             timer: None,
             counter: Some(counter),
-            pooled: None,
-        }
-    }
-
-    /// A response body from a pooled upstream connection; the connection goes back to
-    /// its pool once the body has been read to the end (at once if it is empty).
-    pub fn incoming_pooled(inner: Incoming, idle: Option<Duration>, ret: PoolReturn) -> Body {
-        if http_body::Body::is_end_stream(&inner) {
-            ret.pool.put(ret.conn);
-            return Body::incoming(inner, idle);
-        }
-        Body::Incoming {
-            inner,
-            idle,
-            timer: None,
-            counter: None,
-            pooled: Some(ret),
         }
     }
 
@@ -126,24 +95,8 @@ impl http_body::Body for Body {
                 idle,
                 timer,
                 counter,
-                pooled,
             } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(r) => {
-                    if pooled.is_some() {
-                        let ended = match &r {
-                            None => true,
-                            Some(Ok(_)) => inner.is_end_stream(),
-                            Some(Err(_)) => {
-                                *pooled = None;
-                                false
-                            }
-                        };
-                        if ended {
-                            if let Some(ret) = pooled.take() {
-                                ret.pool.put(ret.conn);
-                            }
-                        }
-                    }
                     if let (Some(t), Some(d)) = (timer.as_mut(), idle) {
                         t.as_mut().reset(Instant::now() + *d);
                     }

@@ -126,7 +126,7 @@ impl Finish {
     pub fn complete(mut self, resp: Response<Body>) -> Response<LogBody> {
         let (mut parts, body) = resp.into_parts();
         if let Some(v) = self.request_id_hv.clone() {
-            parts.headers.insert("x-request-id", v);
+            parts.headers.insert(&crate::forward::X_REQUEST_ID, v);
         }
         self.status = parts.status.as_u16();
         let end = body.is_end_stream();

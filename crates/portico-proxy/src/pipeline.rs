@@ -321,7 +321,7 @@ fn check_limits(snap: &Snapshot, parts: &http::request::Parts) -> Option<Gateway
 
 /// The client's `X-Request-Id` when it is sane (1–200 visible ASCII characters), else a new one.
 fn request_id(h: &http::HeaderMap) -> String {
-    if let Some(v) = h.get("x-request-id") {
+    if let Some(v) = h.get(&crate::forward::X_REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
             if let Ok(s) = v.to_str() {

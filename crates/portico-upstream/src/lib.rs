@@ -11,6 +11,7 @@
 
 pub mod balance;
 pub mod client;
+pub mod h1;
 pub mod health;
 pub mod pool;
 

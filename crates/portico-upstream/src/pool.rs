@@ -1,36 +1,35 @@
 //! Connections to one target: pooled HTTP/1.1 connections (one request at a time each)
 //! or one shared HTTP/2 connection, over TCP or TLS.
 //!
-//! An HTTP/1.1 connection goes back to the pool when its response body has been read
-//! to the end (see `Body::incoming_pooled`), so checking one out is a short lock on a
-//! per-target list: no hashing, no spawned task per request. A request that a reused
-//! connection could not even start sending (the peer closed it while idle) is retried
-//! once on a new connection.
+//! HTTP/1.1 exchanges use Portico's own codec ([`crate::h1`]) inside the request's
+//! task; a connection goes back to the pool when its response body has been read to the
+//! end, so checking one out is a short lock on a per-target list: no hashing, no
+//! spawned task, no channel per request. HTTP/2 uses hyper's client (one shared
+//! connection per target, driven by its own task). A request that a reused connection
+//! could not even start sending (the peer closed it while idle) is retried once on a
+//! new connection.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use http::uri::{Scheme, Uri};
-use http::{Request, Response, Version};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use http::{Method, Request, Response, Version};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use portico_config::model::Protocol;
-use portico_plugins::body::{PoolReturn, Repool};
-use portico_plugins::Body;
+use portico_plugins::{Body, BoxError};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::h1::{self, ReqFraming, ResponseBody, Sending, Stream};
+
 /// How long an idle pooled connection is kept.
 const IDLE_KEEP: Duration = Duration::from_secs(90);
-
-/// Below this idle time no upstream closes a kept-alive connection (keep-alive timeouts
-/// are seconds), so a request on a busier connection needs no replay copy.
-const STALE_RISK: Duration = Duration::from_millis(250);
 
 /// A failed exchange; `request` is given back when nothing of it was sent.
 pub struct Failed {
@@ -45,16 +44,6 @@ impl std::fmt::Debug for Failed {
             .field("request_returned", &self.request.is_some())
             .finish()
     }
-}
-
-/// A copy of a bodyless request's head, to send it again.
-fn copy_head(req: &Request<Body>) -> Request<Body> {
-    let mut r = Request::new(Body::Empty);
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    r
 }
 
 /// How connections to the targets of one upstream are made.
@@ -79,8 +68,11 @@ pub enum SendError {
     /// A pooled connection the upstream had already closed: the request may have been
     /// written but no answer began (the keep-alive race). Safe to repeat if idempotent.
     #[error("the upstream closed a kept-alive connection: {0}")]
-    Stale(hyper::Error),
-    /// The exchange failed after the connection was made.
+    Stale(#[source] BoxError),
+    /// An HTTP/1.1 exchange failed after the connection was made.
+    #[error(transparent)]
+    H1(#[from] h1::Error),
+    /// An HTTP/2 exchange failed after the connection was made.
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }
@@ -98,7 +90,7 @@ impl SendError {
 }
 
 struct Idle {
-    conn: http1::SendRequest<Body>,
+    conn: h1::Conn,
     since: Instant,
 }
 
@@ -127,24 +119,16 @@ impl std::fmt::Debug for TargetPool {
     }
 }
 
-impl Repool for TargetPool {
-    fn put(&self, conn: http1::SendRequest<Body>) {
-        if conn.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock();
-        if idle.len() < self.connector.max_idle {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
-        }
-    }
+enum Conn {
+    H1(h1::Conn),
+    H2(http2::SendRequest<Body>),
 }
 
-enum Conn {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+/// How one attempt on a connection ended.
+enum Outcome {
+    Done(Result<Response<Body>, Failed>),
+    /// Try again on this new connection, which speaks the other protocol.
+    Switch(Conn, Request<Body>),
 }
 
 impl TargetPool {
@@ -173,6 +157,17 @@ impl TargetPool {
         })
     }
 
+    /// Take back an HTTP/1.1 connection whose exchange completed cleanly.
+    pub(crate) fn put_h1(&self, conn: h1::Conn) {
+        let mut idle = self.idle.lock();
+        if idle.len() < self.connector.max_idle {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
     /// HTTP/2 requests carry scheme and authority (`:scheme`, `:authority`).
     fn absolute_form(&self, uri: &mut Uri) {
         if uri.scheme().is_some() {
@@ -197,31 +192,23 @@ impl TargetPool {
         self.idle.lock().len()
     }
 
-    /// A pooled connection and how long it sat idle, or else a new connection.
-    async fn checkout(&self, connect: Duration) -> Result<(Conn, Option<Duration>), SendError> {
-        match self.pooled() {
-            Some(c) => Ok(c),
-            None => Ok((self.connect(connect).await?, None)),
-        }
-    }
-
-    /// A pooled connection and how long it sat idle.
-    fn pooled(&self) -> Option<(Conn, Option<Duration>)> {
+    /// A pooled connection (the shared HTTP/2 one, or an idle HTTP/1.1 one that the
+    /// upstream has not closed).
+    fn pooled(&self) -> Option<Conn> {
         if self.may_h2 {
             if let Some(h2) = self.h2.lock().as_ref() {
                 if !h2.is_closed() {
-                    return Some((Conn::H2(h2.clone()), Some(Duration::ZERO)));
+                    return Some(Conn::H2(h2.clone()));
                 }
             }
         }
-        let mut idle = self.idle.lock();
-        while let Some(c) = idle.pop() {
-            let idle_for = c.since.elapsed();
-            if !c.conn.is_closed() && idle_for < IDLE_KEEP {
-                return Some((Conn::H1(c.conn), Some(idle_for)));
+        loop {
+            let c = self.idle.lock().pop()?;
+            let mut conn = c.conn;
+            if c.since.elapsed() < IDLE_KEEP && conn.usable() {
+                return Some(Conn::H1(conn));
             }
         }
-        None
     }
 
     /// Send a request (its URI in origin form: path and query) and return the response
@@ -233,107 +220,163 @@ impl TargetPool {
     /// On failure the request comes back when nothing of it was sent.
     pub async fn send(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
         connect: Duration,
         idle: Option<Duration>,
         replayable: bool,
     ) -> Result<Response<Body>, Failed> {
-        let (mut conn, mut idle_for) = match self.checkout(connect).await {
-            Ok(c) => c,
-            Err(error) => {
-                return Err(Failed {
-                    error,
-                    request: Some(req),
-                })
-            }
+        let (mut conn, mut reused) = match self.pooled() {
+            Some(c) => (c, true),
+            None => match self.connect(connect).await {
+                Ok(c) => (c, false),
+                Err(error) => {
+                    return Err(Failed {
+                        error,
+                        request: Some(req),
+                    })
+                }
+            },
         };
-        let mut retried = false;
+        let mut req = req;
+        // A retry on a new connection may negotiate the other protocol (ALPN); retries
+        // only follow a reused connection, so this loops at most twice.
         loop {
-            // Only a connection that sat idle for a while can have been closed by the
-            // upstream's keep-alive timeout; keep a copy of the request just then.
-            let backup = match (&conn, idle_for) {
-                (Conn::H1(_), Some(d)) if replayable && !retried && d >= STALE_RISK => {
-                    Some(copy_head(&req))
-                }
-                _ => None,
-            };
-            let result = match &mut conn {
+            let outcome = match conn {
                 Conn::H1(c) => {
-                    if c.ready().await.is_err() {
-                        // Closed while idle: take another one.
-                        (conn, idle_for) = match self.checkout(connect).await {
-                            Ok(c) => c,
-                            Err(error) => {
-                                return Err(Failed {
-                                    error,
-                                    request: Some(req),
-                                })
-                            }
-                        };
-                        continue;
-                    }
-                    *req.version_mut() = Version::HTTP_11;
-                    c.try_send_request(req).await
+                    self.send_h1(c, reused, req, connect, idle, replayable)
+                        .await
                 }
-                Conn::H2(c) => {
-                    *req.version_mut() = Version::HTTP_2;
-                    self.absolute_form(req.uri_mut());
-                    c.try_send_request(req).await
-                }
+                Conn::H2(c) => self.send_h2(c, reused, req, connect, idle).await,
             };
-            let reused = idle_for.is_some();
-            match result {
-                Ok(resp) => return Ok(self.wrap(resp, conn, idle)),
-                Err(mut e) => {
-                    let back = e.take_message();
-                    let error = e.into_error();
-                    let stale = reused
-                        && (error.is_incomplete_message()
-                            || error.is_closed()
-                            || error.is_canceled()
-                            || is_reset(&error));
-                    req = match (back, backup) {
-                        // Not sent at all on a reused connection: once more on a new one.
-                        (Some(r), _) if reused => r,
-                        // Sent on a connection the upstream had closed: repeat it.
-                        (None, Some(copy)) if stale => copy,
-                        (back, _) => {
-                            let error = if stale {
-                                SendError::Stale(error)
-                            } else {
-                                SendError::Http(error)
-                            };
-                            return Err(Failed {
-                                error,
-                                request: back,
-                            });
-                        }
-                    };
-                    retried = true;
-                    idle_for = None;
-                    conn = match self.connect(connect).await {
-                        Ok(c) => c,
-                        Err(error) => {
-                            return Err(Failed {
-                                error,
-                                request: Some(req),
-                            })
-                        }
-                    };
+            match outcome {
+                Outcome::Done(r) => return r,
+                Outcome::Switch(c, r) => (conn, req, reused) = (c, r, false),
+            }
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        mut conn: h1::Conn,
+        mut reused: bool,
+        req: Request<Body>,
+        connect: Duration,
+        idle: Option<Duration>,
+        replayable: bool,
+    ) -> Outcome {
+        let (parts, body) = req.into_parts();
+        let framing = ReqFraming::of(&parts, &body);
+        let head = h1::encode_head(&mut BytesMut::new(), &parts, framing);
+        let head_request = parts.method == Method::HEAD;
+        let mut sending = Sending::new(head.clone(), body, framing);
+        loop {
+            let mut write_error = None;
+            let result = poll_fn(|cx| {
+                h1::poll_exchange(&mut conn, &mut sending, &mut write_error, head_request, cx)
+            })
+            .await;
+            let e = match result {
+                Ok(h) => {
+                    let mut resp = Response::new(Body::Empty);
+                    *resp.status_mut() = h.status;
+                    *resp.version_mut() = h.version;
+                    let body = ResponseBody::new(conn, &h, sending, self.me.upgrade(), idle);
+                    *resp.headers_mut() = h.headers;
+                    if let Some(b) = body {
+                        *resp.body_mut() = Body::boxed(b);
+                    }
+                    return Outcome::Done(Ok(resp));
+                }
+                Err(e) => e,
+            };
+            // A reused connection the upstream had closed: once more on a new one, if
+            // nothing was sent or the request may be repeated.
+            let stale = reused && e.is_closed();
+            let give_back = |sending: &mut Sending, parts| {
+                (!sending.wrote)
+                    .then(|| sending.take_unstarted_body())
+                    .flatten()
+                    .map(|b| Request::from_parts(parts, b))
+            };
+            if !(stale && (!sending.wrote || replayable)) {
+                let error = if stale {
+                    SendError::Stale(Box::new(e))
+                } else {
+                    SendError::H1(e)
+                };
+                return Outcome::Done(Err(Failed {
+                    request: give_back(&mut sending, parts),
+                    error,
+                }));
+            }
+            reused = false;
+            sending.restart(head.clone());
+            match self.connect(connect).await {
+                Ok(Conn::H1(c)) => conn = c,
+                Ok(c @ Conn::H2(_)) => {
+                    let body = sending.take_unstarted_body().unwrap_or_default();
+                    return Outcome::Switch(c, Request::from_parts(parts, body));
+                }
+                Err(error) => {
+                    return Outcome::Done(Err(Failed {
+                        request: give_back(&mut sending, parts),
+                        error,
+                    }))
                 }
             }
         }
     }
 
-    fn wrap(&self, resp: Response<Incoming>, conn: Conn, idle: Option<Duration>) -> Response<Body> {
-        let (parts, body) = resp.into_parts();
-        let body = match (conn, self.me.upgrade()) {
-            (Conn::H1(c), Some(pool)) => {
-                Body::incoming_pooled(body, idle, PoolReturn { pool, conn: c })
+    async fn send_h2(
+        &self,
+        mut conn: http2::SendRequest<Body>,
+        mut reused: bool,
+        mut req: Request<Body>,
+        connect: Duration,
+        idle: Option<Duration>,
+    ) -> Outcome {
+        *req.version_mut() = Version::HTTP_2;
+        self.absolute_form(req.uri_mut());
+        loop {
+            match conn.try_send_request(req).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    return Outcome::Done(Ok(Response::from_parts(
+                        parts,
+                        Body::incoming(body, idle),
+                    )));
+                }
+                Err(mut e) => {
+                    let back = e.take_message();
+                    let error = SendError::Http(e.into_error());
+                    req = match back {
+                        // Not sent at all on a reused connection: once more on a new one.
+                        Some(r) if reused => r,
+                        back => {
+                            return Outcome::Done(Err(Failed {
+                                error,
+                                request: back,
+                            }))
+                        }
+                    };
+                }
             }
-            _ => Body::incoming(body, idle),
-        };
-        Response::from_parts(parts, body)
+            reused = false;
+            match self.connect(connect).await {
+                Ok(Conn::H2(c)) => conn = c,
+                Ok(c @ Conn::H1(_)) => {
+                    // The new connection negotiated HTTP/1.1 (ALPN).
+                    *req.version_mut() = Version::HTTP_11;
+                    return Outcome::Switch(c, origin_form(req));
+                }
+                Err(error) => {
+                    return Outcome::Done(Err(Failed {
+                        error,
+                        request: Some(req),
+                    }))
+                }
+            }
+        }
     }
 
     /// Make a new connection. Boxed: the TLS handshake state is large and only needed
@@ -377,26 +420,13 @@ impl TargetPool {
             if h2 {
                 self.handshake_h2(TokioIo::new(tls)).await
             } else {
-                self.handshake_h1(TokioIo::new(tls)).await
+                Ok(Conn::H1(h1::Conn::new(Stream::Tls(Box::new(tls)))))
             }
         } else if matches!(c.protocol, Protocol::H2 | Protocol::H2c) {
             self.handshake_h2(TokioIo::new(tcp)).await
         } else {
-            self.handshake_h1(TokioIo::new(tcp)).await
+            Ok(Conn::H1(h1::Conn::new(Stream::Tcp(tcp))))
         }
-    }
-
-    async fn handshake_h1<T>(&self, io: T) -> Result<Conn, SendError>
-    where
-        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let (tx, conn) = http1::Builder::new().handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(Conn::H1(tx))
     }
 
     async fn handshake_h2<T>(&self, io: T) -> Result<Conn, SendError>
@@ -418,19 +448,12 @@ impl TargetPool {
     }
 }
 
-/// The connection was reset or its write side broken (the peer closed it).
-fn is_reset(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionAborted
-            );
+/// The request with its URI reduced to path and query (HTTP/1.1 request target).
+fn origin_form(mut req: Request<Body>) -> Request<Body> {
+    if req.uri().scheme().is_some() {
+        if let Some(pq) = req.uri().path_and_query().cloned() {
+            *req.uri_mut() = Uri::from(pq);
         }
-        src = s.source();
     }
-    false
+    req
 }

@@ -1,0 +1,1062 @@
+//! Portico's HTTP/1.1 client codec for pooled upstream connections.
+//!
+//! hyper's client runs every connection in its own task and hands each request to it
+//! through a channel; for a proxy that is two task wake-ups and a channel round trip per
+//! request, about a third of the gateway's user-space time (see docs/performance.md).
+//! Here the exchange runs inside the request's own task: the request head is encoded
+//! once into one buffer, the response head is parsed with `httparse` straight from the
+//! read buffer (header values are slices of it, not copies), and the response body is
+//! read by the body itself as the client side consumes it. A connection goes back to
+//! its pool when the body has been read to the end.
+//!
+//! Framing follows RFC 9112: `Transfer-Encoding: chunked` (the last coding) is decoded,
+//! any other transfer coding makes the body run until the connection closes, a
+//! `Content-Length` is checked for consistency, a response with both has its
+//! `Content-Length` dropped and its connection closed afterwards; 1xx interim answers
+//! are skipped; responses to `HEAD` and 204/304 have no body. Trailers of a chunked
+//! response are read and dropped.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use portico_plugins::body::IdleTimeout;
+use portico_plugins::{Body, BoxError};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+
+use crate::pool::TargetPool;
+
+/// Largest response head accepted.
+pub const MAX_HEAD: usize = 64 << 10;
+/// Most header fields in a response head.
+pub const MAX_HEADERS: usize = 128;
+/// Largest chunk-size line or trailer section accepted.
+const MAX_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 << 10;
+/// Read size while a response body streams.
+const BODY_READ: usize = 64 << 10;
+/// Read size for a response head.
+const HEAD_READ: usize = 8 << 10;
+
+/// A connection to an upstream, plain or TLS.
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, b),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, b),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why an HTTP/1.1 exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The connection ended before any byte of an answer.
+    #[error("the upstream closed the connection without answering")]
+    Closed,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("invalid response head from the upstream: {0}")]
+    Parse(#[from] httparse::Error),
+    #[error("invalid response from the upstream: {0}")]
+    Framing(&'static str),
+    #[error("the upstream's response head is larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("the upstream closed the connection before the end of the response body")]
+    Truncated,
+    /// Reading the client's request body failed (it is the source).
+    #[error("the request body could not be read")]
+    RequestBody(#[source] BoxError),
+    #[error(transparent)]
+    Idle(#[from] IdleTimeout),
+}
+
+impl Error {
+    /// The connection was closed or reset by the upstream (a kept-alive connection it
+    /// had just given up on, when nothing of an answer arrived).
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Error::Closed => true,
+            Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// An HTTP/1.1 connection between exchanges.
+pub struct Conn {
+    io: Stream,
+    rbuf: BytesMut,
+}
+
+impl Conn {
+    pub fn new(io: Stream) -> Conn {
+        Conn {
+            io,
+            rbuf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the upstream has neither closed
+    /// it nor sent anything unasked. Never waits; costs no system call unless the socket
+    /// has become readable.
+    pub fn usable(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        self.rbuf.reserve(HEAD_READ);
+        matches!(
+            poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.rbuf),
+            Poll::Pending
+        )
+    }
+}
+
+/// How the request body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReqFraming {
+    /// No body and no `Content-Length`.
+    None,
+    Length(u64),
+    Chunked,
+}
+
+impl ReqFraming {
+    /// The framing for `body`: its exact length when known, else chunked. A request
+    /// without a body carries `Content-Length: 0` when the client sent one or the
+    /// method expects content.
+    pub fn of(parts: &http::request::Parts, body: &Body) -> ReqFraming {
+        use http_body::Body as _;
+        if body.is_end_stream() {
+            let expects = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+            if expects || parts.headers.contains_key(header::CONTENT_LENGTH) {
+                ReqFraming::Length(0)
+            } else {
+                ReqFraming::None
+            }
+        } else {
+            match body.size_hint().exact() {
+                Some(n) => ReqFraming::Length(n),
+                None => ReqFraming::Chunked,
+            }
+        }
+    }
+}
+
+/// Encode a request head. The URI must be in origin form (path and query); framing
+/// headers come from `framing`, not from `parts`.
+pub fn encode_head(buf: &mut BytesMut, parts: &http::request::Parts, framing: ReqFraming) -> Bytes {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut size = parts.method.as_str().len() + target.len() + 40;
+    for (n, v) in &parts.headers {
+        size += n.as_str().len() + v.len() + 4;
+    }
+    buf.reserve(size);
+    buf.extend_from_slice(parts.method.as_str().as_bytes());
+    buf.extend_from_slice(b" ");
+    buf.extend_from_slice(target.as_bytes());
+    buf.extend_from_slice(b" HTTP/1.1\r\n");
+    for (n, v) in &parts.headers {
+        if n == header::CONTENT_LENGTH || n == header::TRANSFER_ENCODING {
+            continue;
+        }
+        buf.extend_from_slice(n.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(v.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::None => {}
+        ReqFraming::Length(n) => {
+            buf.extend_from_slice(b"content-length: ");
+            buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+        ReqFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    buf.extend_from_slice(b"\r\n");
+    buf.split().freeze()
+}
+
+/// What is still to be written: the head, then chunk framing and data.
+#[derive(Default)]
+struct Out {
+    head: Bytes,
+    size_line: [u8; 20],
+    size_at: u8,
+    size_end: u8,
+    data: Bytes,
+    tail: &'static [u8],
+}
+
+impl Out {
+    fn is_empty(&self) -> bool {
+        self.head.is_empty()
+            && self.size_at == self.size_end
+            && self.data.is_empty()
+            && self.tail.is_empty()
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        let h = n.min(self.head.len());
+        self.head.advance(h);
+        n -= h;
+        let s = n.min(usize::from(self.size_end - self.size_at));
+        self.size_at += s as u8;
+        n -= s;
+        let d = n.min(self.data.len());
+        self.data.advance(d);
+        n -= d;
+        self.tail = &self.tail[n.min(self.tail.len())..];
+    }
+
+    fn chunk(&mut self, data: Bytes) {
+        let line = format_chunk_size(data.len(), &mut self.size_line);
+        self.size_at = 0;
+        self.size_end = line;
+        self.data = data;
+        self.tail = b"\r\n";
+    }
+
+    /// Write everything out (and flush, for TLS). `wrote` is set once any byte went.
+    fn poll_write(
+        &mut self,
+        io: &mut Stream,
+        cx: &mut Context<'_>,
+        wrote: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        while !self.is_empty() {
+            let slices = [
+                IoSlice::new(&self.head),
+                IoSlice::new(
+                    &self.size_line[usize::from(self.size_at)..usize::from(self.size_end)],
+                ),
+                IoSlice::new(&self.data),
+                IoSlice::new(self.tail),
+            ];
+            let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *wrote = true;
+            self.advance(n);
+        }
+        Pin::new(io).poll_flush(cx)
+    }
+}
+
+/// `{len:x}\r\n` into `buf`; returns its length.
+fn format_chunk_size(len: usize, buf: &mut [u8; 20]) -> u8 {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut v = len as u64;
+    loop {
+        i -= 1;
+        digits[i] = HEX[(v & 0xf) as usize];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    let n = digits.len() - i;
+    buf[..n].copy_from_slice(&digits[i..]);
+    buf[n] = b'\r';
+    buf[n + 1] = b'\n';
+    (n + 2) as u8
+}
+
+/// The request being written: its head, then its body.
+pub struct Sending {
+    out: Out,
+    body: Option<Body>,
+    chunked: bool,
+    /// Bytes the declared `Content-Length` still allows.
+    left: u64,
+    /// The body has been polled (it cannot be given back any more).
+    started: bool,
+    /// Any byte has been written to the connection.
+    pub wrote: bool,
+}
+
+/// Writing the request failed.
+pub enum SendFailure {
+    /// The connection failed (the upstream may still have answered).
+    Io(io::Error),
+    /// The client's body failed.
+    Body(BoxError),
+}
+
+impl Sending {
+    pub fn new(head: Bytes, body: Body, framing: ReqFraming) -> Sending {
+        use http_body::Body as _;
+        let has_body = !body.is_end_stream();
+        Sending {
+            out: Out {
+                head,
+                ..Out::default()
+            },
+            body: Some(body),
+            chunked: framing == ReqFraming::Chunked,
+            left: match framing {
+                ReqFraming::Length(n) => n,
+                _ => u64::MAX,
+            },
+            started: false,
+            wrote: false,
+        }
+        .ended_if(!has_body)
+    }
+
+    fn ended_if(mut self, end: bool) -> Sending {
+        if end {
+            self.body = None;
+        }
+        self
+    }
+
+    /// The body, if none of it has been read (so the request can be sent elsewhere).
+    pub fn take_unstarted_body(&mut self) -> Option<Body> {
+        if self.started {
+            None
+        } else {
+            Some(self.body.take().unwrap_or_default())
+        }
+    }
+
+    /// Start over with `head` on another connection (a body not yet started stays).
+    pub fn restart(&mut self, head: Bytes) {
+        self.out = Out {
+            head,
+            ..Out::default()
+        };
+        self.wrote = false;
+    }
+
+    /// Write the head and as much of the body as is available.
+    pub fn poll(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Poll<Result<(), SendFailure>> {
+        use http_body::Body as _;
+        loop {
+            ready!(self.out.poll_write(io, cx, &mut self.wrote)).map_err(SendFailure::Io)?;
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            self.started = true;
+            match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                None => {
+                    self.body = None;
+                    if self.chunked {
+                        self.out.tail = b"0\r\n\r\n";
+                    } else if self.left != 0 && self.left != u64::MAX {
+                        return Poll::Ready(Err(SendFailure::Body(
+                            "the request body ended before its Content-Length".into(),
+                        )));
+                    }
+                }
+                Some(Err(e)) => {
+                    self.body = None;
+                    return Poll::Ready(Err(SendFailure::Body(e)));
+                }
+                Some(Ok(frame)) => {
+                    let end = body.is_end_stream();
+                    if let Ok(data) = frame.into_data() {
+                        if !data.is_empty() {
+                            if self.chunked {
+                                self.out.chunk(data);
+                            } else {
+                                let n = data.len() as u64;
+                                if n > self.left {
+                                    self.body = None;
+                                    return Poll::Ready(Err(SendFailure::Body(
+                                        "the request body is longer than its Content-Length".into(),
+                                    )));
+                                }
+                                self.left -= n;
+                                self.out.data = data;
+                            }
+                        }
+                    }
+                    if end {
+                        self.body = None;
+                        if self.chunked {
+                            if self.out.tail.is_empty() {
+                                self.out.tail = b"0\r\n\r\n";
+                            } else {
+                                self.out.tail = b"\r\n0\r\n\r\n";
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.body.is_none() && self.out.is_empty()
+    }
+}
+
+/// A parsed response head and how its body is framed.
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: BodyFraming,
+    /// The connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    Length(u64),
+    Chunked,
+    /// Until the connection closes.
+    Close,
+}
+
+/// Send the request and read the response head, writing the body as long as the
+/// upstream has not answered. `got_bytes` tells whether any byte of an answer came.
+pub fn poll_exchange(
+    conn: &mut Conn,
+    sending: &mut Sending,
+    write_error: &mut Option<io::Error>,
+    head_request: bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, Error>> {
+    if write_error.is_none() && !sending.done() {
+        match sending.poll(&mut conn.io, cx) {
+            Poll::Ready(Ok(())) | Poll::Pending => {}
+            Poll::Ready(Err(SendFailure::Body(e))) => {
+                return Poll::Ready(Err(Error::RequestBody(e)))
+            }
+            // Keep reading: the upstream may have answered before it closed.
+            Poll::Ready(Err(SendFailure::Io(e))) => *write_error = Some(e),
+        }
+    }
+    loop {
+        if !conn.rbuf.is_empty() {
+            if let Some(head) = parse_head(&mut conn.rbuf, head_request)? {
+                return Poll::Ready(Ok(head));
+            }
+            if conn.rbuf.len() >= MAX_HEAD {
+                return Poll::Ready(Err(Error::HeadTooLarge));
+            }
+        }
+        if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
+            conn.rbuf.reserve(HEAD_READ);
+        }
+        let n = match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rbuf)) {
+            Ok(n) => n,
+            Err(e) => return Poll::Ready(Err(write_error.take().map_or(Error::Io(e), Error::Io))),
+        };
+        if n == 0 {
+            return Poll::Ready(Err(match (conn.rbuf.is_empty(), write_error.take()) {
+                (true, Some(e)) => Error::Io(e),
+                (true, None) => Error::Closed,
+                (false, _) => {
+                    Error::Framing("the connection closed in the middle of the response head")
+                }
+            }));
+        }
+    }
+}
+
+/// Parse a complete response head off the front of `rbuf`, skipping 1xx interim
+/// responses; `None` while it is incomplete.
+fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
+    loop {
+        let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
+            [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, rbuf, &mut slots);
+        let len = match parsed {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Framing("more than 128 header fields"))
+            }
+            Err(e) => return Err(Error::Parse(e)),
+        };
+        let code = resp.code.unwrap_or(0);
+        if (100..200).contains(&code) {
+            if code == 101 {
+                return Err(Error::Framing("switching protocols (101) is not supported"));
+            }
+            rbuf.advance(len);
+            continue;
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| Error::Framing("invalid status code"))?;
+        let version = if resp.version == Some(1) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        // Header values become slices of the head's bytes: keep their offsets.
+        let base = rbuf.as_ptr() as usize;
+        let count = resp.headers.len();
+        let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            *slot = (
+                n as u32,
+                (n + h.name.len()) as u32,
+                v as u32,
+                (v + h.value.len()) as u32,
+            );
+        }
+        let head = rbuf.split_to(len).freeze();
+        // Room for the headers the gateway adds (request id, policies' own).
+        let mut headers = HeaderMap::with_capacity(count + 4);
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut other_coding = false;
+        let mut close = false;
+        let mut keep = false;
+        for &(ns, ne, vs, ve) in &at[..count] {
+            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+                .map_err(|_| Error::Framing("invalid header name"))?;
+            let raw = &head[vs as usize..ve as usize];
+            if name == header::CONTENT_LENGTH {
+                for part in raw.split(|&b| b == b',') {
+                    let n = parse_length(part).ok_or(Error::Framing("invalid Content-Length"))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(Error::Framing("conflicting Content-Length values"));
+                    }
+                    length = Some(n);
+                }
+            } else if name == header::TRANSFER_ENCODING {
+                // Only the last coding decides; a later field overrides an earlier one.
+                for coding in raw.split(|&b| b == b',') {
+                    let c = coding.trim_ascii();
+                    if c.is_empty() {
+                        continue;
+                    }
+                    chunked = c.eq_ignore_ascii_case(b"chunked");
+                    other_coding = !chunked;
+                }
+            } else if name == header::CONNECTION {
+                for token in raw.split(|&b| b == b',') {
+                    let t = token.trim_ascii();
+                    close |= t.eq_ignore_ascii_case(b"close");
+                    keep |= t.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+                .map_err(|_| Error::Framing("invalid header value"))?;
+            headers.append(name, value);
+        }
+        let mut keep_alive = !close && (version == Version::HTTP_11 || keep);
+        let coded = chunked || other_coding;
+        let framing = if head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            BodyFraming::Length(0)
+        } else if coded {
+            if length.is_some() {
+                // Both: the transfer coding wins, the length goes, the connection too.
+                headers.remove(header::CONTENT_LENGTH);
+                keep_alive = false;
+            }
+            if chunked {
+                BodyFraming::Chunked
+            } else {
+                keep_alive = false;
+                BodyFraming::Close
+            }
+        } else if let Some(n) = length {
+            BodyFraming::Length(n)
+        } else {
+            keep_alive = false;
+            BodyFraming::Close
+        };
+        return Ok(Some(Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+fn parse_length(s: &[u8]) -> Option<u64> {
+    let s = s.trim_ascii();
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    Chunked(Chunk),
+    Close,
+    Done,
+}
+
+/// What decoding the buffered bytes gave.
+enum Step {
+    Data(Bytes),
+    More,
+    End,
+}
+
+/// A streamed response body read from an HTTP/1.1 connection; the connection goes back
+/// to its pool when the body has been read to the end.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    state: State,
+    /// The rest of the request, when the upstream answered before taking all of it.
+    sending: Option<Sending>,
+    keep_alive: bool,
+    pool: Option<Arc<TargetPool>>,
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl ResponseBody {
+    /// The body of `head`, read from `conn`. Returns `None` when there is no body (the
+    /// connection has then already been given back, when it can be).
+    pub fn new(
+        conn: Conn,
+        head: &Head,
+        sending: Sending,
+        pool: Option<Arc<TargetPool>>,
+        idle: Option<Duration>,
+    ) -> Option<ResponseBody> {
+        let state = match head.framing {
+            BodyFraming::Length(n) => State::Length(n),
+            BodyFraming::Chunked => State::Chunked(Chunk::Size),
+            BodyFraming::Close => State::Close,
+        };
+        let mut body = ResponseBody {
+            conn: Some(conn),
+            state,
+            sending: (!sending.done()).then_some(sending),
+            keep_alive: head.keep_alive,
+            pool,
+            idle,
+            timer: None,
+        };
+        if state == State::Length(0) {
+            body.finish();
+            return None;
+        }
+        Some(body)
+    }
+
+    /// The body is complete: give the connection back if it can carry another request.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        let conn = self.conn.take();
+        let sent = self.sending.take().is_none();
+        if let (Some(conn), Some(pool), true, true) =
+            (conn, self.pool.take(), self.keep_alive, sent)
+        {
+            if conn.rbuf.is_empty() {
+                pool.put_h1(conn);
+            }
+        }
+    }
+
+    /// Decode what is buffered, without reading.
+    fn step(&mut self) -> Result<Step, Error> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Step::End);
+        };
+        let buf = &mut conn.rbuf;
+        loop {
+            match &mut self.state {
+                State::Done | State::Length(0) => return Ok(Step::End),
+                State::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    return Ok(Step::Data(buf.split_to(n).freeze()));
+                }
+                State::Close => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                State::Chunked(c) => match c {
+                    Chunk::Size => {
+                        let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                            if buf.len() > MAX_LINE {
+                                return Err(Error::Framing("chunk size line too long"));
+                            }
+                            return Ok(Step::More);
+                        };
+                        if !buf.first().is_some_and(u8::is_ascii_hexdigit) {
+                            return Err(Error::Framing("invalid chunk size"));
+                        }
+                        let (used, size) = match httparse::parse_chunk_size(&buf[..=end]) {
+                            Ok(httparse::Status::Complete(r)) => r,
+                            _ => return Err(Error::Framing("invalid chunk size")),
+                        };
+                        buf.advance(used);
+                        *c = if size == 0 {
+                            Chunk::Trailers(0)
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(left) => {
+                        if buf.is_empty() {
+                            return Ok(Step::More);
+                        }
+                        let n = (*left).min(buf.len() as u64) as usize;
+                        *left -= n as u64;
+                        if *left == 0 {
+                            *c = Chunk::DataEnd;
+                        }
+                        return Ok(Step::Data(buf.split_to(n).freeze()));
+                    }
+                    Chunk::DataEnd => {
+                        if buf.len() < 2 {
+                            return Ok(Step::More);
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(Error::Framing("chunk data not followed by CRLF"));
+                        }
+                        buf.advance(2);
+                        *c = Chunk::Size;
+                    }
+                    Chunk::Trailers(seen) => {
+                        let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                            if *seen + buf.len() > MAX_TRAILERS {
+                                return Err(Error::Framing("trailer section too large"));
+                            }
+                            return Ok(Step::More);
+                        };
+                        let blank = end == 1 && buf[0] == b'\r';
+                        if end == 0 || (!blank && buf[end - 1] != b'\r') {
+                            return Err(Error::Framing("invalid trailer line"));
+                        }
+                        *seen += end + 1;
+                        if *seen > MAX_TRAILERS {
+                            return Err(Error::Framing("trailer section too large"));
+                        }
+                        buf.advance(end + 1);
+                        if blank {
+                            self.state = State::Done;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// After a data frame: if the rest of the message is already buffered and holds no
+    /// more data (the usual end of a chunked body), finish now, so that the connection
+    /// is back in the pool before the client side asks again.
+    fn settle(&mut self) -> Result<(), Error> {
+        let done = match self.state {
+            State::Length(0) | State::Done => true,
+            State::Chunked(Chunk::DataEnd) | State::Chunked(Chunk::Trailers(_)) => {
+                matches!(self.step()?, Step::End)
+            }
+            _ => false,
+        };
+        if done {
+            self.finish();
+        }
+        Ok(())
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        loop {
+            // Keep sending the request while the upstream still reads it.
+            if let (Some(s), Some(conn)) = (this.sending.as_mut(), this.conn.as_mut()) {
+                match s.poll(&mut conn.io, cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(())) => this.sending = None,
+                    Poll::Ready(Err(_)) => {
+                        this.sending = None;
+                        this.keep_alive = false;
+                    }
+                }
+            }
+            match this.step() {
+                Err(e) => {
+                    this.conn = None;
+                    this.state = State::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::Data(data)) => {
+                    if let (Some(t), Some(d)) = (this.timer.as_mut(), this.idle) {
+                        t.as_mut().reset(Instant::now() + d);
+                    }
+                    if let Err(e) = this.settle() {
+                        this.conn = None;
+                        this.state = State::Done;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::More) => {}
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let want = match this.state {
+                State::Length(n) | State::Chunked(Chunk::Data(n)) => {
+                    (n as usize).clamp(HEAD_READ, BODY_READ)
+                }
+                _ => BODY_READ,
+            };
+            if conn.rbuf.capacity() - conn.rbuf.len() < want / 2 {
+                conn.rbuf.reserve(want);
+            }
+            match poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rbuf) {
+                Poll::Ready(Ok(0)) => {
+                    if this.state == State::Close {
+                        this.keep_alive = false;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    this.conn = None;
+                    this.state = State::Done;
+                    return Poll::Ready(Some(Err(Error::Truncated)));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    this.state = State::Done;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
+                Poll::Pending => {
+                    let Some(d) = this.idle else {
+                        return Poll::Pending;
+                    };
+                    let t = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+                    return match t.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            this.conn = None;
+                            this.state = State::Done;
+                            Poll::Ready(Some(Err(Error::Idle(IdleTimeout(d)))))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done | State::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn head(raw: &[u8], head_request: bool) -> Result<Option<Head>, Error> {
+        let mut b = BytesMut::from(raw);
+        parse_head(&mut b, head_request)
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, BodyFraming::Length(5));
+        assert!(h.keep_alive);
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, BodyFraming::Chunked);
+        assert!(!h.keep_alive, "both framings: the connection is not reused");
+        assert!(h.headers.get("content-length").is_none());
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, BodyFraming::Close);
+        let h = head(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let h = head(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.keep_alive);
+        let h = head(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(h.framing, BodyFraming::Close);
+        assert!(!h.keep_alive);
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, BodyFraming::Length(0), "no body for HEAD");
+        let h = head(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, BodyFraming::Length(0));
+        let h = head(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.status, 201, "interim answers are skipped");
+        assert!(head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            false
+        )
+        .is_err());
+        assert!(head(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", false).is_ok());
+        assert!(head(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false).is_err());
+        assert!(head(b"HTTP/1.1 200 OK\r\nContent-Le", false)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        let mut b = [0u8; 20];
+        let n = format_chunk_size(0x1f40, &mut b);
+        assert_eq!(&b[..usize::from(n)], b"1f40\r\n");
+        let n = format_chunk_size(1, &mut b);
+        assert_eq!(&b[..usize::from(n)], b"1\r\n");
+    }
+
+    #[test]
+    fn out_advances_across_segments() {
+        let mut o = Out {
+            head: Bytes::from_static(b"HEAD"),
+            ..Out::default()
+        };
+        o.chunk(Bytes::from_static(b"abc"));
+        o.advance(5);
+        assert!(o.head.is_empty());
+        assert_eq!(o.size_at, 1);
+        o.advance(2 + 3 + 1);
+        assert!(o.data.is_empty());
+        assert_eq!(o.tail, b"\n");
+        o.advance(1);
+        assert!(o.is_empty());
+    }
+}
