@@ -79,6 +79,13 @@ pub trait Policy: Send + Sync + 'static {
         Step::cont()
     }
 
+    /// Whether [`Policy::upstream_request`] is implemented. The gateway's own upstream
+    /// headers (`Host`, `X-Forwarded-*`, `X-Request-Id`) are only put into the request's
+    /// header map (where such a policy can see and change them) when one is.
+    fn edits_upstream_request(&self) -> bool {
+        false
+    }
+
     /// Phase 2, just before the request goes upstream (after path rewrite). Default: nothing.
     fn upstream_request(&self, ctx: &mut Ctx, req: &mut http::request::Parts) {
         let _ = (ctx, req);

@@ -15,7 +15,7 @@ use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use portico_plugins::body::{BodyTooLarge, IdleTimeout};
 use portico_plugins::{Body, ErrorKind, GatewayError};
-use portico_upstream::{ConnectTimeout, SendError, Upstream};
+use portico_upstream::{ConnectTimeout, Field, Overlay, SendError, Upstream};
 use tokio::time::Instant;
 
 use crate::bodyclock::{self, BodyClock};
@@ -25,10 +25,9 @@ use crate::snapshot::{CompiledRoute, Snapshot};
 
 const MAX_TRIES: usize = 3;
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) use portico_upstream::overlay::{
+    X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
+};
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -144,15 +143,17 @@ pub async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut parts.headers);
-    // Room for the four headers added below, so the map grows at most once.
-    parts.headers.reserve(4);
-    forwarded_headers(snap, conn, &mut parts.headers, client_host.as_ref());
-    if let Some(v) = fin.request_id_hv.clone() {
-        parts.headers.insert(&X_REQUEST_ID, v);
-    }
+    let mut overlay = Overlay {
+        request_id: fin.request_id_hv.clone().map_or(Field::Keep, Field::Set),
+        ..forwarded_headers(snap, conn, &parts.headers, client_host.as_ref())
+    };
     parts.version = Version::HTTP_11;
-    for entry in &route.chain {
-        entry.policy.upstream_request(&mut fin.ctx, &mut parts);
+    if route.edits_upstream_request {
+        // The policies see (and may change) the headers as they will be sent.
+        overlay.apply(&mut parts.headers);
+        for entry in &route.chain {
+            entry.policy.upstream_request(&mut fin.ctx, &mut parts);
+        }
     }
 
     // Retries: a request none of which was sent (the connection could not be made) goes
@@ -170,20 +171,18 @@ pub async fn forward(
     let mut tried: [usize; MAX_TRIES] = [usize::MAX; MAX_TRIES];
     let mut last_err = None;
     for attempt in 0..MAX_TRIES {
-        let Some(mut request) = req.take() else { break };
+        let Some(request) = req.take() else { break };
         let Some(idx) = up.pick(&tried[..attempt]) else {
             break;
         };
         tried[attempt] = idx;
         let target = &up.targets[idx];
         fin.target = Some(target.url.clone());
-        if !route.preserve_host {
-            request
-                .headers_mut()
-                .insert(header::HOST, target.host_header.clone());
-        } else if let Some(h) = &client_host {
-            request.headers_mut().insert(header::HOST, h.clone());
-        }
+        overlay.host = if !route.preserve_host {
+            Field::Set(target.host_header.clone())
+        } else {
+            client_host.clone().map_or(Field::Keep, Field::Set)
+        };
         let sent = Instant::now();
         target.health.start();
         // Boxed: the exchange's state is large and would otherwise be copied each time
@@ -191,6 +190,7 @@ pub async fn forward(
         let result = bodyclock::send(
             Box::pin(target.pool.send(
                 request,
+                &overlay,
                 route.timeouts.connect.0,
                 Some(route.timeouts.idle.0),
                 replayable,
@@ -239,9 +239,9 @@ pub async fn forward(
 fn forwarded_headers(
     snap: &Snapshot,
     conn: &ConnInfo,
-    h: &mut HeaderMap,
+    h: &HeaderMap,
     host: Option<&HeaderValue>,
-) {
+) -> Overlay {
     let peer = conn.peer_ip;
     let trusted =
         !snap.trusted_proxies.is_empty() && snap.trusted_proxies.iter().any(|n| n.contains(&peer));
@@ -255,32 +255,32 @@ fn forwarded_headers(
     } else {
         None
     };
-    match prior {
+    let forwarded_for = match prior {
         Some(p) => {
             let xff = format!("{p}, {}", conn.peer_header.to_str().unwrap_or_default());
-            if let Ok(v) = HeaderValue::from_str(&xff) {
-                h.insert(&X_FORWARDED_FOR, v);
-            }
+            HeaderValue::from_str(&xff).map_or(Field::Keep, Field::Set)
         }
-        None => {
-            h.insert(&X_FORWARDED_FOR, conn.peer_header.clone());
-        }
-    }
-    if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
-        h.insert(
-            &X_FORWARDED_PROTO,
-            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-        );
-    }
-    if !(trusted && h.contains_key(&X_FORWARDED_HOST)) {
-        match host {
-            Some(v) => {
-                h.insert(&X_FORWARDED_HOST, v.clone());
-            }
-            None => {
-                h.remove(&X_FORWARDED_HOST);
-            }
-        }
+        None => Field::Set(conn.peer_header.clone()),
+    };
+    let forwarded_proto = if trusted && h.contains_key(&X_FORWARDED_PROTO) {
+        Field::Keep
+    } else {
+        Field::Set(HeaderValue::from_static(if conn.tls {
+            "https"
+        } else {
+            "http"
+        }))
+    };
+    let forwarded_host = if trusted && h.contains_key(&X_FORWARDED_HOST) {
+        Field::Keep
+    } else {
+        host.cloned().map_or(Field::Remove, Field::Set)
+    };
+    Overlay {
+        forwarded_for,
+        forwarded_proto,
+        forwarded_host,
+        ..Overlay::default()
     }
 }
 

@@ -330,17 +330,11 @@ fn request_id(h: &http::HeaderMap) -> String {
         }
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 32];
-    for (i, x) in [fastrand::u64(..), fastrand::u64(..)]
-        .into_iter()
-        .enumerate()
-    {
-        for (j, byte) in x.to_be_bytes().into_iter().enumerate() {
-            let k = i * 16 + j * 2;
-            buf[k] = HEX[usize::from(byte >> 4)];
-            buf[k + 1] = HEX[usize::from(byte & 0xf)];
-        }
+    let mut s = String::with_capacity(32);
+    let mut x = fastrand::u128(..);
+    for _ in 0..32 {
+        s.push(char::from(HEX[(x & 0xf) as usize]));
+        x >>= 4;
     }
-    // Only ASCII hex digits were written.
-    String::from_utf8_lossy(&buf).into_owned()
+    s
 }

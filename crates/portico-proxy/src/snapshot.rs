@@ -30,6 +30,8 @@ pub struct CompiledRoute {
     pub chain: Vec<ChainEntry>,
     /// How many leading entries of `chain` are request hygiene.
     pub hygiene: usize,
+    /// Some policy of `chain` edits the upstream request (`Policy::upstream_request`).
+    pub edits_upstream_request: bool,
     pub metrics: Arc<RouteMetrics>,
     pub config: Route,
 }
@@ -111,6 +113,7 @@ pub fn compile(
             .iter()
             .take_while(|e| e.priority >= HYGIENE_PRIORITY)
             .count();
+        let edits_upstream_request = chain.iter().any(|e| e.policy.edits_upstream_request());
         let upstream = r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned());
         let base = upstream.as_ref().map(|u| u.timeouts).unwrap_or_default();
         let timeouts = Timeouts {
@@ -160,6 +163,7 @@ pub fn compile(
             timeouts,
             chain,
             hygiene,
+            edits_upstream_request,
             config: r.clone(),
         }));
     }

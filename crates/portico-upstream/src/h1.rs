@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
+use crate::overlay::Overlay;
 use crate::pool::TargetPool;
 
 /// Largest response head accepted.
@@ -212,10 +213,16 @@ impl ReqFraming {
 }
 
 /// Encode a request head. The URI must be in origin form (path and query); framing
-/// headers come from `framing`, not from `parts`.
-pub fn encode_head(buf: &mut BytesMut, parts: &http::request::Parts, framing: ReqFraming) -> Bytes {
+/// headers come from `framing`, not from `parts`; the fields of `overlay` replace the
+/// request's own.
+pub fn encode_head(
+    buf: &mut BytesMut,
+    parts: &http::request::Parts,
+    overlay: &Overlay,
+    framing: ReqFraming,
+) -> Bytes {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut size = parts.method.as_str().len() + target.len() + 40;
+    let mut size = parts.method.as_str().len() + target.len() + 40 + overlay.encoded_len();
     for (n, v) in &parts.headers {
         size += n.as_str().len() + v.len() + 4;
     }
@@ -225,7 +232,7 @@ pub fn encode_head(buf: &mut BytesMut, parts: &http::request::Parts, framing: Re
     buf.extend_from_slice(target.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
     for (n, v) in &parts.headers {
-        if n == header::CONTENT_LENGTH || n == header::TRANSFER_ENCODING {
+        if n == header::CONTENT_LENGTH || n == header::TRANSFER_ENCODING || overlay.overrides(n) {
             continue;
         }
         buf.extend_from_slice(n.as_str().as_bytes());
@@ -233,6 +240,7 @@ pub fn encode_head(buf: &mut BytesMut, parts: &http::request::Parts, framing: Re
         buf.extend_from_slice(v.as_bytes());
         buf.extend_from_slice(b"\r\n");
     }
+    overlay.encode(buf);
     match framing {
         ReqFraming::None => {}
         ReqFraming::Length(n) => {

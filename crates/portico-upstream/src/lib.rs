@@ -13,6 +13,7 @@ pub mod balance;
 pub mod client;
 pub mod h1;
 pub mod health;
+pub mod overlay;
 pub mod pool;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use portico_config::model::{
 pub use balance::Schedule;
 pub use client::{ClientError, ConnectTimeout};
 pub use health::{ms_at, now_ms, TargetHealth};
+pub use overlay::{Field, Overlay};
 pub use pool::{Connector, Failed, SendError, TargetPool};
 
 /// One target of a compiled upstream.

@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::h1::{self, ReqFraming, ResponseBody, Sending, Stream};
+use crate::overlay::Overlay;
 
 /// How long an idle pooled connection is kept.
 const IDLE_KEEP: Duration = Duration::from_secs(90);
@@ -124,6 +125,14 @@ enum Conn {
     H2(http2::SendRequest<Body>),
 }
 
+/// The limits of one exchange (see [`TargetPool::send`]).
+#[derive(Clone, Copy)]
+struct Terms {
+    connect: Duration,
+    idle: Option<Duration>,
+    replayable: bool,
+}
+
 /// How one attempt on a connection ended.
 enum Outcome {
     Done(Result<Response<Body>, Failed>),
@@ -217,10 +226,12 @@ impl TargetPool {
     /// body. `replayable` says the request may be sent twice (idempotent, no body): then
     /// a pooled connection that turns out closed by the upstream (its keep-alive timeout
     /// racing with our request) is replaced by a fresh one and the request sent again.
-    /// On failure the request comes back when nothing of it was sent.
+    /// `overlay` holds the gateway's own headers (applied over the request's). On
+    /// failure the request comes back when nothing of it was sent.
     pub async fn send(
         &self,
         req: Request<Body>,
+        overlay: &Overlay,
         connect: Duration,
         idle: Option<Duration>,
         replayable: bool,
@@ -243,10 +254,14 @@ impl TargetPool {
         loop {
             let outcome = match conn {
                 Conn::H1(c) => {
-                    self.send_h1(c, reused, req, connect, idle, replayable)
-                        .await
+                    let t = Terms {
+                        connect,
+                        idle,
+                        replayable,
+                    };
+                    self.send_h1(c, reused, req, overlay, t).await
                 }
-                Conn::H2(c) => self.send_h2(c, reused, req, connect, idle).await,
+                Conn::H2(c) => self.send_h2(c, reused, req, overlay, connect, idle).await,
             };
             match outcome {
                 Outcome::Done(r) => return r,
@@ -260,13 +275,17 @@ impl TargetPool {
         mut conn: h1::Conn,
         mut reused: bool,
         req: Request<Body>,
-        connect: Duration,
-        idle: Option<Duration>,
-        replayable: bool,
+        overlay: &Overlay,
+        t: Terms,
     ) -> Outcome {
+        let Terms {
+            connect,
+            idle,
+            replayable,
+        } = t;
         let (parts, body) = req.into_parts();
         let framing = ReqFraming::of(&parts, &body);
-        let head = h1::encode_head(&mut BytesMut::new(), &parts, framing);
+        let head = h1::encode_head(&mut BytesMut::new(), &parts, overlay, framing);
         let head_request = parts.method == Method::HEAD;
         let mut sending = Sending::new(head.clone(), body, framing);
         loop {
@@ -332,9 +351,11 @@ impl TargetPool {
         mut conn: http2::SendRequest<Body>,
         mut reused: bool,
         mut req: Request<Body>,
+        overlay: &Overlay,
         connect: Duration,
         idle: Option<Duration>,
     ) -> Outcome {
+        overlay.clone().apply(req.headers_mut());
         *req.version_mut() = Version::HTTP_2;
         self.absolute_form(req.uri_mut());
         loop {

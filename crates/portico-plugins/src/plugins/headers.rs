@@ -181,6 +181,9 @@ impl Policy for RequestHeaders {
     fn name(&self) -> &'static str {
         "request-transformer"
     }
+    fn edits_upstream_request(&self) -> bool {
+        true
+    }
     fn upstream_request(&self, ctx: &mut Ctx, req: &mut http::request::Parts) {
         let mut headers = std::mem::take(&mut req.headers);
         self.0.apply(ctx, Some(req), &mut headers);
