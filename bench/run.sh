@@ -272,6 +272,12 @@ http {
             proxy_pass http://hello;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            # The headers Portico always sends upstream, so every upstream parses the
+            # same request.
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$http_host;
+            proxy_set_header X-Request-Id \$request_id;
         }
     }
 }
@@ -299,6 +305,13 @@ defaults
 
 frontend fe
     bind 127.0.0.1:$HAPROXY_PORT
+    # The headers Portico always sends upstream, so every upstream parses the same
+    # request.
+    option forwardfor
+    unique-id-format %[uuid()]
+    unique-id-header X-Request-Id
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
     default_backend be
 
 backend be

@@ -254,9 +254,11 @@ pub fn encode_head(
     buf.split().freeze()
 }
 
-/// What is still to be written: the head, then chunk framing and data.
+/// What is still to be written: a message head, then one piece of body (with its
+/// chunk framing when chunked), then a tail (`\r\n`, the last chunk). Written with
+/// one vectored write when the socket takes it all.
 #[derive(Default)]
-struct Out {
+pub struct Out {
     head: Bytes,
     size_line: [u8; 20],
     size_at: u8,
@@ -266,7 +268,33 @@ struct Out {
 }
 
 impl Out {
-    fn is_empty(&self) -> bool {
+    pub fn with_head(head: Bytes) -> Out {
+        Out {
+            head,
+            ..Out::default()
+        }
+    }
+
+    /// Body data sent as it is (a length-delimited or close-delimited body).
+    pub fn data(&mut self, data: Bytes) {
+        self.data = data;
+    }
+
+    /// No body data is waiting to be written (a head or tail may be).
+    pub fn has_data(&self) -> bool {
+        !self.data.is_empty()
+    }
+
+    /// End a chunked body: the last chunk, after the chunk in flight if any.
+    pub fn last_chunk(&mut self) {
+        self.tail = if self.tail.is_empty() {
+            b"0\r\n\r\n"
+        } else {
+            b"\r\n0\r\n\r\n"
+        };
+    }
+
+    pub fn is_empty(&self) -> bool {
         self.head.is_empty()
             && self.size_at == self.size_end
             && self.data.is_empty()
@@ -286,7 +314,8 @@ impl Out {
         self.tail = &self.tail[n.min(self.tail.len())..];
     }
 
-    fn chunk(&mut self, data: Bytes) {
+    /// Body data sent as one chunk.
+    pub fn chunk(&mut self, data: Bytes) {
         let line = format_chunk_size(data.len(), &mut self.size_line);
         self.size_at = 0;
         self.size_end = line;
@@ -295,9 +324,9 @@ impl Out {
     }
 
     /// Write everything out (and flush, for TLS). `wrote` is set once any byte went.
-    fn poll_write(
+    pub fn poll_write<W: AsyncWrite + Unpin>(
         &mut self,
-        io: &mut Stream,
+        io: &mut W,
         cx: &mut Context<'_>,
         wrote: &mut bool,
     ) -> Poll<io::Result<()>> {
@@ -372,7 +401,7 @@ impl Sending {
                 head,
                 ..Out::default()
             },
-            body: Some(body),
+            body: has_body.then_some(body),
             chunked: framing == ReqFraming::Chunked,
             left: match framing {
                 ReqFraming::Length(n) => n,
@@ -381,14 +410,6 @@ impl Sending {
             started: false,
             wrote: false,
         }
-        .ended_if(!has_body)
-    }
-
-    fn ended_if(mut self, end: bool) -> Sending {
-        if end {
-            self.body = None;
-        }
-        self
     }
 
     /// The body, if none of it has been read (so the request can be sent elsewhere).
@@ -455,11 +476,7 @@ impl Sending {
                     if end {
                         self.body = None;
                         if self.chunked {
-                            if self.out.tail.is_empty() {
-                                self.out.tail = b"0\r\n\r\n";
-                            } else {
-                                self.out.tail = b"\r\n0\r\n\r\n";
-                            }
+                            self.out.last_chunk();
                         }
                     }
                 }
@@ -686,76 +703,71 @@ enum State {
 }
 
 /// What decoding the buffered bytes gave.
-enum Step {
+pub enum Step {
     Data(Bytes),
+    /// More bytes are needed.
     More,
     End,
 }
 
-/// A streamed response body read from an HTTP/1.1 connection; the connection goes back
-/// to its pool when the body has been read to the end.
-pub struct ResponseBody {
-    conn: Option<Conn>,
+/// Decodes an HTTP/1.1 message body from a read buffer: by length, chunked (trailers
+/// read and dropped), or until the connection closes. Shared by the upstream client
+/// (response bodies) and the gateway's server (request bodies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoder {
     state: State,
-    /// The rest of the request, when the upstream answered before taking all of it.
-    sending: Option<Sending>,
-    keep_alive: bool,
-    pool: Option<Arc<TargetPool>>,
-    idle: Option<Duration>,
-    timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl ResponseBody {
-    /// The body of `head`, read from `conn`. Returns `None` when there is no body (the
-    /// connection has then already been given back, when it can be).
-    pub fn new(
-        conn: Conn,
-        head: &Head,
-        sending: Sending,
-        pool: Option<Arc<TargetPool>>,
-        idle: Option<Duration>,
-    ) -> Option<ResponseBody> {
-        let state = match head.framing {
+impl Decoder {
+    pub fn new(framing: BodyFraming) -> Decoder {
+        let state = match framing {
             BodyFraming::Length(n) => State::Length(n),
             BodyFraming::Chunked => State::Chunked(Chunk::Size),
             BodyFraming::Close => State::Close,
         };
-        let mut body = ResponseBody {
-            conn: Some(conn),
-            state,
-            sending: (!sending.done()).then_some(sending),
-            keep_alive: head.keep_alive,
-            pool,
-            idle,
-            timer: None,
-        };
-        if state == State::Length(0) {
-            body.finish();
-            return None;
-        }
-        Some(body)
+        Decoder { state }
     }
 
-    /// The body is complete: give the connection back if it can carry another request.
-    fn finish(&mut self) {
+    /// The body has been decoded to its end.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done | State::Length(0))
+    }
+
+    /// The body runs until the connection closes.
+    pub fn until_close(&self) -> bool {
+        self.state == State::Close
+    }
+
+    pub fn finish(&mut self) {
         self.state = State::Done;
-        let conn = self.conn.take();
-        let sent = self.sending.take().is_none();
-        if let (Some(conn), Some(pool), true, true) =
-            (conn, self.pool.take(), self.keep_alive, sent)
-        {
-            if conn.rbuf.is_empty() {
-                pool.put_h1(conn);
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// How much to read next.
+    pub fn read_size(&self) -> usize {
+        match self.state {
+            State::Length(n) | State::Chunked(Chunk::Data(n)) => {
+                (n as usize).clamp(HEAD_READ, BODY_READ)
             }
+            _ => BODY_READ,
         }
     }
 
     /// Decode what is buffered, without reading.
-    fn step(&mut self) -> Result<Step, Error> {
-        let Some(conn) = self.conn.as_mut() else {
-            return Ok(Step::End);
-        };
-        let buf = &mut conn.rbuf;
+    pub fn step(&mut self, buf: &mut BytesMut) -> Result<Step, Error> {
+        self.advance(buf, false)
+    }
+
+    /// Decode what is buffered; with `framing_only`, stop before any data (answer
+    /// [`Step::More`] there, the data left in `buf` for the next call).
+    fn advance(&mut self, buf: &mut BytesMut, framing_only: bool) -> Result<Step, Error> {
         loop {
             match &mut self.state {
                 State::Done | State::Length(0) => return Ok(Step::End),
@@ -796,7 +808,7 @@ impl ResponseBody {
                         };
                     }
                     Chunk::Data(left) => {
-                        if buf.is_empty() {
+                        if buf.is_empty() || framing_only {
                             return Ok(Step::More);
                         }
                         let n = (*left).min(buf.len() as u64) as usize;
@@ -842,20 +854,76 @@ impl ResponseBody {
     }
 
     /// After a data frame: if the rest of the message is already buffered and holds no
-    /// more data (the usual end of a chunked body), finish now, so that the connection
-    /// is back in the pool before the client side asks again.
-    fn settle(&mut self) -> Result<(), Error> {
-        let done = match self.state {
+    /// more data (the usual end of a chunked body), reach the end now. Returns whether
+    /// the body is done.
+    pub fn settle(&mut self, buf: &mut BytesMut) -> Result<bool, Error> {
+        Ok(match self.state {
             State::Length(0) | State::Done => true,
             State::Chunked(Chunk::DataEnd) | State::Chunked(Chunk::Trailers(_)) => {
-                matches!(self.step()?, Step::End)
+                matches!(self.advance(buf, true)?, Step::End)
             }
             _ => false,
+        })
+    }
+}
+
+/// A streamed response body read from an HTTP/1.1 connection; the connection goes back
+/// to its pool when the body has been read to the end.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    decoder: Decoder,
+    /// The rest of the request, when the upstream answered before taking all of it.
+    sending: Option<Sending>,
+    keep_alive: bool,
+    pool: Option<Arc<TargetPool>>,
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl ResponseBody {
+    /// The body of `head`, read from `conn`. Returns `None` when there is no body (the
+    /// connection has then already been given back, when it can be).
+    pub fn new(
+        conn: Conn,
+        head: &Head,
+        sending: Sending,
+        pool: Option<Arc<TargetPool>>,
+        idle: Option<Duration>,
+    ) -> Option<ResponseBody> {
+        let mut body = ResponseBody {
+            conn: Some(conn),
+            decoder: Decoder::new(head.framing),
+            sending: (!sending.done()).then_some(sending),
+            keep_alive: head.keep_alive,
+            pool,
+            idle,
+            timer: None,
         };
-        if done {
-            self.finish();
+        if body.decoder.is_done() {
+            body.finish();
+            return None;
         }
-        Ok(())
+        Some(body)
+    }
+
+    /// The body is complete: give the connection back if it can carry another request.
+    fn finish(&mut self) {
+        self.decoder.finish();
+        let conn = self.conn.take();
+        let sent = self.sending.take().is_none();
+        if let (Some(conn), Some(pool), true, true) =
+            (conn, self.pool.take(), self.keep_alive, sent)
+        {
+            if conn.rbuf.is_empty() {
+                pool.put_h1(conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.conn = None;
+        self.decoder.finish();
+        Poll::Ready(Some(Err(e)))
     }
 }
 
@@ -869,8 +937,11 @@ impl http_body::Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
         loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
             // Keep sending the request while the upstream still reads it.
-            if let (Some(s), Some(conn)) = (this.sending.as_mut(), this.conn.as_mut()) {
+            if let Some(s) = this.sending.as_mut() {
                 match s.poll(&mut conn.io, cx) {
                     Poll::Pending => {}
                     Poll::Ready(Ok(())) => this.sending = None,
@@ -880,12 +951,8 @@ impl http_body::Body for ResponseBody {
                     }
                 }
             }
-            match this.step() {
-                Err(e) => {
-                    this.conn = None;
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(e)));
-                }
+            match this.decoder.step(&mut conn.rbuf) {
+                Err(e) => return this.fail(e),
                 Ok(Step::End) => {
                     this.finish();
                     return Poll::Ready(None);
@@ -894,44 +961,30 @@ impl http_body::Body for ResponseBody {
                     if let (Some(t), Some(d)) = (this.timer.as_mut(), this.idle) {
                         t.as_mut().reset(Instant::now() + d);
                     }
-                    if let Err(e) = this.settle() {
-                        this.conn = None;
-                        this.state = State::Done;
-                        return Poll::Ready(Some(Err(e)));
+                    match this.decoder.settle(&mut conn.rbuf) {
+                        Err(e) => return this.fail(e),
+                        Ok(true) => this.finish(),
+                        Ok(false) => {}
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Ok(Step::More) => {}
             }
-            let Some(conn) = this.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let want = match this.state {
-                State::Length(n) | State::Chunked(Chunk::Data(n)) => {
-                    (n as usize).clamp(HEAD_READ, BODY_READ)
-                }
-                _ => BODY_READ,
-            };
+            let want = this.decoder.read_size();
             if conn.rbuf.capacity() - conn.rbuf.len() < want / 2 {
                 conn.rbuf.reserve(want);
             }
             match poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rbuf) {
                 Poll::Ready(Ok(0)) => {
-                    if this.state == State::Close {
+                    if this.decoder.until_close() {
                         this.keep_alive = false;
                         this.finish();
                         return Poll::Ready(None);
                     }
-                    this.conn = None;
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(Error::Truncated)));
+                    return this.fail(Error::Truncated);
                 }
                 Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => {
-                    this.conn = None;
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(Error::Io(e))));
-                }
+                Poll::Ready(Err(e)) => return this.fail(Error::Io(e)),
                 Poll::Pending => {
                     let Some(d) = this.idle else {
                         return Poll::Pending;
@@ -940,11 +993,7 @@ impl http_body::Body for ResponseBody {
                         .timer
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
                     return match t.as_mut().poll(cx) {
-                        Poll::Ready(()) => {
-                            this.conn = None;
-                            this.state = State::Done;
-                            Poll::Ready(Some(Err(Error::Idle(IdleTimeout(d)))))
-                        }
+                        Poll::Ready(()) => this.fail(Error::Idle(IdleTimeout(d))),
                         Poll::Pending => Poll::Pending,
                     };
                 }
@@ -953,15 +1002,11 @@ impl http_body::Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, State::Done | State::Length(0))
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            State::Length(n) => SizeHint::with_exact(n),
-            State::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
 
@@ -1040,6 +1085,28 @@ mod tests {
         assert!(head(b"HTTP/1.1 200 OK\r\nContent-Le", false)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn chunks_buffered_together_are_all_decoded() {
+        let mut buf = BytesMut::from(&b"1\r\na\r\n1\r\nb\r\n2\r\ncd\r\n0\r\nx-t: 1\r\n\r\n"[..]);
+        let mut d = Decoder::new(BodyFraming::Chunked);
+        let mut got = Vec::new();
+        loop {
+            match d.step(&mut buf).unwrap() {
+                Step::Data(b) => {
+                    got.extend_from_slice(&b);
+                    if d.settle(&mut buf).unwrap() {
+                        break;
+                    }
+                }
+                Step::End => break,
+                Step::More => panic!("everything is buffered"),
+            }
+        }
+        assert_eq!(got, b"abcd");
+        assert!(d.is_done());
+        assert!(buf.is_empty());
     }
 
     #[test]
