@@ -22,6 +22,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("no body data for {0:?} (idle timeout)")]
 pub struct IdleTimeout(pub Duration);
 
+/// A request body read from a client connection by the gateway's own HTTP/1.1 server,
+/// which the pipeline configures once the route is known.
+pub trait ClientBody: http_body::Body<Data = Bytes, Error = BoxError> + Send + Unpin {
+    /// Fail when no data arrives for `idle`; add the data bytes read to `counter`.
+    fn configure(&mut self, idle: Option<Duration>, counter: Option<Arc<AtomicU64>>);
+}
+
 /// A request or response body.
 #[derive(Default)]
 pub enum Body {
@@ -36,6 +43,7 @@ pub enum Body {
         counter: Option<Arc<AtomicU64>>,
     },
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
+    Client(Box<dyn ClientBody>),
 }
 
 impl Body {
@@ -67,6 +75,23 @@ impl Body {
         }
     }
 
+    /// Apply the route's idle timeout and a byte counter to a body read from the
+    /// client (no effect on other bodies).
+    pub fn configure(&mut self, idle: Option<Duration>, counter: Option<Arc<AtomicU64>>) {
+        match self {
+            Body::Incoming {
+                idle: i,
+                counter: c,
+                ..
+            } => {
+                *i = idle;
+                *c = counter;
+            }
+            Body::Client(b) => b.configure(idle, counter),
+            _ => {}
+        }
+    }
+
     /// Box any body.
     pub fn boxed<B>(b: B) -> Body
     where
@@ -90,6 +115,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
+            Body::Client(b) => Pin::new(&mut **b).poll_frame(cx),
             Body::Incoming {
                 inner,
                 idle,
@@ -125,6 +151,7 @@ impl http_body::Body for Body {
             Body::Full(d) => d.is_none(),
             Body::Incoming { inner, .. } => inner.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
+            Body::Client(b) => b.is_end_stream(),
         }
     }
 
@@ -134,6 +161,7 @@ impl http_body::Body for Body {
             Body::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Incoming { inner, .. } => inner.size_hint(),
             Body::Boxed(b) => b.size_hint(),
+            Body::Client(b) => b.size_hint(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod access_log;
 pub mod bodyclock;
 pub mod forward;
 pub mod gateway;
+pub mod h1server;
 pub mod logbody;
 pub mod metrics;
 pub mod pipeline;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use http::header::{HeaderValue, ALLOW, HOST};
 use http::{Request, Response};
-use hyper::body::Incoming;
 use portico_plugins::{client_ip, Body, Ctx, ErrorKind, Flow, GatewayError};
 use portico_router::{normalize_host, normalize_path, Match, Params};
 use tokio::time::Instant;
@@ -53,7 +52,7 @@ impl ConnInfo {
 pub async fn handle(
     gw: Arc<Gateway>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> Result<Response<LogBody>, Infallible> {
     let started = Instant::now();
     let snap = gw.snapshot();
@@ -77,13 +76,13 @@ pub async fn handle(
     fin.bytes_in = body_len.unwrap_or(0);
 
     if let Some(e) = check_limits(&snap, &parts).or_else(|| check_framing(&parts)) {
-        linger(Body::incoming(body, None), parts.version);
+        linger(body, parts.version);
         return Ok(fin.error(e));
     }
     let path = match normalize_path(parts.uri.path()) {
         Ok(p) => p.into_owned(),
         Err(_) => {
-            linger(Body::incoming(body, None), parts.version);
+            linger(body, parts.version);
             return Ok(fin.error(GatewayError::new(
                 ErrorKind::BadRequest,
                 "the request path is not valid (bad percent-encoding or not absolute)",
@@ -108,7 +107,7 @@ pub async fn handle(
         Match::MethodNotAllowed { allow, route } => (route, Params::default(), None, Some(allow)),
         Match::NotFound => {
             fin.ctx.path = path;
-            linger(Body::incoming(body, None), parts.version);
+            linger(body, parts.version);
             return Ok(fin.error(GatewayError::new(
                 ErrorKind::NoRoute,
                 "no route matches this request",
@@ -131,13 +130,14 @@ pub async fn handle(
     fin.route = Some(route.clone());
     let idle = Some(route.timeouts.idle.0);
     // Without a Content-Length (chunked, or HTTP/2 without one) count what is read.
-    let body = if body_len.is_none() && !http_body::Body::is_end_stream(&body) {
+    let mut body = body;
+    if body_len.is_none() && !http_body::Body::is_end_stream(&body) {
         let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         fin.bytes_in_counter = Some(counter.clone());
-        Body::incoming_counted(body, idle, counter)
+        body.configure(idle, Some(counter));
     } else {
-        Body::incoming(body, idle)
-    };
+        body.configure(idle, None);
+    }
     let mut req = Request::from_parts(parts, body);
 
     // Request phase. When only the method failed, request hygiene still runs (e.g. so a
@@ -320,7 +320,7 @@ fn check_limits(snap: &Snapshot, parts: &http::request::Parts) -> Option<Gateway
 }
 
 /// The client's `X-Request-Id` when it is sane (1–200 visible ASCII characters), else a new one.
-fn request_id(h: &http::HeaderMap) -> String {
+pub(crate) fn request_id(h: &http::HeaderMap) -> String {
     if let Some(v) = h.get(&crate::forward::X_REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {

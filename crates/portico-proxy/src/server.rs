@@ -1,6 +1,7 @@
 //! Listeners: accept loops for plain (HTTP/1.1 + h2c) and TLS (ALPN h2/http1.1)
-//! sockets, each connection served by hyper-util's auto builder and watched for a
-//! graceful drain. Sockets are bound once and kept across reloads that keep them.
+//! sockets. HTTP/1.1 connections are served by Portico's own server
+//! ([`crate::h1server`]), HTTP/2 ones by hyper; both are watched for a graceful drain.
+//! Sockets are bound once and kept across reloads that keep them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,20 +9,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use portico_plugins::Body;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::gateway::Gateway;
-use crate::logbody::LogBody;
+use crate::h1server;
 use crate::pipeline::{handle, ConnInfo};
-
-/// How many headers hyper parses without allocating.
-const HYPER_STACK_HEADERS: usize = 100;
 
 /// A listening socket: address and whether it speaks TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -119,34 +118,27 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    // Stops this listener's HTTP/1.1 connections; `closed()` says they have all ended.
+    let (h1_stop, h1_stop_rx) = watch::channel(false);
     let limits = gw.snapshot().limits.clone();
-    // hyper's own limits sit above the configured ones so that the pipeline answers
-    // 431 with the standard JSON body; hyper's remain as a hard backstop.
+    // The raw limits sit above the configured ones so that the pipeline answers 414 and
+    // 431 with the standard JSON body and an access-log line; these are the backstop.
     let buf = ((limits.max_header_bytes.0 as usize).saturating_mul(2))
         .max(16 * 1024)
         .max(limits.max_uri_length * 2);
-    let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        // Header-read and idle timeouts are enforced per connection by `idle_guard`.
-        .header_read_timeout(None::<Duration>)
-        .keep_alive(true)
-        .max_buf_size(buf);
-    // hyper parses up to 100 headers on the stack; a larger configured limit makes it
-    // allocate per request, so it is only raised when the configuration asks for more.
-    // Up to the limit the pipeline answers 431 with the JSON body; beyond 100 (the
-    // default) hyper answers 431 itself.
-    if limits.max_header_count > HYPER_STACK_HEADERS {
-        h1.max_headers(limits.max_header_count + 1);
-    }
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size((buf as u32).max(16 * 1024))
         .max_concurrent_streams(1024)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(Builders {
-        h1,
+        h1: h1server::Settings {
+            max_head: buf,
+            max_headers: (limits.max_header_count + 1).max(100),
+        },
         h2,
         idle: limits.client_idle_timeout.0,
+        h1_stop: h1_stop_rx,
     });
     loop {
         tokio::select! {
@@ -167,21 +159,26 @@ async fn accept_loop(
         }
     }
     drop(listener);
+    drop(builder);
     let grace = gw.snapshot().loaded.config.shutdown.grace.0;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = h1_stop.send(true);
+    let all_closed = async {
+        graceful.shutdown().await;
+        h1_stop.closed().await;
+    };
+    if tokio::time::timeout(grace, all_closed).await.is_err() {
         tracing::warn!(addr = %key.addr, "connections still open after the grace period");
     }
 }
 
 /// The HTTP/1.1 and HTTP/2 server settings of a listener.
 struct Builders {
-    h1: http1::Builder,
+    h1: h1server::Settings,
     h2: http2::Builder<TokioExecutor>,
     /// `limits.client_idle_timeout`.
     idle: Duration,
+    /// Turns true when the listener stops (graceful drain of HTTP/1.1 connections).
+    h1_stop: watch::Receiver<bool>,
 }
 
 /// The HTTP/2 connection preface a client with prior knowledge (h2c) starts with.
@@ -214,32 +211,41 @@ async fn is_h2c(stream: &TcpStream, timeout: Duration) -> Option<bool> {
 }
 
 /// Serve one connection with HTTP/2 or HTTP/1.1, watched for graceful shutdown.
-async fn serve_io<I, S>(
+async fn serve_io<I>(
+    gw: Arc<Gateway>,
     builders: &Builders,
     watcher: Watcher,
     io: I,
     h2: bool,
-    service: S,
-    conn: &ConnInfo,
+    conn: Arc<ConnInfo>,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = LogBody> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let result = if h2 {
-        let c = watcher.watch(builders.h2.serve_connection(io, service));
-        idle_guard(c, conn, builders.idle).await
-    } else {
-        let c = watcher.watch(builders.h1.serve_connection(io, service));
-        idle_guard(c, conn, builders.idle).await
-    };
-    match result {
-        Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
-        None => {
-            tracing::debug!(peer = %conn.peer, "closing a connection idle past limits.client_idle_timeout")
+    let ended = if h2 {
+        let svc_conn = conn.clone();
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            handle(
+                gw.clone(),
+                svc_conn.clone(),
+                req.map(|b| Body::incoming(b, None)),
+            )
+        });
+        let c = watcher.watch(builders.h2.serve_connection(TokioIo::new(io), service));
+        match idle_guard(c, &conn, builders.idle).await {
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "connection ended with an error");
+                true
+            }
+            Some(Ok(())) => true,
+            None => false,
         }
-        Some(Ok(())) => {}
+    } else {
+        drop(watcher);
+        let c = h1server::serve(io, gw, conn.clone(), builders.h1, builders.h1_stop.clone());
+        idle_guard(c, &conn, builders.idle).await.is_some()
+    };
+    if !ended {
+        tracing::debug!(peer = %conn.peer, "closing a connection idle past limits.client_idle_timeout");
     }
 }
 
@@ -283,9 +289,6 @@ fn serve(
     conn: Arc<ConnInfo>,
 ) {
     gw.metrics.open_connections.fetch_add(1, Ordering::Relaxed);
-    let svc_gw = gw.clone();
-    let svc_conn = conn.clone();
-    let service = service_fn(move |req| handle(svc_gw.clone(), svc_conn.clone(), req));
     let watcher = graceful.watcher();
     let tls = if conn.tls {
         match gw.snapshot().tls.clone() {
@@ -304,7 +307,7 @@ fn serve(
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                        serve_io(&builders, watcher, TokioIo::new(tls), h2, service, &conn).await;
+                        serve_io(gw.clone(), &builders, watcher, tls, h2, conn).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed")
@@ -313,9 +316,7 @@ fn serve(
                 }
             }
             None => match is_h2c(&stream, builders.idle).await {
-                Some(h2) => {
-                    serve_io(&builders, watcher, TokioIo::new(stream), h2, service, &conn).await
-                }
+                Some(h2) => serve_io(gw.clone(), &builders, watcher, stream, h2, conn).await,
                 None => {
                     tracing::debug!(peer = %conn.peer, "closing a connection that sent nothing")
                 }

@@ -1,0 +1,719 @@
+//! Portico's HTTP/1.1 server side (HTTP/2 stays on hyper).
+//!
+//! One task per connection runs the loop: read and parse a request head (`httparse`,
+//! header values kept as slices of the read buffer), run the pipeline on it in the same
+//! task (no spawned task, no channel, no boxing of the request's future), and write the
+//! response head together with the first piece of body in one vectored write.
+//!
+//! A request body is read by the body itself: the connection's read side (socket half
+//! and buffer) moves into the body and comes back through a one-shot channel when the
+//! body has been read to the end, so that the next request on the connection (possibly
+//! already buffered: pipelining) is read from where the body stopped. A body that is
+//! dropped unfinished leaves the connection unusable, and it is closed after the
+//! response. Requests without a body, the common case, never move the read side.
+//!
+//! Framing per RFC 9112: `Transfer-Encoding` must be exactly `chunked` (anything else is
+//! refused with 400 and the connection closed), a request with both `Transfer-Encoding`
+//! and `Content-Length` is read as chunked, its length dropped and the connection closed
+//! afterwards; conflicting lengths are refused. `Expect: 100-continue` is answered with
+//! `100 Continue` when the pipeline first reads the body. Responses carry a
+//! `Content-Length` when their size is known, are chunked otherwise (close-delimited for
+//! HTTP/1.0 clients), and carry no body for `HEAD`, 1xx, 204 and 304.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use portico_plugins::body::{ClientBody, IdleTimeout, DRAIN_MAX_TIME};
+use portico_plugins::{Body, BoxError, ErrorKind, GatewayError};
+use portico_upstream::h1::{BodyFraming, Decoder, Out, Step};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+
+use crate::gateway::Gateway;
+use crate::logbody::LogBody;
+use crate::pipeline::{handle, ConnInfo};
+
+/// Header fields parsed on the stack; a larger configured limit parses into the heap.
+const STACK_HEADERS: usize = 128;
+const READ_SIZE: usize = 8 << 10;
+
+/// The limits of a listener's HTTP/1.1 connections.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Bytes of request line and header fields read before answering 431 (or 414 when
+    /// the request line alone does not fit).
+    pub max_head: usize,
+    /// Header fields parsed; more is answered with 431 here. Above the configured limit,
+    /// so that the pipeline answers (and logs) most requests over it with its own 431.
+    pub max_headers: usize,
+}
+
+/// The read side of a connection: half the socket and what has been read but not used.
+struct Reader<R> {
+    io: R,
+    buf: BytesMut,
+}
+
+/// What the head says about the exchange.
+struct Info {
+    body: Option<BodyFraming>,
+    keep_alive: bool,
+    expect_continue: bool,
+    head_request: bool,
+    version: Version,
+}
+
+/// Why a request head was refused.
+enum Refusal {
+    Status(ErrorKind, &'static str),
+}
+
+/// Serve HTTP/1.1 on `io` until the client closes, an error, or `stop` turns true
+/// (graceful shutdown: the exchange in progress finishes, then the connection closes).
+pub async fn serve<S>(
+    io: S,
+    gw: Arc<Gateway>,
+    conn: Arc<ConnInfo>,
+    settings: Settings,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (r, mut w) = tokio::io::split(io);
+    let mut reader = Some(Reader {
+        io: r,
+        buf: BytesMut::with_capacity(READ_SIZE),
+    });
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let Some(rd) = reader.as_mut() else { return };
+        let parsed = tokio::select! {
+            biased;
+            p = read_head(rd, &settings) => p,
+            _ = stop.changed() => return,
+        };
+        let (req, info) = match parsed {
+            Ok(Some(p)) => p,
+            Ok(None) => return,
+            Err(Refusal::Status(kind, msg)) => {
+                let e = GatewayError::new(kind, msg);
+                let id = crate::pipeline::request_id(&HeaderMap::new());
+                let mut resp = e.to_response(&id);
+                if let Ok(v) = HeaderValue::from_str(&id) {
+                    resp.headers_mut().insert(&crate::forward::X_REQUEST_ID, v);
+                }
+                let _ = write_plain(&mut w, resp).await;
+                let _ = w.shutdown().await;
+                return;
+            }
+        };
+        // The body takes the read side along; it comes back when the body is read.
+        let mut returned = None;
+        let mut continue_wanted = None;
+        let req = match info.body {
+            None => req,
+            Some(framing) => {
+                let (tx, rx) = oneshot::channel();
+                returned = Some(rx);
+                let notify = (info.expect_continue).then(|| Arc::new(Notify::new()));
+                continue_wanted.clone_from(&notify);
+                let body = RequestBody {
+                    reader: reader.take(),
+                    decoder: Decoder::new(framing),
+                    back: Some(tx),
+                    idle: None,
+                    timer: None,
+                    counter: None,
+                    continue_wanted: notify,
+                };
+                req.map(|_| Body::Client(Box::new(body)))
+            }
+        };
+        let resp = {
+            let fut = handle(gw.clone(), conn.clone(), req);
+            let mut fut = std::pin::pin!(fut);
+            match &continue_wanted {
+                None => fut.await,
+                Some(n) => loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut fut => break r,
+                        () = n.notified() => {
+                            if w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                                return;
+                            }
+                            let _ = w.flush().await;
+                        }
+                    }
+                },
+            }
+        };
+        let Ok(resp) = resp;
+        let keep = info.keep_alive && !*stop.borrow();
+        match write_response(&mut w, resp, &info, keep).await {
+            Ok(true) => {}
+            _ => {
+                let _ = w.shutdown().await;
+                return;
+            }
+        }
+        if let Some(rx) = returned {
+            match tokio::time::timeout(DRAIN_MAX_TIME, rx).await {
+                Ok(Ok(r)) => reader = Some(r),
+                // The body was not read to its end: the connection cannot go on.
+                _ => {
+                    let _ = w.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Read until a whole request head is buffered, and parse it. `None` when the client
+/// closed the connection between requests.
+async fn read_head<R: AsyncRead + Unpin>(
+    rd: &mut Reader<R>,
+    settings: &Settings,
+) -> Result<Option<(Request<Body>, Info)>, Refusal> {
+    loop {
+        if !rd.buf.is_empty() {
+            if let Some(p) = parse(&mut rd.buf, settings)? {
+                return Ok(Some(p));
+            }
+            if rd.buf.len() >= settings.max_head {
+                let line_ends = rd.buf.windows(2).any(|w| w == b"\r\n");
+                return Err(if line_ends {
+                    Refusal::Status(
+                        ErrorKind::HeadersTooLarge,
+                        "the request headers are too large",
+                    )
+                } else {
+                    Refusal::Status(ErrorKind::UriTooLong, "the request line is too long")
+                });
+            }
+        }
+        if rd.buf.capacity() - rd.buf.len() < 1024 {
+            rd.buf.reserve(READ_SIZE);
+        }
+        let n = match poll_fn(|cx| poll_read_buf(Pin::new(&mut rd.io), cx, &mut rd.buf)).await {
+            Ok(n) => n,
+            Err(_) => return Ok(None),
+        };
+        if n == 0 {
+            // Closed between requests (or in the middle of a head: nothing to answer).
+            return Ok(None);
+        }
+    }
+}
+
+fn bad(msg: &'static str) -> Refusal {
+    Refusal::Status(ErrorKind::BadRequest, msg)
+}
+
+/// Parse a complete request head off the front of `buf`; `None` while incomplete.
+fn parse(
+    buf: &mut BytesMut,
+    settings: &Settings,
+) -> Result<Option<(Request<Body>, Info)>, Refusal> {
+    let mut stack: [MaybeUninit<httparse::Header<'_>>; STACK_HEADERS] =
+        [const { MaybeUninit::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if settings.max_headers <= STACK_HEADERS {
+        &mut stack[..settings.max_headers.max(1)]
+    } else {
+        heap.resize_with(settings.max_headers, MaybeUninit::uninit);
+        &mut heap[..]
+    };
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, slots)
+    {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::Status(
+                ErrorKind::HeadersTooLarge,
+                "the request has too many header fields",
+            ))
+        }
+        Err(_) => return Err(bad("the request head is not valid HTTP/1.1")),
+    };
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+        .map_err(|_| bad("invalid method"))?;
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let path = req.path.unwrap_or_default();
+    let path_at = (path.as_ptr() as usize - base, path.len());
+    let count = req.headers.len();
+    let mut at: Vec<(u32, u32, u32, u32)> = Vec::new();
+    let mut at_stack = [(0u32, 0u32, 0u32, 0u32); STACK_HEADERS];
+    let offsets: &mut [(u32, u32, u32, u32)] = if count <= STACK_HEADERS {
+        &mut at_stack[..count]
+    } else {
+        at.resize(count, (0, 0, 0, 0));
+        &mut at[..]
+    };
+    for (slot, h) in offsets.iter_mut().zip(req.headers.iter()) {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        *slot = (
+            n as u32,
+            (n + h.name.len()) as u32,
+            v as u32,
+            (v + h.value.len()) as u32,
+        );
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1))
+        .map_err(|_| bad("the request target is not a valid URI"))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut length: Option<u64> = None;
+    let mut te_seen = false;
+    let mut chunked = false;
+    let mut close = false;
+    let mut keep = false;
+    let mut expect_continue = false;
+    for &(ns, ne, vs, ve) in offsets.iter() {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+            .map_err(|_| bad("invalid header name"))?;
+        let raw = &head[vs as usize..ve as usize];
+        if name == header::CONTENT_LENGTH {
+            for part in raw.split(|&b| b == b',') {
+                let n = parse_length(part).ok_or(bad("invalid Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(bad("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            te_seen = true;
+            for coding in raw.split(|&b| b == b',') {
+                let c = coding.trim_ascii();
+                if !c.is_empty() {
+                    if chunked || !c.eq_ignore_ascii_case(b"chunked") {
+                        return Err(bad(
+                            "unsupported Transfer-Encoding (only `chunked` is accepted)",
+                        ));
+                    }
+                    chunked = true;
+                }
+            }
+        } else if name == header::CONNECTION {
+            for token in raw.split(|&b| b == b',') {
+                let t = token.trim_ascii();
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::EXPECT {
+            expect_continue = raw.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            .map_err(|_| bad("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let mut keep_alive = !close && (version == Version::HTTP_11 || keep);
+    let body = if te_seen {
+        if !chunked {
+            return Err(bad("empty Transfer-Encoding"));
+        }
+        if version == Version::HTTP_10 {
+            return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if length.is_some() {
+            // Both: the coding wins, the length goes, and so does the connection.
+            headers.remove(header::CONTENT_LENGTH);
+            keep_alive = false;
+        }
+        Some(BodyFraming::Chunked)
+    } else {
+        match length {
+            Some(0) | None => None,
+            Some(n) => Some(BodyFraming::Length(n)),
+        }
+    };
+    let head_request = method == Method::HEAD;
+    let mut r = Request::new(Body::Empty);
+    *r.method_mut() = method;
+    *r.uri_mut() = uri;
+    *r.version_mut() = version;
+    *r.headers_mut() = headers;
+    Ok(Some((
+        r,
+        Info {
+            expect_continue: expect_continue && body.is_some() && version == Version::HTTP_11,
+            body,
+            keep_alive,
+            head_request,
+            version,
+        },
+    )))
+}
+
+fn parse_length(s: &[u8]) -> Option<u64> {
+    let s = s.trim_ascii();
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// A request body read from the client connection.
+struct RequestBody<R> {
+    reader: Option<Reader<R>>,
+    decoder: Decoder,
+    back: Option<oneshot::Sender<Reader<R>>>,
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+    counter: Option<Arc<AtomicU64>>,
+    /// Tells the connection to send `100 Continue` on the first read.
+    continue_wanted: Option<Arc<Notify>>,
+}
+
+impl<R> RequestBody<R> {
+    /// The body is complete: the read side goes back to the connection.
+    fn finish(&mut self) {
+        self.decoder.finish();
+        if let (Some(r), Some(tx)) = (self.reader.take(), self.back.take()) {
+            let _ = tx.send(r);
+        }
+    }
+
+    fn fail(&mut self, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.decoder.finish();
+        self.reader = None;
+        self.back = None;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+/// The client closed the connection before the end of the request body.
+#[derive(Debug, thiserror::Error)]
+#[error("the client closed the connection before the end of the request body")]
+pub struct ClientClosed;
+
+impl<R: AsyncRead + Unpin + Send> http_body::Body for RequestBody<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(n) = this.continue_wanted.take() {
+            n.notify_one();
+        }
+        loop {
+            let Some(rd) = this.reader.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.step(&mut rd.buf) {
+                Err(e) => return this.fail(Box::new(e)),
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::Data(data)) => {
+                    if let (Some(t), Some(d)) = (this.timer.as_mut(), this.idle) {
+                        t.as_mut().reset(Instant::now() + d);
+                    }
+                    if let Some(c) = &this.counter {
+                        c.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    match this.decoder.settle(&mut rd.buf) {
+                        Err(e) => return this.fail(Box::new(e)),
+                        Ok(true) => this.finish(),
+                        Ok(false) => {}
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::More) => {}
+            }
+            let want = this.decoder.read_size();
+            if rd.buf.capacity() - rd.buf.len() < want / 2 {
+                rd.buf.reserve(want);
+            }
+            match poll_read_buf(Pin::new(&mut rd.io), cx, &mut rd.buf) {
+                Poll::Ready(Ok(0)) => return this.fail(Box::new(ClientClosed)),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.fail(Box::new(e)),
+                Poll::Pending => {
+                    let Some(d) = this.idle else {
+                        return Poll::Pending;
+                    };
+                    let t = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+                    return match t.as_mut().poll(cx) {
+                        Poll::Ready(()) => this.fail(Box::new(IdleTimeout(d))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.decoder.size_hint()
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> ClientBody for RequestBody<R> {
+    fn configure(&mut self, idle: Option<Duration>, counter: Option<Arc<AtomicU64>>) {
+        self.idle = idle;
+        self.counter = counter;
+    }
+}
+
+/// The `Date` header value, formatted once per second per thread.
+fn date() -> HeaderValue {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHE: RefCell<(u64, Option<HeaderValue>)> = const { RefCell::new((0, None)) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_none() {
+            let v = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+                .unwrap_or_else(|_| HeaderValue::from_static(""));
+            *c = (secs, Some(v));
+        }
+        c.1.clone().unwrap_or_else(|| HeaderValue::from_static(""))
+    })
+}
+
+/// How a response body is framed on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// Encode the response head; returns how the body is framed and whether the connection
+/// stays open afterwards.
+fn encode_head<B: http_body::Body>(
+    buf: &mut BytesMut,
+    resp: &http::response::Parts,
+    body: &B,
+    info: &Info,
+    mut keep: bool,
+) -> (Framing, bool) {
+    let status = resp.status;
+    let h = &resp.headers;
+    if h.get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+    {
+        keep = false;
+    }
+    let bodiless = info.head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| parse_length(v.as_bytes()));
+    let exact = body.size_hint().exact();
+    let (framing, length_header) = if bodiless {
+        // HEAD answers say how long the body would be.
+        let len = if info.head_request {
+            declared.or(exact)
+        } else {
+            declared
+        };
+        (Framing::None, len)
+    } else if let Some(n) = exact {
+        (Framing::Length(n), Some(n))
+    } else if let Some(n) = declared {
+        (Framing::Length(n), Some(n))
+    } else if info.version == Version::HTTP_11 {
+        (Framing::Chunked, None)
+    } else {
+        keep = false;
+        (Framing::Close, None)
+    };
+    let mut size = 64;
+    for (n, v) in h {
+        size += n.as_str().len() + v.len() + 4;
+    }
+    buf.reserve(size + 96);
+    // An HTTP/1.0 client is answered in its version (it may not know 1.1's framing).
+    buf.extend_from_slice(if info.version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    buf.extend_from_slice(status.as_str().as_bytes());
+    buf.extend_from_slice(b" ");
+    buf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    buf.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    for (n, v) in h {
+        if n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::CONTENT_LENGTH
+            || n.as_str() == "keep-alive"
+        {
+            continue;
+        }
+        has_date |= n == header::DATE;
+        buf.extend_from_slice(n.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(v.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = length_header {
+        buf.extend_from_slice(b"content-length: ");
+        buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if framing == Framing::Chunked {
+        buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !has_date {
+        buf.extend_from_slice(b"date: ");
+        buf.extend_from_slice(date().as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if !keep {
+        buf.extend_from_slice(b"connection: close\r\n");
+    } else if info.version == Version::HTTP_10 {
+        buf.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    buf.extend_from_slice(b"\r\n");
+    (framing, keep)
+}
+
+/// Write a response; `Ok(true)` when the connection can carry another request.
+async fn write_response<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    resp: Response<LogBody>,
+    info: &Info,
+    keep: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let mut buf = BytesMut::new();
+    let (framing, keep) = encode_head(&mut buf, &parts, &body, info, keep);
+    let mut out = Out::with_head(buf.split().freeze());
+    let mut wrote = false;
+    if framing == Framing::None {
+        poll_fn(|cx| out.poll_write(w, cx, &mut wrote)).await?;
+        return Ok(keep);
+    }
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut done = body.is_end_stream();
+    let mut clean = true;
+    loop {
+        if !done && !out.has_data() {
+            // With output pending, take a frame only if one is ready (so the head and
+            // the first data go out in one write); with nothing to write, wait for one.
+            let waiting = !out.is_empty();
+            let next = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(f) => Poll::Ready(Some(f)),
+                Poll::Pending if waiting => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            })
+            .await;
+            match next {
+                None => {}
+                Some(None) => {
+                    done = true;
+                    if framing == Framing::Chunked {
+                        out.last_chunk();
+                    }
+                }
+                Some(Some(Err(_))) => return Ok(false),
+                Some(Some(Ok(frame))) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        match framing {
+                            Framing::Chunked if !data.is_empty() => out.chunk(data),
+                            Framing::Length(_) => {
+                                let n = data.len() as u64;
+                                if n > left {
+                                    // More than announced: cut, and close.
+                                    data.truncate(left as usize);
+                                    clean = false;
+                                    done = true;
+                                }
+                                left -= data.len() as u64;
+                                out.data(data);
+                            }
+                            Framing::Close => out.data(data),
+                            _ => {}
+                        }
+                    }
+                    if !done && body.is_end_stream() {
+                        done = true;
+                        if framing == Framing::Chunked {
+                            out.last_chunk();
+                        }
+                    }
+                }
+            }
+        }
+        if !out.is_empty() {
+            poll_fn(|cx| out.poll_write(w, cx, &mut wrote)).await?;
+        } else if done {
+            break;
+        }
+    }
+    if let Framing::Length(_) = framing {
+        clean &= left == 0;
+    }
+    Ok(keep && clean && framing != Framing::Close)
+}
+
+/// Write a response that has a complete body (the gateway's own refusals).
+async fn write_plain<W: AsyncWrite + Unpin>(w: &mut W, resp: Response<Body>) -> io::Result<()> {
+    let (parts, body) = resp.into_parts();
+    let data = match body {
+        Body::Full(Some(b)) => b,
+        _ => Bytes::new(),
+    };
+    let info = Info {
+        body: None,
+        keep_alive: false,
+        expect_continue: false,
+        head_request: false,
+        version: Version::HTTP_11,
+    };
+    let fixed = http_body_util::Full::new(data.clone());
+    let mut buf = BytesMut::new();
+    encode_head(&mut buf, &parts, &fixed, &info, false);
+    let mut out = Out::with_head(buf.split().freeze());
+    out.data(data);
+    let mut wrote = false;
+    poll_fn(|cx| out.poll_write(w, cx, &mut wrote)).await
+}
