@@ -43,7 +43,7 @@ use tokio_util::io::poll_read_buf;
 
 use crate::gateway::Gateway;
 use crate::logbody::LogBody;
-use crate::pipeline::{handle, ConnInfo};
+use crate::pipeline::{handle, ConnInfo, Meta};
 
 /// Header fields parsed on the stack; a larger configured limit parses into the heap.
 const STACK_HEADERS: usize = 128;
@@ -106,12 +106,12 @@ pub async fn serve<S>(
             p = read_head(rd, &settings) => p,
             _ = stop.changed() => return,
         };
-        let (req, info) = match parsed {
+        let (req, info, meta) = match parsed {
             Ok(Some(p)) => p,
             Ok(None) => return,
             Err(Refusal::Status(kind, msg)) => {
                 let e = GatewayError::new(kind, msg);
-                let id = crate::pipeline::request_id(&HeaderMap::new());
+                let id = crate::pipeline::request_id(None);
                 let mut resp = e.to_response(&id);
                 if let Ok(v) = HeaderValue::from_str(&id) {
                     resp.headers_mut().insert(&crate::forward::X_REQUEST_ID, v);
@@ -144,7 +144,7 @@ pub async fn serve<S>(
             }
         };
         let resp = {
-            let fut = handle(gw.clone(), conn.clone(), req);
+            let fut = handle(gw.clone(), conn.clone(), req, meta);
             let mut fut = std::pin::pin!(fut);
             match &continue_wanted {
                 None => fut.await,
@@ -189,7 +189,7 @@ pub async fn serve<S>(
 async fn read_head<R: AsyncRead + Unpin>(
     rd: &mut Reader<R>,
     settings: &Settings,
-) -> Result<Option<(Request<Body>, Info)>, Refusal> {
+) -> Result<Option<Parsed>, Refusal> {
     loop {
         if !rd.buf.is_empty() {
             if let Some(p) = parse(&mut rd.buf, settings)? {
@@ -225,11 +225,14 @@ fn bad(msg: &'static str) -> Refusal {
     Refusal::Status(ErrorKind::BadRequest, msg)
 }
 
+/// A parsed request head.
+type Parsed = (Request<Body>, Info, Meta);
+
+/// Field offsets kept on the stack for this many fields (more go to the heap).
+const STACK_OFFSETS: usize = 32;
+
 /// Parse a complete request head off the front of `buf`; `None` while incomplete.
-fn parse(
-    buf: &mut BytesMut,
-    settings: &Settings,
-) -> Result<Option<(Request<Body>, Info)>, Refusal> {
+fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refusal> {
     let mut stack: [MaybeUninit<httparse::Header<'_>>; STACK_HEADERS] =
         [const { MaybeUninit::uninit() }; STACK_HEADERS];
     let mut heap = Vec::new();
@@ -265,8 +268,8 @@ fn parse(
     let path_at = (path.as_ptr() as usize - base, path.len());
     let count = req.headers.len();
     let mut at: Vec<(u32, u32, u32, u32)> = Vec::new();
-    let mut at_stack = [(0u32, 0u32, 0u32, 0u32); STACK_HEADERS];
-    let offsets: &mut [(u32, u32, u32, u32)] = if count <= STACK_HEADERS {
+    let mut at_stack = [(0u32, 0u32, 0u32, 0u32); STACK_OFFSETS];
+    let offsets: &mut [(u32, u32, u32, u32)] = if count <= STACK_OFFSETS {
         &mut at_stack[..count]
     } else {
         at.resize(count, (0, 0, 0, 0));
@@ -292,11 +295,23 @@ fn parse(
     let mut close = false;
     let mut keep = false;
     let mut expect_continue = false;
+    let mut meta = Meta::default();
     for &(ns, ne, vs, ve) in offsets.iter() {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| bad("invalid header name"))?;
         let raw = &head[vs as usize..ve as usize];
-        if name == header::CONTENT_LENGTH {
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            .map_err(|_| bad("invalid header value"))?;
+        if name == header::HOST {
+            meta.hosts = meta.hosts.saturating_add(1);
+            if meta.host.is_none() {
+                meta.host = Some(value.clone());
+            }
+        } else if name == crate::forward::X_REQUEST_ID {
+            if meta.request_id.is_none() {
+                meta.request_id = Some(value.clone());
+            }
+        } else if name == header::CONTENT_LENGTH {
             for part in raw.split(|&b| b == b',') {
                 let n = parse_length(part).ok_or(bad("invalid Content-Length"))?;
                 if length.is_some_and(|l| l != n) {
@@ -326,8 +341,6 @@ fn parse(
         } else if name == header::EXPECT {
             expect_continue = raw.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
-            .map_err(|_| bad("invalid header value"))?;
         headers.append(name, value);
     }
     let mut keep_alive = !close && (version == Version::HTTP_11 || keep);
@@ -345,6 +358,7 @@ fn parse(
         }
         Some(BodyFraming::Chunked)
     } else {
+        meta.content_length = length;
         match length {
             Some(0) | None => None,
             Some(n) => Some(BodyFraming::Length(n)),
@@ -365,6 +379,7 @@ fn parse(
             head_request,
             version,
         },
+        meta,
     )))
 }
 
@@ -530,18 +545,48 @@ fn encode_head<B: http_body::Body>(
 ) -> (Framing, bool) {
     let status = resp.status;
     let h = &resp.headers;
-    if h.get(header::CONNECTION)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
-    {
-        keep = false;
-    }
     let bodiless = info.head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = h
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| parse_length(v.as_bytes()));
+    let mut size = 64;
+    for (n, v) in h {
+        size += n.as_str().len() + v.len() + 4;
+    }
+    buf.reserve(size + 96);
+    // An HTTP/1.0 client is answered in its version (it may not know 1.1's framing).
+    buf.extend_from_slice(if info.version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    buf.extend_from_slice(status.as_str().as_bytes());
+    buf.extend_from_slice(b" ");
+    buf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    buf.extend_from_slice(b"\r\n");
+    // One pass over the fields: copy them, and note the ones that decide the framing.
+    let mut has_date = false;
+    let mut declared = None;
+    for (n, v) in h {
+        if n == header::CONNECTION {
+            if v.as_bytes().eq_ignore_ascii_case(b"close") {
+                keep = false;
+            }
+            continue;
+        }
+        if n == header::CONTENT_LENGTH {
+            declared = declared.or_else(|| parse_length(v.as_bytes()));
+            continue;
+        }
+        if n == header::TRANSFER_ENCODING || n.as_str() == "keep-alive" {
+            continue;
+        }
+        has_date |= n == header::DATE;
+        buf.extend_from_slice(n.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(v.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
     let exact = body.size_hint().exact();
     let (framing, length_header) = if bodiless {
         // HEAD answers say how long the body would be.
@@ -561,36 +606,6 @@ fn encode_head<B: http_body::Body>(
         keep = false;
         (Framing::Close, None)
     };
-    let mut size = 64;
-    for (n, v) in h {
-        size += n.as_str().len() + v.len() + 4;
-    }
-    buf.reserve(size + 96);
-    // An HTTP/1.0 client is answered in its version (it may not know 1.1's framing).
-    buf.extend_from_slice(if info.version == Version::HTTP_10 {
-        b"HTTP/1.0 "
-    } else {
-        b"HTTP/1.1 "
-    });
-    buf.extend_from_slice(status.as_str().as_bytes());
-    buf.extend_from_slice(b" ");
-    buf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    buf.extend_from_slice(b"\r\n");
-    let mut has_date = false;
-    for (n, v) in h {
-        if n == header::CONNECTION
-            || n == header::TRANSFER_ENCODING
-            || n == header::CONTENT_LENGTH
-            || n.as_str() == "keep-alive"
-        {
-            continue;
-        }
-        has_date |= n == header::DATE;
-        buf.extend_from_slice(n.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(v.as_bytes());
-        buf.extend_from_slice(b"\r\n");
-    }
     if let Some(n) = length_header {
         buf.extend_from_slice(b"content-length: ");
         buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());

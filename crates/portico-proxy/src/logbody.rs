@@ -93,11 +93,8 @@ impl Finish {
             } else {
                 Uri::default()
             },
-            host: if logged {
-                parts.headers.get(http::header::HOST).cloned()
-            } else {
-                None
-            },
+            // Set by the pipeline when the access log is on.
+            host: None,
             version: parts.version,
             ctx,
             route: None,

@@ -53,11 +53,12 @@ pub async fn handle(
     gw: Arc<Gateway>,
     conn: Arc<ConnInfo>,
     req: Request<Body>,
+    meta: Meta,
 ) -> Result<Response<LogBody>, Infallible> {
     let started = Instant::now();
     let snap = gw.snapshot();
     let (parts, body) = req.into_parts();
-    let request_id = request_id(&parts.headers);
+    let request_id = request_id(meta.request_id.as_ref());
     let ip = client_ip(conn.peer_ip, &parts.headers, &snap.trusted_proxies);
     let mut fin = Finish::new(
         gw.clone(),
@@ -68,14 +69,13 @@ pub async fn handle(
         ip,
         conn.clone(),
     );
-    let body_len = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    if snap.access_log {
+        fin.host.clone_from(&meta.host);
+    }
+    let body_len = meta.content_length;
     fin.bytes_in = body_len.unwrap_or(0);
 
-    if let Some(e) = check_limits(&snap, &parts).or_else(|| check_framing(&parts)) {
+    if let Some(e) = check_limits(&snap, &parts).or_else(|| check_framing(&parts, &meta)) {
         linger(body, parts.version);
         return Ok(fin.error(e));
     }
@@ -92,7 +92,7 @@ pub async fn handle(
     let host_raw = parts
         .uri
         .host()
-        .or_else(|| parts.headers.get(HOST).and_then(|h| h.to_str().ok()));
+        .or_else(|| meta.host.as_ref().and_then(|h| h.to_str().ok()));
     let host = host_raw.map(normalize_host);
     let matched = snap
         .router
@@ -212,18 +212,16 @@ fn respond(route: &CompiledRoute, mut fin: Finish, resp: Response<Body>) -> Resp
 /// server-wide `OPTIONS *`. (Ambiguous framing — `Transfer-Encoding` with
 /// `Content-Length` — is settled by hyper's parser, which drops the length as RFC 9112
 /// §6.3 requires; the request then goes upstream chunked.)
-fn check_framing(parts: &http::request::Parts) -> Option<GatewayError> {
+fn check_framing(parts: &http::request::Parts, meta: &Meta) -> Option<GatewayError> {
     let bad = |m: &'static str| {
         let mut e = GatewayError::new(ErrorKind::BadRequest, m);
         e.close = true;
         Some(e)
     };
-    let h = &parts.headers;
-    let mut hosts = h.get_all(HOST).iter();
-    if let Some(first) = hosts.next() {
-        if hosts.next().is_some() {
-            return bad("the request has more than one Host header");
-        }
+    if meta.hosts > 1 {
+        return bad("the request has more than one Host header");
+    }
+    if let Some(first) = &meta.host {
         if !valid_host(first.as_bytes()) {
             return bad("the Host header is not a valid host[:port]");
         }
@@ -320,8 +318,41 @@ fn check_limits(snap: &Snapshot, parts: &http::request::Parts) -> Option<Gateway
 }
 
 /// The client's `X-Request-Id` when it is sane (1–200 visible ASCII characters), else a new one.
-pub(crate) fn request_id(h: &http::HeaderMap) -> String {
-    if let Some(v) = h.get(&crate::forward::X_REQUEST_ID) {
+/// Facts about a request head the pipeline needs first, gathered by the HTTP/1.1
+/// parser during its one pass over the fields ([`Meta::of`] looks them up otherwise).
+#[derive(Debug, Default, Clone)]
+pub struct Meta {
+    /// The (first) `Host` field.
+    pub host: Option<HeaderValue>,
+    /// How many `Host` fields there are.
+    pub hosts: u8,
+    /// The declared body length.
+    pub content_length: Option<u64>,
+    /// The client's `X-Request-Id`.
+    pub request_id: Option<HeaderValue>,
+}
+
+impl Meta {
+    pub fn of(h: &http::HeaderMap) -> Meta {
+        let mut hosts = h.get_all(HOST).iter();
+        let host = hosts.next().cloned();
+        let more = hosts.next().is_some();
+        Meta {
+            hosts: u8::from(host.is_some()) + u8::from(more),
+            host,
+            content_length: h
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok()),
+            request_id: h.get(&crate::forward::X_REQUEST_ID).cloned(),
+        }
+    }
+}
+
+/// The client's request id when it is usable (1–200 visible ASCII characters), else a
+/// new random one.
+pub(crate) fn request_id(client: Option<&HeaderValue>) -> String {
+    if let Some(v) = client {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
             if let Ok(s) = v.to_str() {

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::gateway::Gateway;
 use crate::h1server;
-use crate::pipeline::{handle, ConnInfo};
+use crate::pipeline::{handle, ConnInfo, Meta};
 
 /// A listening socket: address and whether it speaks TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -224,10 +224,12 @@ async fn serve_io<I>(
     let ended = if h2 {
         let svc_conn = conn.clone();
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let meta = Meta::of(req.headers());
             handle(
                 gw.clone(),
                 svc_conn.clone(),
                 req.map(|b| Body::incoming(b, None)),
+                meta,
             )
         });
         let c = watcher.watch(builders.h2.serve_connection(TokioIo::new(io), service));

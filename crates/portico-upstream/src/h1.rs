@@ -589,7 +589,15 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, E
         // Header values become slices of the head's bytes: keep their offsets.
         let base = rbuf.as_ptr() as usize;
         let count = resp.headers.len();
-        let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        // Most heads have few fields: offsets on the stack for 32, else on the heap.
+        let mut heap: Vec<(u32, u32, u32, u32)> = Vec::new();
+        let mut stack = [(0u32, 0u32, 0u32, 0u32); 32];
+        let at: &mut [(u32, u32, u32, u32)] = if count <= stack.len() {
+            &mut stack[..count]
+        } else {
+            heap.resize(count, (0, 0, 0, 0));
+            &mut heap[..]
+        };
         for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
             let n = h.name.as_ptr() as usize - base;
             let v = h.value.as_ptr() as usize - base;
@@ -608,7 +616,7 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, E
         let mut other_coding = false;
         let mut close = false;
         let mut keep = false;
-        for &(ns, ne, vs, ve) in &at[..count] {
+        for &(ns, ne, vs, ve) in at.iter() {
             let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
                 .map_err(|_| Error::Framing("invalid header name"))?;
             let raw = &head[vs as usize..ve as usize];
