@@ -106,13 +106,14 @@ impl http_body::Body for Clocked {
 /// Awaits `fut` (the upstream exchange up to the response headers): within `request`
 /// of the end of the request body (of the start, without one), and, while the body is
 /// being sent, within `idle` of its last progress.
+/// `start` is now (the caller's clock reading, reused).
 pub fn send<F: Future>(
     fut: F,
     clock: Option<&BodyClock>,
+    start: Instant,
     request: Duration,
     idle: Duration,
 ) -> Deadline<'_, F> {
-    let start = Instant::now();
     let first = match clock {
         Some(c) => c.deadline(request, idle).0,
         None => start + request,

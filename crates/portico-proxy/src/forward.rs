@@ -196,12 +196,15 @@ pub async fn forward(
                 replayable,
             )),
             clock.as_deref(),
+            sent,
             route.timeouts.request.0,
             route.timeouts.idle.0,
         )
         .await;
         target.health.finish();
-        fin.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+        if snap.access_log {
+            fin.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+        }
         match result {
             Ok(Ok(mut resp)) => {
                 target.health.success();

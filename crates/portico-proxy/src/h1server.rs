@@ -87,7 +87,7 @@ pub async fn serve<S>(
     gw: Arc<Gateway>,
     conn: Arc<ConnInfo>,
     settings: Settings,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -96,6 +96,11 @@ pub async fn serve<S>(
         io: r,
         buf: BytesMut::with_capacity(READ_SIZE),
     });
+    // One wait for the stop signal for the whole connection (registering a new one
+    // before every request costs more than the rest of reading it).
+    let mut watched = stop.clone();
+    let stopping = watched.changed();
+    let mut stopping = std::pin::pin!(stopping);
     loop {
         if *stop.borrow() {
             return;
@@ -104,7 +109,7 @@ pub async fn serve<S>(
         let parsed = tokio::select! {
             biased;
             p = read_head(rd, &settings) => p,
-            _ = stop.changed() => return,
+            _ = &mut stopping => return,
         };
         let (req, info, meta) = match parsed {
             Ok(Some(p)) => p,

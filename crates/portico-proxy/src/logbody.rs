@@ -72,7 +72,7 @@ impl Finish {
         request_id: String,
         ip: IpAddr,
         conn: Arc<ConnInfo>,
-    ) -> Finish {
+    ) -> Box<Finish> {
         let request_id_hv = HeaderValue::from_str(&request_id).ok();
         let logged = snap.access_log;
         let ctx = Ctx::new(
@@ -82,7 +82,8 @@ impl Finish {
             String::new(),
             Params::default(),
         );
-        Finish {
+        // Boxed once here: it is moved through the pipeline and into the response body.
+        Box::new(Finish {
             gw,
             snap,
             started,
@@ -106,11 +107,11 @@ impl Finish {
             error: None,
             request_id_hv,
             conn: InFlight::start(conn),
-        }
+        })
     }
 
     /// Answer with an error (the standard JSON shape).
-    pub fn error(mut self, e: GatewayError) -> Response<LogBody> {
+    pub fn error(mut self: Box<Self>, e: GatewayError) -> Response<LogBody> {
         if e.side == portico_plugins::Side::Upstream || e.side == portico_plugins::Side::Internal {
             tracing::warn!(request_id = %self.ctx.request_id, code = e.kind.code(), error = %e.message, "request failed");
         }
@@ -120,7 +121,7 @@ impl Finish {
     }
 
     /// Finish the response head and wrap the body.
-    pub fn complete(mut self, resp: Response<Body>) -> Response<LogBody> {
+    pub fn complete(mut self: Box<Self>, resp: Response<Body>) -> Response<LogBody> {
         let (mut parts, body) = resp.into_parts();
         if let Some(v) = self.request_id_hv.clone() {
             parts.headers.insert(&crate::forward::X_REQUEST_ID, v);
@@ -129,7 +130,7 @@ impl Finish {
         let end = body.is_end_stream();
         let mut lb = LogBody {
             inner: body,
-            fin: Some(Box::new(self)),
+            fin: Some(self),
             bytes: 0,
         };
         if end {

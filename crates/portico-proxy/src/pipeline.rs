@@ -199,7 +199,7 @@ fn linger(body: Body, version: http::Version) {
 }
 
 /// Run the response phase (ascending priority) and wrap the body for logging.
-fn respond(route: &CompiledRoute, mut fin: Finish, resp: Response<Body>) -> Response<LogBody> {
+fn respond(route: &CompiledRoute, mut fin: Box<Finish>, resp: Response<Body>) -> Response<LogBody> {
     let (mut parts, body) = resp.into_parts();
     for entry in route.chain.iter().rev() {
         entry.policy.upstream_response(&mut fin.ctx, &mut parts);
@@ -361,11 +361,12 @@ pub(crate) fn request_id(client: Option<&HeaderValue>) -> String {
         }
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(32);
     let mut x = fastrand::u128(..);
-    for _ in 0..32 {
-        s.push(char::from(HEX[(x & 0xf) as usize]));
+    let mut buf = [0u8; 32];
+    for b in &mut buf {
+        *b = HEX[(x & 0xf) as usize];
         x >>= 4;
     }
-    s
+    // Only ASCII hex digits were written.
+    std::str::from_utf8(&buf).unwrap_or_default().to_owned()
 }
