@@ -306,6 +306,11 @@ fn map_client_error(e: &SendError, connect_timeout: Duration) -> (GatewayError, 
             err.close = true;
             return (err, false);
         }
+        if let Some(b) = s.downcast_ref::<crate::h1server::BadBody>() {
+            let mut err = GatewayError::new(ErrorKind::BadRequest, b.to_string());
+            err.close = true;
+            return (err, false);
+        }
         if s.is::<IdleTimeout>() {
             let mut err = GatewayError::new(
                 ErrorKind::BadRequest,

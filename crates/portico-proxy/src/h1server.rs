@@ -168,7 +168,18 @@ pub async fn serve<S>(
             }
         };
         let Ok(resp) = resp;
-        let keep = info.keep_alive && !*stop.borrow();
+        let mut keep = info.keep_alive && !*stop.borrow();
+        // A body already dropped unread cannot give the connection back: say so now.
+        if let Some(rx) = returned.as_mut() {
+            match rx.try_recv() {
+                Ok(r) => {
+                    reader = Some(r);
+                    returned = None;
+                }
+                Err(oneshot::error::TryRecvError::Closed) => keep = false,
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+        }
         match write_response(&mut w, resp, &info, keep).await {
             Ok(true) => {}
             _ => {
@@ -369,6 +380,9 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
             Some(n) => Some(BodyFraming::Length(n)),
         }
     };
+    if version == Version::HTTP_11 && meta.hosts == 0 && uri.authority().is_none() {
+        return Err(bad("an HTTP/1.1 request must carry a Host header"));
+    }
     let head_request = method == Method::HEAD;
     let mut r = Request::new(Body::Empty);
     *r.method_mut() = method;
@@ -427,10 +441,23 @@ impl<R> RequestBody<R> {
     }
 }
 
-/// The client closed the connection before the end of the request body.
+/// The client's request body was malformed (bad chunk framing) or cut short; answered
+/// with 400 and the connection closed.
 #[derive(Debug, thiserror::Error)]
-#[error("the client closed the connection before the end of the request body")]
-pub struct ClientClosed;
+pub enum BadBody {
+    #[error("the client closed the connection before the end of the request body")]
+    Closed,
+    #[error("the request body is not valid chunked encoding: {0}")]
+    Framing(&'static str),
+}
+
+/// The shared decoder's error, said of the client's body.
+fn client_framing(e: portico_upstream::h1::Error) -> BadBody {
+    match e {
+        portico_upstream::h1::Error::Framing(m) => BadBody::Framing(m),
+        _ => BadBody::Framing("unreadable"),
+    }
+}
 
 impl<R: AsyncRead + Unpin + Send> http_body::Body for RequestBody<R> {
     type Data = Bytes;
@@ -449,7 +476,7 @@ impl<R: AsyncRead + Unpin + Send> http_body::Body for RequestBody<R> {
                 return Poll::Ready(None);
             };
             match this.decoder.step(&mut rd.buf) {
-                Err(e) => return this.fail(Box::new(e)),
+                Err(e) => return this.fail(Box::new(client_framing(e))),
                 Ok(Step::End) => {
                     this.finish();
                     return Poll::Ready(None);
@@ -462,7 +489,7 @@ impl<R: AsyncRead + Unpin + Send> http_body::Body for RequestBody<R> {
                         c.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
                     match this.decoder.settle(&mut rd.buf) {
-                        Err(e) => return this.fail(Box::new(e)),
+                        Err(e) => return this.fail(Box::new(client_framing(e))),
                         Ok(true) => this.finish(),
                         Ok(false) => {}
                     }
@@ -475,7 +502,7 @@ impl<R: AsyncRead + Unpin + Send> http_body::Body for RequestBody<R> {
                 rd.buf.reserve(want);
             }
             match poll_read_buf(Pin::new(&mut rd.io), cx, &mut rd.buf) {
-                Poll::Ready(Ok(0)) => return this.fail(Box::new(ClientClosed)),
+                Poll::Ready(Ok(0)) => return this.fail(Box::new(BadBody::Closed)),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return this.fail(Box::new(e)),
                 Poll::Pending => {
