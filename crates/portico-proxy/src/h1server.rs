@@ -98,6 +98,8 @@ pub async fn serve<S>(
     });
     // One wait for the stop signal for the whole connection (registering a new one
     // before every request costs more than the rest of reading it).
+    // Response heads are encoded here; its memory is reused once a head is written.
+    let mut wbuf = BytesMut::new();
     let mut watched = stop.clone();
     let stopping = watched.changed();
     let mut stopping = std::pin::pin!(stopping);
@@ -180,7 +182,7 @@ pub async fn serve<S>(
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
         }
-        match write_response(&mut w, resp, &info, keep).await {
+        match write_response(&mut w, &mut wbuf, resp, &info, keep).await {
             Ok(true) => {}
             _ => {
                 let _ = w.shutdown().await;
@@ -663,13 +665,13 @@ fn encode_head<B: http_body::Body>(
 /// Write a response; `Ok(true)` when the connection can carry another request.
 async fn write_response<W: AsyncWrite + Unpin>(
     w: &mut W,
+    buf: &mut BytesMut,
     resp: Response<LogBody>,
     info: &Info,
     keep: bool,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
-    let mut buf = BytesMut::new();
-    let (framing, keep) = encode_head(&mut buf, &parts, &body, info, keep);
+    let (framing, keep) = encode_head(buf, &parts, &body, info, keep);
     let mut out = Out::with_head(buf.split().freeze());
     let mut wrote = false;
     if framing == Framing::None {

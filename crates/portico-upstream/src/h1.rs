@@ -155,6 +155,8 @@ impl Error {
 pub struct Conn {
     io: Stream,
     rbuf: BytesMut,
+    /// Request heads are encoded here; its memory is reused once a head is written.
+    wbuf: BytesMut,
 }
 
 impl Conn {
@@ -162,7 +164,13 @@ impl Conn {
         Conn {
             io,
             rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
         }
+    }
+
+    /// The buffer to encode a request head into (see [`encode_head`]).
+    pub fn head_buf(&mut self) -> &mut BytesMut {
+        &mut self.wbuf
     }
 
     /// Whether an idle connection can carry a request: the upstream has neither closed

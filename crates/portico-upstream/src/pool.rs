@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use http::uri::{Scheme, Uri};
 use http::{Method, Request, Response, Version};
 use hyper::client::conn::http2;
@@ -285,7 +284,7 @@ impl TargetPool {
         } = t;
         let (parts, body) = req.into_parts();
         let framing = ReqFraming::of(&parts, &body);
-        let head = h1::encode_head(&mut BytesMut::new(), &parts, overlay, framing);
+        let head = h1::encode_head(conn.head_buf(), &parts, overlay, framing);
         let head_request = parts.method == Method::HEAD;
         let mut sending = Sending::new(head.clone(), body, framing);
         loop {
