@@ -398,6 +398,111 @@ fn templates_in_policies() {
     ]);
 }
 
+#[test]
+fn request_hygiene_policies() {
+    check(&[
+        Case {
+            what: "ip-restriction: a bad CIDR",
+            yaml: "plugins:\n  ip-restriction:\n    allow: [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n",
+            path: "plugins.ip-restriction.allow[1]",
+            line: 3,
+            col: 27,
+            message: "`10.0.0.0/33` is not an IP address or CIDR range",
+            hint: None,
+        },
+        Case {
+            what: "ip-restriction: a host name in deny, on a route",
+            yaml: "routes:\n  - name: r\n    paths: [\"/\"]\n    plugins:\n      echo: {}\n      ip-restriction:\n        deny:\n          - 192.0.2.0/24\n          - db.internal\n",
+            path: "routes[0].plugins.ip-restriction.deny[1]",
+            line: 9,
+            col: 13,
+            message: "`db.internal` is not an IP address or CIDR range",
+            hint: None,
+        },
+        Case {
+            what: "ip-restriction: neither allow nor deny",
+            yaml: "plugins:\n  ip-restriction: {}\n",
+            path: "plugins.ip-restriction",
+            line: 2,
+            col: 19,
+            message: "set `allow`, `deny` or both",
+            hint: None,
+        },
+        Case {
+            what: "ip-restriction: only a message",
+            yaml: "plugins:\n  ip-restriction:\n    message: go away\n",
+            path: "plugins.ip-restriction",
+            line: 3,
+            col: 5,
+            message: "set `allow`, `deny` or both",
+            hint: None,
+        },
+        Case {
+            what: "ip-restriction: unknown key",
+            yaml: "plugins:\n  ip-restriction: {allow: [127.0.0.1], dney: [10.0.0.0/8]}\n",
+            path: "plugins.ip-restriction.dney",
+            line: 2,
+            col: 40,
+            message: "unknown key `dney`",
+            hint: Some("did you mean `deny`?"),
+        },
+        Case {
+            what: "cors: an origin with a path",
+            yaml: "plugins:\n  cors:\n    origins: [\"https://app.example.com/\"]\n",
+            path: "plugins.cors.origins[0]",
+            line: 3,
+            col: 15,
+            message: "an origin has no path",
+            hint: None,
+        },
+        Case {
+            what: "cors: a wildcard not leading",
+            yaml: "plugins:\n  cors:\n    origins:\n      - https://app.example.com\n      - https://api.*.example.com\n",
+            path: "plugins.cors.origins[1]",
+            line: 5,
+            col: 9,
+            message: "a wildcard is only allowed as a leading `*.` label",
+            hint: None,
+        },
+        Case {
+            what: "cors: no origins",
+            yaml: "plugins:\n  cors: {credentials: true}\n",
+            path: "plugins.cors",
+            line: 2,
+            col: 9,
+            message: "missing required key `origins`",
+            hint: None,
+        },
+        Case {
+            what: "cors: unknown key",
+            yaml: "plugins:\n  cors:\n    origins: [\"*\"]\n    credential: true\n",
+            path: "plugins.cors.credential",
+            line: 4,
+            col: 5,
+            message: "unknown key `credential`",
+            hint: Some("did you mean `credentials`?"),
+        },
+        Case {
+            what: "cors: max_age without a unit",
+            yaml: "plugins:\n  cors: {origins: [\"*\"], max_age: 600}\n",
+            path: "plugins.cors.max_age",
+            line: 2,
+            col: 35,
+            message: "expected a duration such as `2s` or `1m30s`, found `600`",
+            hint: None,
+        },
+        Case {
+            what: "cors: a lower-case method",
+            yaml: "plugins:\n  cors: {origins: [\"*\"], methods: [GET, post]}\n",
+            path: "plugins.cors.methods[1]",
+            line: 2,
+            col: 41,
+            message: "methods are upper-case: write `POST`",
+            hint: None,
+        },
+    ]);
+}
+
 /// Prefixes a document with an `upstreams:` section of three lines (so the text given
 /// starts on line 4).
 macro_rules! with_up {

@@ -112,12 +112,17 @@ impl Finish {
 
     /// Answer with an error (the standard JSON shape).
     pub fn error(mut self: Box<Self>, e: GatewayError) -> Response<LogBody> {
+        let resp = self.error_response(e);
+        self.complete(resp)
+    }
+
+    /// The error's answer, recorded for the log (the caller completes it).
+    pub fn error_response(&mut self, e: GatewayError) -> Response<Body> {
         if e.side == portico_plugins::Side::Upstream || e.side == portico_plugins::Side::Internal {
             tracing::warn!(request_id = %self.ctx.request_id, code = e.kind.code(), error = %e.message, "request failed");
         }
         self.error = Some(e.kind.code());
-        let resp = e.to_response(&self.ctx.request_id);
-        self.complete(resp)
+        e.to_response(&self.ctx.request_id)
     }
 
     /// Finish the response head and wrap the body.

@@ -157,7 +157,7 @@ pub async fn handle(
             }
             Flow::Error(e) => {
                 linger(std::mem::take(req.body_mut()), req.version());
-                return Ok(fin.error(e));
+                return Ok(respond_error(&route, fin, e));
             }
         }
     }
@@ -175,18 +175,34 @@ pub async fn handle(
         if let Ok(v) = HeaderValue::from_str(&list) {
             e = e.with_header(ALLOW, v);
         }
-        return Ok(fin.error(e));
+        return Ok(respond_error(&route, fin, e));
     }
     let Some(upstream) = route.upstream.clone() else {
-        return Ok(fin.error(GatewayError::new(
-            ErrorKind::Internal,
-            "the route has no upstream and no policy answered",
-        )));
+        return Ok(respond_error(
+            &route,
+            fin,
+            GatewayError::new(
+                ErrorKind::Internal,
+                "the route has no upstream and no policy answered",
+            ),
+        ));
     };
     match forward::forward(&snap, &route, &upstream, &mut fin, req, &conn, prefix_len).await {
         Ok(resp) => Ok(respond(&route, fin, resp)),
-        Err(e) => Ok(fin.error(e)),
+        Err(e) => Ok(respond_error(&route, fin, e)),
     }
+}
+
+/// A gateway error once a route is known: its response phases run on the answer too
+/// (as Kong runs its plugins' header phase on its own answers), so e.g. `cors` headers
+/// reach a browser with a 401 or a 502.
+fn respond_error(
+    route: &CompiledRoute,
+    mut fin: Box<Finish>,
+    e: GatewayError,
+) -> Response<LogBody> {
+    let resp = fin.error_response(e);
+    respond(route, fin, resp)
 }
 
 /// The request body of an early answer is read and discarded in the background on

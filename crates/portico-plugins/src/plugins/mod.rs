@@ -5,12 +5,22 @@ use std::sync::Arc;
 
 use crate::registry::{parse, schema_of, PluginDef};
 
+pub mod cors;
 pub mod echo;
 pub mod headers;
+pub mod ip_restriction;
 pub mod size_limit;
 
 /// Every policy, by descending priority. See docs/plugins.md for the stages.
 pub static DEFS: &[PluginDef] = &[
+    PluginDef {
+        name: "ip-restriction",
+        priority: 3950,
+        stage: "request hygiene",
+        terminal: false,
+        schema: schema_of::<ip_restriction::Settings>,
+        build: |v| Ok(Arc::new(ip_restriction::IpRestriction::new(parse(v)?)?)),
+    },
     PluginDef {
         name: "request-size-limit",
         priority: 3900,
@@ -18,6 +28,14 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<size_limit::Settings>,
         build: |v| Ok(Arc::new(size_limit::SizeLimit::new(parse(v)?))),
+    },
+    PluginDef {
+        name: "cors",
+        priority: 3800,
+        stage: "request hygiene",
+        terminal: false,
+        schema: schema_of::<cors::Settings>,
+        build: |v| Ok(Arc::new(cors::Cors::new(parse(v)?)?)),
     },
     PluginDef {
         name: "request-transformer",
