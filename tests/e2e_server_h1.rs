@@ -1574,3 +1574,71 @@ async fn heads_over_the_raw_buffer_get_json_414_or_431() {
     assert_eq!(up.connections(), 1, "nothing else reached the upstream");
     assert_eq!(up.heads(), 1, "nothing else reached the upstream");
 }
+
+// ---------------------------------------------------------------------------------
+// Regressions from the review of the HTTP/1.1 codec
+// ---------------------------------------------------------------------------------
+
+/// An absolute-form target names the host: routing and what the upstream is told
+/// follow it, not a different `Host` header (RFC 9112 §3.2.2), so a request cannot be
+/// routed by one host and forwarded as another.
+#[tokio::test(flavor = "multi_thread")]
+async fn absolute_form_target_overrides_the_host_header() {
+    let up = portico_test_support::Upstream::start("abs").await;
+    let env = gateway(&format!(
+        "upstreams:\n  u: {{targets: [{{url: \"{}\"}}]}}\nroutes:\n  - {{name: public, hosts: [public.example], paths: [\"/*\"], upstream: u, preserve_host: true}}\n  - {{name: admin, hosts: [admin.example], paths: [\"/*\"], plugins: {{echo: {{}}}}}}\n",
+        up.url()
+    ))
+    .await;
+    let mut c = Client::connect(env.addr).await;
+    c.send(b"GET http://public.example/x HTTP/1.1\r\nHost: admin.example\r\n\r\n")
+        .await;
+    let r = c.response("absolute form").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = r.json();
+    assert_eq!(seen["headers"]["host"], "public.example", "{seen}");
+    assert_eq!(
+        seen["headers"]["x-forwarded-host"], "public.example",
+        "{seen}"
+    );
+    assert_eq!(up.hits(), 1, "routed by the target's host, not by Host");
+}
+
+/// An answer given before the client was told to send its body (`Expect:
+/// 100-continue`) closes the connection: the client may or may not send the body, and
+/// the gateway must not read it as the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn early_answer_to_expect_continue_closes_the_connection() {
+    let env = gateway("routes:\n  - {name: only, paths: [\"/only\"], plugins: {echo: {}}}\n").await;
+    let mut c = Client::connect(env.addr).await;
+    c.send(b"POST /nope HTTP/1.1\r\nHost: gateway\r\nContent-Length: 40\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    let (head, r) = c.response_with_head(false, "404 before 100").await;
+    assert!(!head.contains("100 Continue"), "{head}");
+    assert_error(&r, 404, "no_route", "404 before 100");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    c.until_closed().await;
+}
+
+/// A proxied HEAD answer without a length (here chunked) does not claim an empty
+/// body; a 204 never carries a length.
+#[tokio::test(flavor = "multi_thread")]
+async fn head_without_length_and_204_carry_no_content_length() {
+    let up = RawUpstream::start(|seen| {
+        if seen.path() == "/nc" {
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n".to_vec()
+        } else {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()
+        }
+    })
+    .await;
+    let env = gateway_to(&format!("http://{}", up.addr)).await;
+    let mut c = Client::connect(env.addr).await;
+    c.send(b"HEAD /x HTTP/1.1\r\nHost: gateway\r\n\r\n").await;
+    let (head, r) = c.response_with_head(true, "HEAD chunked").await;
+    assert_eq!(r.status, 200, "{head}");
+    assert_eq!(r.header("content-length"), None, "{head}");
+    let r = c.request("GET", "/nc").await;
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(r.header("content-length"), None, "{r:?}");
+}

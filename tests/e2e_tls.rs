@@ -728,3 +728,51 @@ async fn a_reload_can_add_an_https_listener_with_certificates_next_to_the_config
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+/// A large streamed upload to an HTTPS upstream that reads slowly (small receive
+/// buffer, small reads with pauses) arrives whole, three times on the pooled
+/// connection: TLS backpressure on the request body. (The case this guards, the
+/// body's end left in the TLS buffer when the socket is full at the very last write,
+/// is a narrow race this test exercises but cannot force; the writer now counts a
+/// request as sent only once its flush succeeded.)
+#[tokio::test(flavor = "multi_thread")]
+async fn large_streamed_upload_to_a_slow_tls_upstream_arrives_whole() {
+    let ca = Ca::new();
+    let dir = Scratch::new("tlsup");
+    let ca_file = dir.write_file("ca.pem", &ca.cert_pem());
+    let leaf = ca.issue(&["127.0.0.1"]);
+    let sink = portico_test_support::sink::slow_tls_sink(&leaf.cert_pem, &leaf.key_pem).await;
+    let p = Ports::new();
+    let yaml = format!(
+        r#"listen: ["127.0.0.1:{http}"]
+admin: {{listen: "127.0.0.1:{admin}"}}
+upstreams:
+  up: {{targets: [{{url: "https://{sink}"}}], tls: {{ca: "{ca_file}"}}, timeouts: {{request: 10s}}}}
+routes:
+{r}"#,
+        http = p.http,
+        admin = p.admin,
+        r = route("r", "up"),
+    );
+    let gw = Gateway::start_async(&bin(), &yaml, p.admin()).await;
+    // 8 MiB in 64 KiB pieces with no length: chunked all the way.
+    const PIECE: usize = 64 << 10;
+    const PIECES: usize = 128;
+    for _ in 0..3 {
+        let chunks = futures_util::stream::iter(
+            (0..PIECES).map(|_| Ok::<_, std::io::Error>(vec![b'z'; PIECE])),
+        );
+        let resp = http_client()
+            .post(format!("http://127.0.0.1:{}/r/upload", p.http))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", gw.logs()));
+        assert_eq!(resp.status(), 200, "{}", gw.logs());
+        let framed: u64 = resp.text().await.unwrap().parse().unwrap();
+        assert!(
+            framed > (PIECE * PIECES) as u64,
+            "the whole body arrived, chunk framing included: {framed}"
+        );
+    }
+}

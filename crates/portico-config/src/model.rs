@@ -118,8 +118,9 @@ pub struct Limits {
     /// Longest accepted request target (path and query); longer gets 414.
     #[serde(default = "default_max_uri")]
     pub max_uri_length: usize,
-    /// Most request headers accepted; more gets 431.
+    /// Most request headers accepted; more gets 431 (at most 8192).
     #[serde(default = "default_max_headers")]
+    #[schemars(range(min = 1, max = 8192))]
     pub max_header_count: usize,
     /// Largest total size of the request headers; larger gets 431.
     #[serde(default = "default_max_header_bytes")]

@@ -16,9 +16,12 @@
 //! refused with 400 and the connection closed), a request with both `Transfer-Encoding`
 //! and `Content-Length` is read as chunked, its length dropped and the connection closed
 //! afterwards; conflicting lengths are refused. `Expect: 100-continue` is answered with
-//! `100 Continue` when the pipeline first reads the body. Responses carry a
-//! `Content-Length` when their size is known, are chunked otherwise (close-delimited for
-//! HTTP/1.0 clients), and carry no body for `HEAD`, 1xx, 204 and 304.
+//! `100 Continue` when the pipeline first reads the body while the answer is pending;
+//! an answer given without asking for the body closes the connection afterwards.
+//! Responses carry a `Content-Length` when their size is known, are chunked otherwise
+//! (close-delimited for HTTP/1.0 clients), and carry no body for `HEAD`, 1xx, 204 and
+//! 304. An absolute-form request target (`GET http://host/path`) replaces the `Host`
+//! header (RFC 9112 §3.2.2), so routing and forwarding see the same host.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -150,6 +153,7 @@ pub async fn serve<S>(
                 req.map(|_| Body::Client(Box::new(body)))
             }
         };
+        let mut continued = false;
         let resp = {
             let fut = handle(gw.clone(), conn.clone(), req, meta);
             let mut fut = std::pin::pin!(fut);
@@ -164,6 +168,7 @@ pub async fn serve<S>(
                                 return;
                             }
                             let _ = w.flush().await;
+                            continued = true;
                         }
                     }
                 },
@@ -171,6 +176,12 @@ pub async fn serve<S>(
         };
         let Ok(resp) = resp;
         let mut keep = info.keep_alive && !*stop.borrow();
+        // Answered before asking for the body the client is holding back: it may never
+        // send it, or send it after deciding otherwise; close instead of guessing what
+        // the next bytes are.
+        if info.expect_continue && !continued && returned.is_some() {
+            keep = false;
+        }
         // A body already dropped unread cannot give the connection back: say so now.
         if let Some(rx) = returned.as_mut() {
             match rx.try_recv() {
@@ -208,22 +219,27 @@ async fn read_head<R: AsyncRead + Unpin>(
     rd: &mut Reader<R>,
     settings: &Settings,
 ) -> Result<Option<Parsed>, Refusal> {
+    // Where the search for the end of the head resumes: a head trickling in is parsed
+    // once it can be complete, not again on every read.
+    let mut scanned: usize = 0;
     loop {
-        if !rd.buf.is_empty() {
+        let from = scanned.saturating_sub(3);
+        if rd.buf.len() > from && head_may_end(&rd.buf[from..]) {
             if let Some(p) = parse(&mut rd.buf, settings)? {
                 return Ok(Some(p));
             }
-            if rd.buf.len() >= settings.max_head {
-                let line_ends = rd.buf.windows(2).any(|w| w == b"\r\n");
-                return Err(if line_ends {
-                    Refusal::Status(
-                        ErrorKind::HeadersTooLarge,
-                        "the request headers are too large",
-                    )
-                } else {
-                    Refusal::Status(ErrorKind::UriTooLong, "the request line is too long")
-                });
-            }
+        }
+        scanned = rd.buf.len();
+        if rd.buf.len() >= settings.max_head {
+            let line_ends = memchr::memmem::find(&rd.buf, b"\r\n").is_some();
+            return Err(if line_ends {
+                Refusal::Status(
+                    ErrorKind::HeadersTooLarge,
+                    "the request headers are too large",
+                )
+            } else {
+                Refusal::Status(ErrorKind::UriTooLong, "the request line is too long")
+            });
         }
         if rd.buf.capacity() - rd.buf.len() < 1024 {
             rd.buf.reserve(READ_SIZE);
@@ -237,6 +253,14 @@ async fn read_head<R: AsyncRead + Unpin>(
             return Ok(None);
         }
     }
+}
+
+/// Whether `b` holds an empty line (`\r\n\r\n`, or bare `\n\n`): the end of a head.
+fn head_may_end(b: &[u8]) -> bool {
+    // Usually the head is all that was read: check its end first.
+    b.ends_with(b"\r\n\r\n")
+        || memchr::memmem::find(b, b"\n\r\n").is_some()
+        || memchr::memmem::find(b, b"\n\n").is_some()
 }
 
 fn bad(msg: &'static str) -> Refusal {
@@ -382,7 +406,14 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
             Some(n) => Some(BodyFraming::Length(n)),
         }
     };
-    if version == Version::HTTP_11 && meta.hosts == 0 && uri.authority().is_none() {
+    if let Some(authority) = uri.authority() {
+        // Absolute form: the target's authority is the host, whatever `Host` says.
+        let v = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| bad("the request target's authority is not a valid host"))?;
+        headers.insert(header::HOST, v.clone());
+        meta.host = Some(v);
+        meta.hosts = 1;
+    } else if version == Version::HTTP_11 && meta.hosts == 0 {
         return Err(bad("an HTTP/1.1 request must carry a Host header"));
     }
     let head_request = method == Method::HEAD;
@@ -449,6 +480,8 @@ impl<R> RequestBody<R> {
 pub enum BadBody {
     #[error("the client closed the connection before the end of the request body")]
     Closed,
+    #[error("reading the request body from the client failed: {0}")]
+    Io(std::io::Error),
     #[error("the request body is not valid chunked encoding: {0}")]
     Framing(&'static str),
 }
@@ -506,7 +539,7 @@ impl<R: AsyncRead + Unpin + Send> http_body::Body for RequestBody<R> {
             match poll_read_buf(Pin::new(&mut rd.io), cx, &mut rd.buf) {
                 Poll::Ready(Ok(0)) => return this.fail(Box::new(BadBody::Closed)),
                 Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return this.fail(Box::new(e)),
+                Poll::Ready(Err(e)) => return this.fail(Box::new(BadBody::Io(e))),
                 Poll::Pending => {
                     let Some(d) = this.idle else {
                         return Poll::Pending;
@@ -623,9 +656,13 @@ fn encode_head<B: http_body::Body>(
     }
     let exact = body.size_hint().exact();
     let (framing, length_header) = if bodiless {
-        // HEAD answers say how long the body would be.
-        let len = if info.head_request {
-            declared.or(exact)
+        // HEAD answers say how long the body would be: the upstream's length, or that
+        // of a body the gateway made itself; an empty body (a proxied HEAD answer
+        // without a length) says nothing. 1xx and 204 never carry a length.
+        let len = if status.is_informational() || status == StatusCode::NO_CONTENT {
+            None
+        } else if info.head_request {
+            declared.or(exact.filter(|&n| n > 0))
         } else {
             declared
         };
@@ -683,6 +720,9 @@ async fn write_response<W: AsyncWrite + Unpin>(
         _ => u64::MAX,
     };
     let mut done = body.is_end_stream();
+    if done && framing == Framing::Chunked {
+        out.last_chunk();
+    }
     let mut clean = true;
     loop {
         if !done && !out.has_data() {

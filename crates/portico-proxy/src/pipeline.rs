@@ -226,8 +226,8 @@ fn respond(route: &CompiledRoute, mut fin: Box<Finish>, resp: Response<Body>) ->
 /// Requests that cannot be forwarded safely or that a gateway does not serve: more
 /// than one or an invalid `Host` (RFC 9112 §3.2), `CONNECT` tunnels and the
 /// server-wide `OPTIONS *`. (Ambiguous framing — `Transfer-Encoding` with
-/// `Content-Length` — is settled by hyper's parser, which drops the length as RFC 9112
-/// §6.3 requires; the request then goes upstream chunked.)
+/// `Content-Length` — is settled by the HTTP/1.1 parser, which drops the length as
+/// RFC 9112 §6.3 requires; the request then goes upstream chunked.)
 fn check_framing(parts: &http::request::Parts, meta: &Meta) -> Option<GatewayError> {
     let bad = |m: &'static str| {
         let mut e = GatewayError::new(ErrorKind::BadRequest, m);

@@ -26,6 +26,7 @@ pub mod certs;
 pub mod client;
 pub mod gateway;
 pub mod response;
+pub mod sink;
 pub mod upstream;
 
 use std::future::Future;

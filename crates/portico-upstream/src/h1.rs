@@ -42,7 +42,8 @@ use crate::pool::TargetPool;
 pub const MAX_HEAD: usize = 64 << 10;
 /// Most header fields in a response head.
 pub const MAX_HEADERS: usize = 128;
-/// Largest chunk-size line or trailer section accepted.
+/// Longest chunk-size line that may stay incomplete in the buffer (a complete line is
+/// at most one read long, so the memory held is bounded either way).
 const MAX_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 << 10;
 /// Read size while a response body streams.
@@ -240,7 +241,12 @@ pub fn encode_head(
     buf.extend_from_slice(target.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
     for (n, v) in &parts.headers {
-        if n == header::CONTENT_LENGTH || n == header::TRANSFER_ENCODING || overlay.overrides(n) {
+        // The gateway answers `Expect: 100-continue` itself and sends the body at once.
+        if n == header::CONTENT_LENGTH
+            || n == header::TRANSFER_ENCODING
+            || n == header::EXPECT
+            || overlay.overrides(n)
+        {
             continue;
         }
         buf.extend_from_slice(n.as_str().as_bytes());
@@ -390,6 +396,9 @@ pub struct Sending {
     started: bool,
     /// Any byte has been written to the connection.
     pub wrote: bool,
+    /// Everything was written and flushed (TLS keeps written bytes in its own buffer
+    /// until a flush succeeds, so an empty `out` alone does not say it).
+    finished: bool,
 }
 
 /// Writing the request failed.
@@ -417,6 +426,7 @@ impl Sending {
             },
             started: false,
             wrote: false,
+            finished: false,
         }
     }
 
@@ -436,6 +446,7 @@ impl Sending {
             ..Out::default()
         };
         self.wrote = false;
+        self.finished = false;
     }
 
     /// Write the head and as much of the body as is available.
@@ -444,6 +455,7 @@ impl Sending {
         loop {
             ready!(self.out.poll_write(io, cx, &mut self.wrote)).map_err(SendFailure::Io)?;
             let Some(body) = self.body.as_mut() else {
+                self.finished = true;
                 return Poll::Ready(Ok(()));
             };
             self.started = true;
@@ -492,8 +504,9 @@ impl Sending {
         }
     }
 
+    /// The whole request has been written and flushed.
     fn done(&self) -> bool {
-        self.body.is_none() && self.out.is_empty()
+        self.finished
     }
 }
 
@@ -516,7 +529,7 @@ pub enum BodyFraming {
 }
 
 /// Send the request and read the response head, writing the body as long as the
-/// upstream has not answered. `got_bytes` tells whether any byte of an answer came.
+/// upstream has not answered.
 pub fn poll_exchange(
     conn: &mut Conn,
     sending: &mut Sending,
@@ -659,6 +672,10 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, E
         }
         let mut keep_alive = !close && (version == Version::HTTP_11 || keep);
         let coded = chunked || other_coding;
+        if coded && version == Version::HTTP_10 {
+            // Transfer-Encoding in HTTP/1.0: faulty framing, never reuse (RFC 9112 §6.1).
+            keep_alive = false;
+        }
         let framing = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -906,11 +923,15 @@ impl ResponseBody {
         pool: Option<Arc<TargetPool>>,
         idle: Option<Duration>,
     ) -> Option<ResponseBody> {
+        let unsent = !sending.done();
         let mut body = ResponseBody {
             conn: Some(conn),
             decoder: Decoder::new(head.framing),
-            sending: (!sending.done()).then_some(sending),
-            keep_alive: head.keep_alive,
+            sending: unsent.then_some(sending),
+            // An answer that came before the whole request was sent: the rest is still
+            // sent (the upstream may be reading it), but the connection is not reused,
+            // since an upstream that stopped reading could take it for a next request.
+            keep_alive: head.keep_alive && !unsent,
             pool,
             idle,
             timer: None,
