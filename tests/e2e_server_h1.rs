@@ -1642,3 +1642,22 @@ async fn head_without_length_and_204_carry_no_content_length() {
     assert_eq!(r.status, 204, "{r:?}");
     assert_eq!(r.header("content-length"), None, "{r:?}");
 }
+
+/// A refused request whose body the client keeps sending (512 KiB in one write) still
+/// gets its whole answer, and the client's write is not left stuck: the gateway reads
+/// and discards for a while before it closes. (On Linux over loopback the answer also
+/// survives a reset, so this checks the outcome, not the lingering itself.)
+#[tokio::test(flavor = "multi_thread")]
+async fn refusal_is_delivered_while_the_client_is_still_sending() {
+    let env = gateway("routes:\n  - {name: r, paths: [\"/*\"], plugins: {echo: {}}}\n").await;
+    for _ in 0..5 {
+        let mut c = Client::connect(env.addr).await;
+        let mut req =
+            b"POST /x HTTP/1.1\r\nHost: gateway\r\nTransfer-Encoding: gzip\r\n\r\n".to_vec();
+        req.extend(std::iter::repeat_n(b'q', 512 << 10));
+        c.send_lenient(&req).await;
+        let r = c.response("refused while sending").await;
+        assert_error(&r, 400, "bad_request", "refused while sending");
+        assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    }
+}

@@ -127,7 +127,8 @@ pub async fn serve<S>(
                     resp.headers_mut().insert(&crate::forward::X_REQUEST_ID, v);
                 }
                 let _ = write_plain(&mut w, resp).await;
-                let _ = w.shutdown().await;
+                let stopping = *stop.borrow();
+                close(&mut w, reader.as_mut().filter(|_| !stopping)).await;
                 return;
             }
         };
@@ -195,10 +196,12 @@ pub async fn serve<S>(
         }
         match write_response(&mut w, &mut wbuf, resp, &info, keep).await {
             Ok(true) => {}
-            _ => {
-                let _ = w.shutdown().await;
+            Ok(false) => {
+                let stopping = *stop.borrow();
+                close(&mut w, reader.as_mut().filter(|_| !stopping)).await;
                 return;
             }
+            Err(_) => return,
         }
         if let Some(rx) = returned {
             match tokio::time::timeout(DRAIN_MAX_TIME, rx).await {
@@ -211,6 +214,29 @@ pub async fn serve<S>(
             }
         }
     }
+}
+
+/// Lingering close: after the last answer, stop writing, then read and discard what
+/// the client still sends (its request body, pipelined requests) for a short while.
+/// Closing with unread data makes the kernel reset the connection, and a client can
+/// then lose the answer it has not read yet.
+async fn close<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(w: &mut W, rd: Option<&mut Reader<R>>) {
+    const LINGER_TIME: Duration = Duration::from_secs(2);
+    const LINGER_BYTES: usize = 1 << 20;
+    let _ = w.shutdown().await;
+    let Some(rd) = rd else { return };
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        loop {
+            rd.buf.clear();
+            rd.buf.reserve(READ_SIZE);
+            match poll_fn(|cx| poll_read_buf(Pin::new(&mut rd.io), cx, &mut rd.buf)).await {
+                Ok(n) if n > 0 && n < left => left -= n,
+                _ => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// Read until a whole request head is buffered, and parse it. `None` when the client

@@ -167,12 +167,20 @@ impl TargetPool {
 
     /// Take back an HTTP/1.1 connection whose exchange completed cleanly.
     pub(crate) fn put_h1(&self, conn: h1::Conn) {
+        let now = Instant::now();
         let mut idle = self.idle.lock();
+        // The list is used as a stack, so the oldest connections sit at the front:
+        // close those past their keep time here (a closed upstream connection would
+        // otherwise hold its descriptor and buffer until the next quiet checkout).
+        let expired = idle
+            .iter()
+            .take_while(|c| now.saturating_duration_since(c.since) >= IDLE_KEEP)
+            .count();
+        if expired > 0 {
+            idle.drain(..expired);
+        }
         if idle.len() < self.connector.max_idle {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push(Idle { conn, since: now });
         }
     }
 
