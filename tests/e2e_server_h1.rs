@@ -1661,3 +1661,48 @@ async fn refusal_is_delivered_while_the_client_is_still_sending() {
         assert_eq!(r.header("connection"), Some("close"), "{r:?}");
     }
 }
+
+/// A client that stops reading an answer is disconnected after
+/// `limits.client_idle_timeout` without progress (releasing the upstream side), while
+/// the gateway keeps serving others.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let up = portico_test_support::Upstream::start("big").await;
+    let env = gateway(&format!(
+        "limits: {{client_idle_timeout: 1s}}\nupstreams:\n  u: {{targets: [{{url: \"{}\"}}]}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n",
+        up.url()
+    ))
+    .await;
+    const TOTAL: usize = 256 << 20;
+    let mut s = TcpStream::connect(env.addr).await.unwrap();
+    s.write_all(format!("GET /bytes/{TOTAL} HTTP/1.1\r\nHost: gateway\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(n > 0);
+    // Stop reading well past the idle timeout, then drain what is left.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut got = n;
+    let drained = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got += k,
+            }
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the gateway never closed the stalled connection"
+    );
+    assert!(
+        got < TOTAL,
+        "the whole answer arrived ({got} bytes): not disconnected"
+    );
+    // Others are still served.
+    let mut c = Client::connect(env.addr).await;
+    let r = c.request("GET", "/after").await;
+    assert_eq!(r.status, 200, "{r:?}");
+}

@@ -61,6 +61,9 @@ pub struct Settings {
     /// Header fields parsed; more is answered with 431 here. Above the configured limit,
     /// so that the pipeline answers (and logs) most requests over it with its own 431.
     pub max_headers: usize,
+    /// A client that takes none of an answer's bytes for this long is disconnected
+    /// (`limits.client_idle_timeout`), releasing the upstream connection it holds.
+    pub write_idle: Duration,
 }
 
 /// The read side of a connection: half the socket and what has been read but not used.
@@ -194,7 +197,7 @@ pub async fn serve<S>(
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
         }
-        match write_response(&mut w, &mut wbuf, resp, &info, keep).await {
+        match write_response(&mut w, &mut wbuf, resp, &info, keep, settings.write_idle).await {
             Ok(true) => {}
             Ok(false) => {
                 let stopping = *stop.borrow();
@@ -732,13 +735,13 @@ async fn write_response<W: AsyncWrite + Unpin>(
     resp: Response<LogBody>,
     info: &Info,
     keep: bool,
+    idle: Duration,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     let (framing, keep) = encode_head(buf, &parts, &body, info, keep);
     let mut out = Out::with_head(buf.split().freeze());
-    let mut wrote = false;
     if framing == Framing::None {
-        poll_fn(|cx| out.poll_write(w, cx, &mut wrote)).await?;
+        write_out(w, &mut out, idle).await?;
         return Ok(keep);
     }
     let mut left = match framing {
@@ -799,7 +802,7 @@ async fn write_response<W: AsyncWrite + Unpin>(
             }
         }
         if !out.is_empty() {
-            poll_fn(|cx| out.poll_write(w, cx, &mut wrote)).await?;
+            write_out(w, &mut out, idle).await?;
         } else if done {
             break;
         }
@@ -808,6 +811,33 @@ async fn write_response<W: AsyncWrite + Unpin>(
         clean &= left == 0;
     }
     Ok(keep && clean && framing != Framing::Close)
+}
+
+/// Write `out` whole. A client that takes no byte of it for `idle` is given up on; the
+/// timer only exists once a write had to wait (usually the socket takes it all).
+async fn write_out<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    out: &mut Out,
+    idle: Duration,
+) -> io::Result<()> {
+    let mut wrote = false;
+    if let Poll::Ready(r) = poll_fn(|cx| Poll::Ready(out.poll_write(w, cx, &mut wrote))).await {
+        return r;
+    }
+    loop {
+        wrote = false;
+        let step = poll_fn(|cx| match out.poll_write(w, cx, &mut wrote) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            // Some progress: the idle clock starts again.
+            Poll::Pending if wrote => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        });
+        match tokio::time::timeout(idle, step).await {
+            Ok(Some(r)) => return r,
+            Ok(None) => {}
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
 }
 
 /// Write a response that has a complete body (the gateway's own refusals).

@@ -135,6 +135,7 @@ async fn accept_loop(
         h1: h1server::Settings {
             max_head: buf,
             max_headers: (limits.max_header_count + 1).max(100),
+            write_idle: limits.client_idle_timeout.0,
         },
         h2,
         idle: limits.client_idle_timeout.0,
