@@ -167,11 +167,15 @@ pub async fn forward(
     parts.uri = Uri::from(pq);
     // `request` counts from the end of the request body; `idle` while it streams.
     let (body, clock) = BodyClock::wrap(body);
-    let mut req = Some(Request::from_parts(parts, body));
+    // The head stays here, lent to each try; the body goes and comes back when nothing
+    // of the request was sent.
+    let mut body = Some(body);
     let mut tried: [usize; MAX_TRIES] = [usize::MAX; MAX_TRIES];
     let mut last_err = None;
     for attempt in 0..MAX_TRIES {
-        let Some(request) = req.take() else { break };
+        let Some(request_body) = body.take() else {
+            break;
+        };
         let Some(idx) = up.pick(&tried[..attempt]) else {
             break;
         };
@@ -189,7 +193,8 @@ pub async fn forward(
         // the futures around it move (measured: ~1k instructions per request).
         let result = bodyclock::send(
             Box::pin(target.pool.send(
-                request,
+                &mut parts,
+                request_body,
                 &overlay,
                 route.timeouts.connect.0,
                 Some(route.timeouts.idle.0),
@@ -220,8 +225,8 @@ pub async fn forward(
                 if connect {
                     up.connect_failed(idx);
                 }
-                match failed.request {
-                    Some(back) if connect => req = Some(back),
+                match failed.body {
+                    Some(back) if connect => body = Some(back),
                     _ => return Err(err),
                 }
                 last_err = Some(err);

@@ -31,19 +31,25 @@ use crate::overlay::Overlay;
 /// How long an idle pooled connection is kept.
 const IDLE_KEEP: Duration = Duration::from_secs(90);
 
-/// A failed exchange; `request` is given back when nothing of it was sent.
+/// A failed exchange; `body` is given back when nothing of the request was sent (the
+/// request head stays with the caller), so it can go to another target.
 pub struct Failed {
     pub error: SendError,
-    pub request: Option<Request<Body>>,
+    pub body: Option<Body>,
 }
 
 impl std::fmt::Debug for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Failed")
             .field("error", &self.error)
-            .field("request_returned", &self.request.is_some())
+            .field("body_returned", &self.body.is_some())
             .finish()
     }
+}
+
+/// Request parts with nothing in them (taking parts out of a `&mut` for HTTP/2).
+fn empty_parts() -> http::request::Parts {
+    Request::new(()).into_parts().0
 }
 
 /// How connections to the targets of one upstream are made.
@@ -135,8 +141,9 @@ struct Terms {
 /// How one attempt on a connection ended.
 enum Outcome {
     Done(Result<Response<Body>, Failed>),
-    /// Try again on this new connection, which speaks the other protocol.
-    Switch(Conn, Request<Body>),
+    /// Try again on this new connection, which speaks the other protocol (the head is
+    /// back in the caller's parts).
+    Switch(Conn, Body),
 }
 
 impl TargetPool {
@@ -233,11 +240,13 @@ impl TargetPool {
     /// body. `replayable` says the request may be sent twice (idempotent, no body): then
     /// a pooled connection that turns out closed by the upstream (its keep-alive timeout
     /// racing with our request) is replaced by a fresh one and the request sent again.
-    /// `overlay` holds the gateway's own headers (applied over the request's). On
-    /// failure the request comes back when nothing of it was sent.
+    /// `overlay` holds the gateway's own headers (applied over the request's). The
+    /// request head is borrowed (its URI in origin form); on failure the body comes back
+    /// when nothing of the request was sent.
     pub async fn send(
         &self,
-        req: Request<Body>,
+        parts: &mut http::request::Parts,
+        body: Body,
         overlay: &Overlay,
         connect: Duration,
         idle: Option<Duration>,
@@ -250,12 +259,12 @@ impl TargetPool {
                 Err(error) => {
                     return Err(Failed {
                         error,
-                        request: Some(req),
+                        body: Some(body),
                     })
                 }
             },
         };
-        let mut req = req;
+        let mut body = body;
         // A retry on a new connection may negotiate the other protocol (ALPN); retries
         // only follow a reused connection, so this loops at most twice.
         loop {
@@ -266,13 +275,20 @@ impl TargetPool {
                         idle,
                         replayable,
                     };
-                    self.send_h1(c, reused, req, overlay, t).await
+                    self.send_h1(c, reused, parts, body, overlay, t).await
                 }
-                Conn::H2(c) => self.send_h2(c, reused, req, overlay, connect, idle).await,
+                Conn::H2(c) => {
+                    let t = Terms {
+                        connect,
+                        idle,
+                        replayable,
+                    };
+                    self.send_h2(c, reused, parts, body, overlay, t).await
+                }
             };
             match outcome {
                 Outcome::Done(r) => return r,
-                Outcome::Switch(c, r) => (conn, req, reused) = (c, r, false),
+                Outcome::Switch(c, b) => (conn, body, reused) = (c, b, false),
             }
         }
     }
@@ -281,7 +297,8 @@ impl TargetPool {
         &self,
         mut conn: h1::Conn,
         mut reused: bool,
-        req: Request<Body>,
+        parts: &mut http::request::Parts,
+        body: Body,
         overlay: &Overlay,
         t: Terms,
     ) -> Outcome {
@@ -290,9 +307,8 @@ impl TargetPool {
             idle,
             replayable,
         } = t;
-        let (parts, body) = req.into_parts();
-        let framing = ReqFraming::of(&parts, &body);
-        let head = h1::encode_head(conn.head_buf(), &parts, overlay, framing);
+        let framing = ReqFraming::of(parts, &body);
+        let head = h1::encode_head(conn.head_buf(), parts, overlay, framing);
         let head_request = parts.method == Method::HEAD;
         let mut sending = Sending::new(head.clone(), body, framing);
         loop {
@@ -318,11 +334,10 @@ impl TargetPool {
             // A reused connection the upstream had closed: once more on a new one, if
             // nothing was sent or the request may be repeated.
             let stale = reused && e.is_closed();
-            let give_back = |sending: &mut Sending, parts| {
+            let give_back = |sending: &mut Sending| {
                 (!sending.wrote)
                     .then(|| sending.take_unstarted_body())
                     .flatten()
-                    .map(|b| Request::from_parts(parts, b))
             };
             if !(stale && (!sending.wrote || replayable)) {
                 let error = if stale {
@@ -331,7 +346,7 @@ impl TargetPool {
                     SendError::H1(e)
                 };
                 return Outcome::Done(Err(Failed {
-                    request: give_back(&mut sending, parts),
+                    body: give_back(&mut sending),
                     error,
                 }));
             }
@@ -341,11 +356,11 @@ impl TargetPool {
                 Ok(Conn::H1(c)) => conn = c,
                 Ok(c @ Conn::H2(_)) => {
                     let body = sending.take_unstarted_body().unwrap_or_default();
-                    return Outcome::Switch(c, Request::from_parts(parts, body));
+                    return Outcome::Switch(c, body);
                 }
                 Err(error) => {
                     return Outcome::Done(Err(Failed {
-                        request: give_back(&mut sending, parts),
+                        body: give_back(&mut sending),
                         error,
                     }))
                 }
@@ -357,22 +372,22 @@ impl TargetPool {
         &self,
         mut conn: http2::SendRequest<Body>,
         mut reused: bool,
-        mut req: Request<Body>,
+        parts: &mut http::request::Parts,
+        body: Body,
         overlay: &Overlay,
-        connect: Duration,
-        idle: Option<Duration>,
+        t: Terms,
     ) -> Outcome {
+        let Terms { connect, idle, .. } = t;
+        // hyper takes the request by value: the head is lent and put back on failure.
+        let mut req = Request::from_parts(std::mem::replace(parts, empty_parts()), body);
         overlay.clone().apply(req.headers_mut());
         *req.version_mut() = Version::HTTP_2;
         self.absolute_form(req.uri_mut());
         loop {
             match conn.try_send_request(req).await {
                 Ok(resp) => {
-                    let (parts, body) = resp.into_parts();
-                    return Outcome::Done(Ok(Response::from_parts(
-                        parts,
-                        Body::incoming(body, idle),
-                    )));
+                    let (p, body) = resp.into_parts();
+                    return Outcome::Done(Ok(Response::from_parts(p, Body::incoming(body, idle))));
                 }
                 Err(mut e) => {
                     let back = e.take_message();
@@ -380,12 +395,15 @@ impl TargetPool {
                     req = match back {
                         // Not sent at all on a reused connection: once more on a new one.
                         Some(r) if reused => r,
-                        back => {
+                        Some(r) => {
+                            let (p, b) = r.into_parts();
+                            *parts = p;
                             return Outcome::Done(Err(Failed {
                                 error,
-                                request: back,
-                            }))
+                                body: Some(b),
+                            }));
                         }
+                        None => return Outcome::Done(Err(Failed { error, body: None })),
                     };
                 }
             }
@@ -394,14 +412,18 @@ impl TargetPool {
                 Ok(Conn::H2(c)) => conn = c,
                 Ok(c @ Conn::H1(_)) => {
                     // The new connection negotiated HTTP/1.1 (ALPN).
-                    *req.version_mut() = Version::HTTP_11;
-                    return Outcome::Switch(c, origin_form(req));
+                    let (mut p, b) = origin_form(req).into_parts();
+                    p.version = Version::HTTP_11;
+                    *parts = p;
+                    return Outcome::Switch(c, b);
                 }
                 Err(error) => {
+                    let (p, b) = req.into_parts();
+                    *parts = p;
                     return Outcome::Done(Err(Failed {
                         error,
-                        request: Some(req),
-                    }))
+                        body: Some(b),
+                    }));
                 }
             }
         }
