@@ -23,13 +23,13 @@
 //! 304. An absolute-form request target (`GET http://host/path`) replaces the `Host`
 //! header (RFC 9112 §3.2.2), so routing and forwarding see the same host.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -38,10 +38,10 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use portico_plugins::body::{ClientBody, IdleTimeout, DRAIN_MAX_TIME};
 use portico_plugins::{Body, BoxError, ErrorKind, GatewayError};
-use portico_upstream::h1::{BodyFraming, Decoder, Out, Step};
+use portico_upstream::h1::{parse_length, poll_body, BodyFraming, Decoder, Out, Read};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch, Notify};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tokio_util::io::poll_read_buf;
 
 use crate::gateway::Gateway;
@@ -464,16 +464,6 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
     )))
 }
 
-fn parse_length(s: &[u8]) -> Option<u64> {
-    let s = s.trim_ascii();
-    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    s.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
 /// A request body read from the client connection.
 struct RequestBody<R> {
     reader: Option<Reader<R>>,
@@ -535,53 +525,35 @@ impl<R: AsyncRead + Unpin + Send> http_body::Body for RequestBody<R> {
         if let Some(n) = this.continue_wanted.take() {
             n.notify_one();
         }
-        loop {
-            let Some(rd) = this.reader.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match this.decoder.step(&mut rd.buf) {
-                Err(e) => return this.fail(Box::new(client_framing(e))),
-                Ok(Step::End) => {
+        let Some(rd) = this.reader.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let read = poll_body(
+            &mut this.decoder,
+            &mut rd.buf,
+            &mut rd.io,
+            this.idle,
+            &mut this.timer,
+            cx,
+        );
+        match ready!(read) {
+            Read::Data(data, done) => {
+                if let Some(c) = &this.counter {
+                    c.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if done {
                     this.finish();
-                    return Poll::Ready(None);
                 }
-                Ok(Step::Data(data)) => {
-                    if let (Some(t), Some(d)) = (this.timer.as_mut(), this.idle) {
-                        t.as_mut().reset(Instant::now() + d);
-                    }
-                    if let Some(c) = &this.counter {
-                        c.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    }
-                    match this.decoder.settle(&mut rd.buf) {
-                        Err(e) => return this.fail(Box::new(client_framing(e))),
-                        Ok(true) => this.finish(),
-                        Ok(false) => {}
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Ok(Step::More) => {}
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            let want = this.decoder.read_size();
-            if rd.buf.capacity() - rd.buf.len() < want / 2 {
-                rd.buf.reserve(want);
+            Read::End => {
+                this.finish();
+                Poll::Ready(None)
             }
-            match poll_read_buf(Pin::new(&mut rd.io), cx, &mut rd.buf) {
-                Poll::Ready(Ok(0)) => return this.fail(Box::new(BadBody::Closed)),
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return this.fail(Box::new(BadBody::Io(e))),
-                Poll::Pending => {
-                    let Some(d) = this.idle else {
-                        return Poll::Pending;
-                    };
-                    let t = this
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
-                    return match t.as_mut().poll(cx) {
-                        Poll::Ready(()) => this.fail(Box::new(IdleTimeout(d))),
-                        Poll::Pending => Poll::Pending,
-                    };
-                }
-            }
+            Read::Eof => this.fail(Box::new(BadBody::Closed)),
+            Read::Failed(portico_upstream::h1::Error::Io(e)) => this.fail(Box::new(BadBody::Io(e))),
+            Read::Failed(e) => this.fail(Box::new(client_framing(e))),
+            Read::IdleTimeout(d) => this.fail(Box::new(IdleTimeout(d))),
         }
     }
 

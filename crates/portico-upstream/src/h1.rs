@@ -709,7 +709,8 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, E
     }
 }
 
-fn parse_length(s: &[u8]) -> Option<u64> {
+/// A `Content-Length` value (one element of a list): digits only, no overflow.
+pub fn parse_length(s: &[u8]) -> Option<u64> {
     let s = s.trim_ascii();
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
@@ -900,6 +901,67 @@ impl Decoder {
     }
 }
 
+/// What [`poll_body`] gave.
+pub enum Read {
+    /// A piece of the body; `true` when it was the last (the end is already decoded).
+    Data(Bytes, bool),
+    /// The body ended.
+    End,
+    /// The connection closed before the decoder saw the end.
+    Eof,
+    Failed(Error),
+    /// Nothing arrived for this long.
+    IdleTimeout(Duration),
+}
+
+/// Decode the next piece of a body from `buf`, reading `io` when more is needed, with
+/// an idle timeout between pieces (its timer is made on the first wait). Shared by the
+/// upstream client's response bodies and the server's request bodies.
+pub fn poll_body<R: AsyncRead + Unpin>(
+    decoder: &mut Decoder,
+    buf: &mut BytesMut,
+    io: &mut R,
+    idle: Option<Duration>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Read> {
+    loop {
+        match decoder.step(buf) {
+            Err(e) => return Poll::Ready(Read::Failed(e)),
+            Ok(Step::End) => return Poll::Ready(Read::End),
+            Ok(Step::Data(data)) => {
+                if let (Some(t), Some(d)) = (timer.as_mut(), idle) {
+                    t.as_mut().reset(Instant::now() + d);
+                }
+                return Poll::Ready(match decoder.settle(buf) {
+                    Err(e) => Read::Failed(e),
+                    Ok(done) => Read::Data(data, done),
+                });
+            }
+            Ok(Step::More) => {}
+        }
+        let want = decoder.read_size();
+        if buf.capacity() - buf.len() < want / 2 {
+            buf.reserve(want);
+        }
+        match poll_read_buf(Pin::new(&mut *io), cx, buf) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Read::Eof),
+            Poll::Ready(Ok(_)) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Read::Failed(Error::Io(e))),
+            Poll::Pending => {
+                let Some(d) = idle else {
+                    return Poll::Pending;
+                };
+                let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+                return match t.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Read::IdleTimeout(d)),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+        }
+    }
+}
+
 /// A streamed response body read from an HTTP/1.1 connection; the connection goes back
 /// to its pool when the body has been read to the end.
 pub struct ResponseBody {
@@ -973,68 +1035,47 @@ impl http_body::Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
-        loop {
-            let Some(conn) = this.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            // Keep sending the request while the upstream still reads it.
-            if let Some(s) = this.sending.as_mut() {
-                match s.poll(&mut conn.io, cx) {
-                    Poll::Pending => {}
-                    Poll::Ready(Ok(())) => this.sending = None,
-                    Poll::Ready(Err(_)) => {
-                        this.sending = None;
-                        this.keep_alive = false;
-                    }
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // Keep sending the request while the upstream still reads it.
+        if let Some(s) = this.sending.as_mut() {
+            match s.poll(&mut conn.io, cx) {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) => this.sending = None,
+                Poll::Ready(Err(_)) => {
+                    this.sending = None;
+                    this.keep_alive = false;
                 }
             }
-            match this.decoder.step(&mut conn.rbuf) {
-                Err(e) => return this.fail(e),
-                Ok(Step::End) => {
+        }
+        let read = poll_body(
+            &mut this.decoder,
+            &mut conn.rbuf,
+            &mut conn.io,
+            this.idle,
+            &mut this.timer,
+            cx,
+        );
+        match ready!(read) {
+            Read::Data(data, done) => {
+                if done {
                     this.finish();
-                    return Poll::Ready(None);
                 }
-                Ok(Step::Data(data)) => {
-                    if let (Some(t), Some(d)) = (this.timer.as_mut(), this.idle) {
-                        t.as_mut().reset(Instant::now() + d);
-                    }
-                    match this.decoder.settle(&mut conn.rbuf) {
-                        Err(e) => return this.fail(e),
-                        Ok(true) => this.finish(),
-                        Ok(false) => {}
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Ok(Step::More) => {}
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            let want = this.decoder.read_size();
-            if conn.rbuf.capacity() - conn.rbuf.len() < want / 2 {
-                conn.rbuf.reserve(want);
+            Read::End => {
+                this.finish();
+                Poll::Ready(None)
             }
-            match poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rbuf) {
-                Poll::Ready(Ok(0)) => {
-                    if this.decoder.until_close() {
-                        this.keep_alive = false;
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    return this.fail(Error::Truncated);
-                }
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return this.fail(Error::Io(e)),
-                Poll::Pending => {
-                    let Some(d) = this.idle else {
-                        return Poll::Pending;
-                    };
-                    let t = this
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
-                    return match t.as_mut().poll(cx) {
-                        Poll::Ready(()) => this.fail(Error::Idle(IdleTimeout(d))),
-                        Poll::Pending => Poll::Pending,
-                    };
-                }
+            Read::Eof if this.decoder.until_close() => {
+                this.keep_alive = false;
+                this.finish();
+                Poll::Ready(None)
             }
+            Read::Eof => this.fail(Error::Truncated),
+            Read::Failed(e) => this.fail(e),
+            Read::IdleTimeout(d) => this.fail(Error::Idle(IdleTimeout(d))),
         }
     }
 
