@@ -216,6 +216,9 @@ fn linger(body: Body, version: http::Version) {
 
 /// Run the response phase (ascending priority) and wrap the body for logging.
 fn respond(route: &CompiledRoute, mut fin: Box<Finish>, resp: Response<Body>) -> Response<LogBody> {
+    if route.chain.is_empty() {
+        return fin.complete(resp);
+    }
     let (mut parts, body) = resp.into_parts();
     for entry in route.chain.iter().rev() {
         entry.policy.upstream_response(&mut fin.ctx, &mut parts);
