@@ -159,8 +159,8 @@ pub async fn serve<S>(
         };
         let mut continued = false;
         let resp = {
-            let fut = handle(gw.clone(), conn.clone(), req, meta);
-            let mut fut = std::pin::pin!(fut);
+            // Pinned where it is made: the request's future is large, moving it costs.
+            let mut fut = std::pin::pin!(handle(gw.clone(), conn.clone(), req, meta));
             match &continue_wanted {
                 None => fut.await,
                 Some(n) => loop {
