@@ -38,7 +38,10 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use portico_plugins::body::{ClientBody, IdleTimeout, DRAIN_MAX_TIME};
 use portico_plugins::{Body, BoxError, ErrorKind, GatewayError};
-use portico_upstream::h1::{parse_length, poll_body, BodyFraming, Decoder, Out, Read};
+use portico_upstream::h1::{
+    add_length, connection_tokens, parse_length, poll_body, BodyFraming, Decoder, FieldSpans, Out,
+    Read,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Sleep;
@@ -299,9 +302,6 @@ fn bad(msg: &'static str) -> Refusal {
 /// A parsed request head.
 type Parsed = (Request<Body>, Info, Meta);
 
-/// Field offsets kept on the stack for this many fields (more go to the heap).
-const STACK_OFFSETS: usize = 32;
-
 /// Parse a complete request head off the front of `buf`; `None` while incomplete.
 fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refusal> {
     let mut stack: [MaybeUninit<httparse::Header<'_>>; STACK_HEADERS] =
@@ -338,24 +338,8 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
     let path = req.path.unwrap_or_default();
     let path_at = (path.as_ptr() as usize - base, path.len());
     let count = req.headers.len();
-    let mut at: Vec<(u32, u32, u32, u32)> = Vec::new();
-    let mut at_stack = [(0u32, 0u32, 0u32, 0u32); STACK_OFFSETS];
-    let offsets: &mut [(u32, u32, u32, u32)] = if count <= STACK_OFFSETS {
-        &mut at_stack[..count]
-    } else {
-        at.resize(count, (0, 0, 0, 0));
-        &mut at[..]
-    };
-    for (slot, h) in offsets.iter_mut().zip(req.headers.iter()) {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        *slot = (
-            n as u32,
-            (n + h.name.len()) as u32,
-            v as u32,
-            (v + h.value.len()) as u32,
-        );
-    }
+    let mut spans = FieldSpans::default();
+    spans.record(buf, req.headers);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1))
         .map_err(|_| bad("the request target is not a valid URI"))?;
@@ -367,12 +351,11 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
     let mut keep = false;
     let mut expect_continue = false;
     let mut meta = Meta::default();
-    for &(ns, ne, vs, ve) in offsets.iter() {
-        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
-            .map_err(|_| bad("invalid header name"))?;
-        let raw = &head[vs as usize..ve as usize];
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
-            .map_err(|_| bad("invalid header value"))?;
+    for (raw_name, value) in spans.fields(&head) {
+        let name = HeaderName::from_bytes(raw_name).map_err(|_| bad("invalid header name"))?;
+        let value =
+            HeaderValue::from_maybe_shared(value).map_err(|_| bad("invalid header value"))?;
+        let raw = value.as_bytes();
         if name == header::HOST {
             meta.hosts = meta.hosts.saturating_add(1);
             if meta.host.is_none() {
@@ -383,13 +366,7 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
                 meta.request_id = Some(value.clone());
             }
         } else if name == header::CONTENT_LENGTH {
-            for part in raw.split(|&b| b == b',') {
-                let n = parse_length(part).ok_or(bad("invalid Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(bad("conflicting Content-Length values"));
-                }
-                length = Some(n);
-            }
+            add_length(raw, &mut length).map_err(bad)?;
         } else if name == header::TRANSFER_ENCODING {
             te_seen = true;
             for coding in raw.split(|&b| b == b',') {
@@ -404,11 +381,9 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
                 }
             }
         } else if name == header::CONNECTION {
-            for token in raw.split(|&b| b == b',') {
-                let t = token.trim_ascii();
-                close |= t.eq_ignore_ascii_case(b"close");
-                keep |= t.eq_ignore_ascii_case(b"keep-alive");
-            }
+            let (c, k) = connection_tokens(raw);
+            close |= c;
+            keep |= k;
         } else if name == header::EXPECT {
             expect_continue = raw.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }

@@ -575,6 +575,81 @@ pub fn poll_exchange(
     }
 }
 
+/// Where the fields of a parsed head lie in its buffer, so that once the head is split
+/// off and frozen, header values become slices of it instead of copies. Heads with up
+/// to 32 fields keep the spans on the stack.
+#[derive(Default)]
+pub struct FieldSpans {
+    stack: [(u32, u32, u32, u32); 32],
+    heap: Vec<(u32, u32, u32, u32)>,
+    len: usize,
+}
+
+impl FieldSpans {
+    /// Record the spans of `fields`, parsed from `buf` (filled in place: the struct is
+    /// half a KiB, not worth moving on every request).
+    pub fn record(&mut self, buf: &[u8], fields: &[httparse::Header<'_>]) {
+        let base = buf.as_ptr() as usize;
+        self.len = fields.len();
+        let slots = if fields.len() > self.stack.len() {
+            self.heap.resize(fields.len(), (0, 0, 0, 0));
+            &mut self.heap[..]
+        } else {
+            &mut self.stack[..fields.len()]
+        };
+        for (slot, h) in slots.iter_mut().zip(fields) {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            *slot = (
+                n as u32,
+                (n + h.name.len()) as u32,
+                v as u32,
+                (v + h.value.len()) as u32,
+            );
+        }
+    }
+
+    /// Each field's name and value, the value a slice of `head` (the bytes the spans
+    /// were taken from, now frozen).
+    pub fn fields<'a>(&'a self, head: &'a Bytes) -> impl Iterator<Item = (&'a [u8], Bytes)> + 'a {
+        let spans = if self.len > self.stack.len() {
+            &self.heap[..]
+        } else {
+            &self.stack[..self.len]
+        };
+        spans.iter().map(move |&(ns, ne, vs, ve)| {
+            (
+                &head[ns as usize..ne as usize],
+                head.slice(vs as usize..ve as usize),
+            )
+        })
+    }
+}
+
+/// Add a `Content-Length` field value (possibly a list) to what earlier fields said.
+pub fn add_length(raw: &[u8], length: &mut Option<u64>) -> Result<(), &'static str> {
+    for part in raw.split(|&b| b == b',') {
+        let n = parse_length(part).ok_or("invalid Content-Length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting Content-Length values");
+        }
+        *length = Some(n);
+    }
+    Ok(())
+}
+
+/// Whether a `Connection` field value says `close`, and whether it says `keep-alive`.
+pub fn connection_tokens(raw: &[u8]) -> (bool, bool) {
+    raw.split(|&b| b == b',')
+        .fold((false, false), |(close, keep), t| {
+            let t = t.trim_ascii();
+            (
+                close || t.eq_ignore_ascii_case(b"close"),
+                keep || t.eq_ignore_ascii_case(b"keep-alive"),
+            )
+        })
+}
+
 /// Parse a complete response head off the front of `rbuf`, skipping 1xx interim
 /// responses; `None` while it is incomplete.
 fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
@@ -607,28 +682,9 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, E
         } else {
             Version::HTTP_10
         };
-        // Header values become slices of the head's bytes: keep their offsets.
-        let base = rbuf.as_ptr() as usize;
         let count = resp.headers.len();
-        // Most heads have few fields: offsets on the stack for 32, else on the heap.
-        let mut heap: Vec<(u32, u32, u32, u32)> = Vec::new();
-        let mut stack = [(0u32, 0u32, 0u32, 0u32); 32];
-        let at: &mut [(u32, u32, u32, u32)] = if count <= stack.len() {
-            &mut stack[..count]
-        } else {
-            heap.resize(count, (0, 0, 0, 0));
-            &mut heap[..]
-        };
-        for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
-            let n = h.name.as_ptr() as usize - base;
-            let v = h.value.as_ptr() as usize - base;
-            *slot = (
-                n as u32,
-                (n + h.name.len()) as u32,
-                v as u32,
-                (v + h.value.len()) as u32,
-            );
-        }
+        let mut spans = FieldSpans::default();
+        spans.record(rbuf, resp.headers);
         let head = rbuf.split_to(len).freeze();
         // Room for the headers the gateway adds (request id, policies' own).
         let mut headers = HeaderMap::with_capacity(count + 4);
@@ -637,18 +693,12 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, E
         let mut other_coding = false;
         let mut close = false;
         let mut keep = false;
-        for &(ns, ne, vs, ve) in at.iter() {
-            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+        for (raw_name, value) in spans.fields(&head) {
+            let name = HeaderName::from_bytes(raw_name)
                 .map_err(|_| Error::Framing("invalid header name"))?;
-            let raw = &head[vs as usize..ve as usize];
+            let raw = &value[..];
             if name == header::CONTENT_LENGTH {
-                for part in raw.split(|&b| b == b',') {
-                    let n = parse_length(part).ok_or(Error::Framing("invalid Content-Length"))?;
-                    if length.is_some_and(|l| l != n) {
-                        return Err(Error::Framing("conflicting Content-Length values"));
-                    }
-                    length = Some(n);
-                }
+                add_length(raw, &mut length).map_err(Error::Framing)?;
             } else if name == header::TRANSFER_ENCODING {
                 // Only the last coding decides; a later field overrides an earlier one.
                 for coding in raw.split(|&b| b == b',') {
@@ -660,13 +710,11 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, E
                     other_coding = !chunked;
                 }
             } else if name == header::CONNECTION {
-                for token in raw.split(|&b| b == b',') {
-                    let t = token.trim_ascii();
-                    close |= t.eq_ignore_ascii_case(b"close");
-                    keep |= t.eq_ignore_ascii_case(b"keep-alive");
-                }
+                let (c, k) = connection_tokens(raw);
+                close |= c;
+                keep |= k;
             }
-            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            let value = HeaderValue::from_maybe_shared(value)
                 .map_err(|_| Error::Framing("invalid header value"))?;
             headers.append(name, value);
         }

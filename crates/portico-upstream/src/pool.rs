@@ -265,26 +265,17 @@ impl TargetPool {
             },
         };
         let mut body = body;
+        let t = Terms {
+            connect,
+            idle,
+            replayable,
+        };
         // A retry on a new connection may negotiate the other protocol (ALPN); retries
         // only follow a reused connection, so this loops at most twice.
         loop {
             let outcome = match conn {
-                Conn::H1(c) => {
-                    let t = Terms {
-                        connect,
-                        idle,
-                        replayable,
-                    };
-                    self.send_h1(c, reused, parts, body, overlay, t).await
-                }
-                Conn::H2(c) => {
-                    let t = Terms {
-                        connect,
-                        idle,
-                        replayable,
-                    };
-                    self.send_h2(c, reused, parts, body, overlay, t).await
-                }
+                Conn::H1(c) => self.send_h1(c, reused, parts, body, overlay, t).await,
+                Conn::H2(c) => self.send_h2(c, reused, parts, body, overlay, t).await,
             };
             match outcome {
                 Outcome::Done(r) => return r,
