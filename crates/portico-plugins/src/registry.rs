@@ -26,8 +26,14 @@ pub struct PluginDef {
     /// The policy answers requests itself (its route needs no upstream).
     pub terminal: bool,
     pub schema: fn(&mut SchemaGenerator) -> Schema,
-    pub build: fn(&Value) -> Result<Arc<dyn Policy>, SettingsErrors>,
+    pub build: fn(&Value, &BuildEnv) -> Result<Arc<dyn Policy>, SettingsErrors>,
 }
+
+/// The services a policy may keep when it is built (so nothing is looked up by name
+/// per request). Validation builds policies with [`BuildEnv::default`], which has
+/// the same shape but is attached to nothing.
+#[derive(Clone, Default)]
+pub struct BuildEnv {}
 
 /// Policies at or above this priority are request hygiene: they also run when the
 /// route's path matched but its method did not (so CORS preflights are not 405).
@@ -72,7 +78,9 @@ impl PluginCatalog for Catalog {
     }
     fn check(&self, name: &str, settings: &Value) -> Vec<(KeyPath, String)> {
         match find(name) {
-            Some(d) => (d.build)(settings).err().unwrap_or_default(),
+            Some(d) => (d.build)(settings, &BuildEnv::default())
+                .err()
+                .unwrap_or_default(),
             None => vec![(KeyPath::root(), format!("unknown policy `{name}`"))],
         }
     }
@@ -95,13 +103,14 @@ pub struct ChainEntry {
 /// Build the global policies once; routes share these instances.
 pub fn build_global(
     global: &BTreeMap<String, Value>,
+    env: &BuildEnv,
 ) -> Result<BTreeMap<String, ChainEntry>, (String, SettingsErrors)> {
     let mut out = BTreeMap::new();
     for (name, settings) in global {
         if is_disabled(settings) {
             continue;
         }
-        out.insert(name.clone(), build_one(name, settings, "global")?);
+        out.insert(name.clone(), build_one(name, settings, "global", env)?);
     }
     Ok(out)
 }
@@ -110,6 +119,7 @@ fn build_one(
     name: &str,
     settings: &Value,
     source: &'static str,
+    env: &BuildEnv,
 ) -> Result<ChainEntry, (String, SettingsErrors)> {
     let def = find(name).ok_or_else(|| {
         (
@@ -117,7 +127,7 @@ fn build_one(
             vec![(KeyPath::root(), format!("unknown policy `{name}`"))],
         )
     })?;
-    let policy = (def.build)(&strip_enabled(settings)).map_err(|e| (name.to_string(), e))?;
+    let policy = (def.build)(&strip_enabled(settings), env).map_err(|e| (name.to_string(), e))?;
     Ok(ChainEntry {
         name: def.name,
         priority: def.priority,
@@ -132,6 +142,7 @@ fn build_one(
 pub fn build_chain(
     global: &BTreeMap<String, ChainEntry>,
     route: &BTreeMap<String, Value>,
+    env: &BuildEnv,
 ) -> Result<Vec<ChainEntry>, (String, SettingsErrors)> {
     let mut chain: BTreeMap<&str, ChainEntry> = BTreeMap::new();
     for (name, e) in global {
@@ -143,7 +154,7 @@ pub fn build_chain(
         if is_disabled(settings) {
             continue;
         }
-        chain.insert(name.as_str(), build_one(name, settings, "route")?);
+        chain.insert(name.as_str(), build_one(name, settings, "route", env)?);
     }
     let mut v: Vec<ChainEntry> = chain.into_values().collect();
     v.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(b.name)));

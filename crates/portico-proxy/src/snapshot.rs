@@ -11,7 +11,7 @@ use portico_config::load::parse_cidr;
 use portico_config::model::{Limits, Route, Timeouts};
 use portico_config::pattern::PathPattern;
 use portico_config::{Diagnostic, Diagnostics, KeyPath, Loaded};
-use portico_plugins::{build_chain, build_global, ChainEntry, HYGIENE_PRIORITY};
+use portico_plugins::{build_chain, build_global, BuildEnv, ChainEntry, HYGIENE_PRIORITY};
 use portico_router::{RouteSpec, Router};
 use portico_upstream::{Upstream, UpstreamState};
 
@@ -62,6 +62,7 @@ pub fn compile(
     let cfg = &loaded.config;
     let mut diags: Vec<Diagnostic> = Vec::new();
     let resolve = |p: &str| loaded.resolve(p);
+    let env = BuildEnv::default();
 
     let mut upstreams = HashMap::new();
     for (name, u) in &cfg.upstreams {
@@ -82,7 +83,7 @@ pub fn compile(
         }
     }
 
-    let global = match build_global(&cfg.plugins) {
+    let global = match build_global(&cfg.plugins, &env) {
         Ok(g) => g,
         Err((name, errs)) => {
             for (rel, msg) in errs {
@@ -98,7 +99,7 @@ pub fn compile(
     let mut specs = Vec::with_capacity(cfg.routes.len());
     for (i, r) in cfg.routes.iter().enumerate() {
         let rp = KeyPath::root().key("routes").index(i);
-        let chain = match build_chain(&global, &r.plugins) {
+        let chain = match build_chain(&global, &r.plugins, &env) {
             Ok(c) => c,
             Err((name, errs)) => {
                 for (rel, msg) in errs {

@@ -19,7 +19,7 @@ pub static DEFS: &[PluginDef] = &[
         stage: "request hygiene",
         terminal: false,
         schema: schema_of::<ip_restriction::Settings>,
-        build: |v| Ok(Arc::new(ip_restriction::IpRestriction::new(parse(v)?)?)),
+        build: |v, _env| Ok(Arc::new(ip_restriction::IpRestriction::new(parse(v)?)?)),
     },
     PluginDef {
         name: "request-size-limit",
@@ -27,7 +27,7 @@ pub static DEFS: &[PluginDef] = &[
         stage: "request hygiene",
         terminal: false,
         schema: schema_of::<size_limit::Settings>,
-        build: |v| Ok(Arc::new(size_limit::SizeLimit::new(parse(v)?))),
+        build: |v, _env| Ok(Arc::new(size_limit::SizeLimit::new(parse(v)?))),
     },
     PluginDef {
         name: "cors",
@@ -35,7 +35,7 @@ pub static DEFS: &[PluginDef] = &[
         stage: "request hygiene",
         terminal: false,
         schema: schema_of::<cors::Settings>,
-        build: |v| Ok(Arc::new(cors::Cors::new(parse(v)?)?)),
+        build: |v, _env| Ok(Arc::new(cors::Cors::new(parse(v)?)?)),
     },
     PluginDef {
         name: "request-transformer",
@@ -43,7 +43,7 @@ pub static DEFS: &[PluginDef] = &[
         stage: "request transforms",
         terminal: false,
         schema: schema_of::<headers::Settings>,
-        build: |v| {
+        build: |v, _env| {
             Ok(Arc::new(headers::RequestHeaders(headers::Compiled::new(
                 parse(v)?,
                 false,
@@ -56,7 +56,7 @@ pub static DEFS: &[PluginDef] = &[
         stage: "response transforms",
         terminal: false,
         schema: schema_of::<headers::Settings>,
-        build: |v| {
+        build: |v, _env| {
             Ok(Arc::new(headers::ResponseHeaders(headers::Compiled::new(
                 parse(v)?,
                 true,
@@ -69,6 +69,6 @@ pub static DEFS: &[PluginDef] = &[
         stage: "proxy (answers itself)",
         terminal: true,
         schema: schema_of::<echo::Settings>,
-        build: |v| Ok(Arc::new(echo::Echo::new(parse(v)?)?)),
+        build: |v, _env| Ok(Arc::new(echo::Echo::new(parse(v)?)?)),
     },
 ];
