@@ -26,8 +26,11 @@ pub struct PluginDef {
     /// The policy answers requests itself (its route needs no upstream).
     pub terminal: bool,
     pub schema: fn(&mut SchemaGenerator) -> Schema,
-    pub build: fn(&Value, &BuildEnv) -> Result<Arc<dyn Policy>, SettingsErrors>,
+    pub build: BuildFn,
 }
+
+/// Builds a policy from its settings.
+pub type BuildFn = fn(&Value, &BuildEnv) -> Result<Arc<dyn Policy>, SettingsErrors>;
 
 /// The services a policy may keep when it is built (so nothing is looked up by name
 /// per request). Validation builds policies with [`BuildEnv::default`], which has
