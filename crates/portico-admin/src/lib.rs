@@ -14,11 +14,13 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
+mod consumers;
 use axum::{Json, Router};
 use portico_proxy::{CompiledRoute, Gateway};
 use serde_json::{json, Value};
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body =
         json!({"error": {"status": status.as_u16(), "code": code, "message": message.into()}});
     (status, Json(body)).into_response()
@@ -34,7 +36,33 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/admin/routes/{name}", get(route))
         .route("/admin/upstreams", get(upstreams))
         .route("/admin/reload", post(reload))
+        .route(
+            "/admin/consumers",
+            get(consumers::list).post(consumers::create),
+        )
+        .route(
+            "/admin/consumers/{name}",
+            get(consumers::get)
+                .put(consumers::put)
+                .patch(consumers::patch)
+                .delete(consumers::delete),
+        )
+        .route(
+            "/admin/consumers/{name}/credentials",
+            get(consumers::credentials).post(consumers::create_credential),
+        )
+        .route(
+            "/admin/consumers/{name}/credentials/{id}",
+            get(consumers::get_credential).delete(consumers::delete_credential),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this admin endpoint does not take that method",
+            )
+        })
         .with_state(gw)
 }
 

@@ -12,6 +12,7 @@
 
 pub mod diag;
 pub mod grammar;
+pub mod identity;
 pub mod load;
 pub mod model;
 pub mod pattern;

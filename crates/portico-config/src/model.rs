@@ -56,6 +56,118 @@ pub struct Config {
     /// Policies for every route: a map from policy name to its settings.
     #[serde(default)]
     pub plugins: BTreeMap<String, Value>,
+    /// Where consumers and credentials made through the admin API are kept.
+    #[serde(default)]
+    pub store: Store,
+    /// Consumers declared in this file (read-only through the admin API).
+    #[serde(default)]
+    pub consumers: Vec<ConsumerDecl>,
+    /// Names of the headers that tell the upstream who the caller is. Headers of
+    /// these names sent by clients are always removed.
+    #[serde(default)]
+    pub consumer_headers: ConsumerHeaders,
+}
+
+/// The embedded store.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// SQLite file (relative to the configuration file; created when missing).
+    #[serde(default = "default_store_path")]
+    pub path: String,
+}
+
+fn default_store_path() -> String {
+    "data/portico.db".to_string()
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            path: default_store_path(),
+        }
+    }
+}
+
+/// Header names for the caller's identity sent upstream.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerHeaders {
+    /// The consumer's name.
+    #[serde(default = "default_consumer_name_header")]
+    pub name: String,
+    /// The consumer's groups, comma-separated.
+    #[serde(default = "default_consumer_groups_header")]
+    pub groups: String,
+}
+
+fn default_consumer_name_header() -> String {
+    "X-Consumer-Name".to_string()
+}
+fn default_consumer_groups_header() -> String {
+    "X-Consumer-Groups".to_string()
+}
+
+impl Default for ConsumerHeaders {
+    fn default() -> Self {
+        ConsumerHeaders {
+            name: default_consumer_name_header(),
+            groups: default_consumer_groups_header(),
+        }
+    }
+}
+
+/// A consumer declared in the file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerDecl {
+    /// Unique name: letters, digits, `.`, `_`, `-`, `@` (at most 128).
+    pub name: String,
+    /// Groups, for `acl` and the `X-Consumer-Groups` header.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Free-form data shown by the admin API.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, Value>,
+    /// How the consumer proves who it is.
+    #[serde(default)]
+    pub credentials: Vec<CredentialDecl>,
+}
+
+/// A credential declared in the file. Secrets are hashed at load and never shown.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum CredentialDecl {
+    /// An API key (16 characters or more).
+    KeyAuth {
+        key: Secret,
+        /// RFC 3339 time after which the key is refused.
+        #[serde(default)]
+        expires_at: Option<String>,
+    },
+    /// A user name and password (or an Argon2id PHC string `$argon2id$...`).
+    BasicAuth { username: String, password: Secret },
+    /// JWTs whose consumer claim (`sub` by default) equals `subject`.
+    Jwt { subject: String },
+    /// Client certificates whose subject common name or a SAN equals `subject`.
+    Mtls { subject: String },
+}
+
+/// A secret read from the file: shown as `<redacted>` by `Debug` and when written out.
+#[derive(Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
 }
 
 /// HTTPS listeners.

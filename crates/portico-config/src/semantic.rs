@@ -73,6 +73,18 @@ pub(crate) fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mu
         }
     }
     check_plugins(&c.plugins, &root.key("plugins"), catalog, diags);
+    crate::identity::check_consumers(&c.consumers, &root.key("consumers"), diags);
+    for (key, name) in [
+        ("name", &c.consumer_headers.name),
+        ("groups", &c.consumer_headers.groups),
+    ] {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            diags.push(Diagnostic::new(
+                root.key("consumer_headers").key(key),
+                format!("`{name}` is not a valid header name"),
+            ));
+        }
+    }
     let mut names = HashSet::new();
     let upstream_names: Vec<&str> = c.upstreams.keys().map(String::as_str).collect();
     for (i, r) in c.routes.iter().enumerate() {

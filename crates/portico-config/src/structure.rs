@@ -58,6 +58,28 @@ pub(crate) fn report(
                 report(e, schema, positions, out, prune);
             }
         }
+        // A tagged union (`type: key-auth | basic-auth | ...`): name the unknown tag,
+        // or report the problems of the one branch the tag picked.
+        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context }
+            if tagged_union(pointer, context).is_some() =>
+        {
+            match tagged_union(pointer, context) {
+                Some(Ok(branch)) => {
+                    for e in branch {
+                        report(e, schema, positions, out, prune);
+                    }
+                }
+                Some(Err(tags)) => {
+                    prune.push(pointer.to_string());
+                    let got = err.instance().get("type").map_or_else(String::new, show);
+                    out.push(Diagnostic::new(
+                        path.key("type"),
+                        format!("unknown type {got}; expected one of: {}", tags.join(", ")),
+                    ));
+                }
+                None => {}
+            }
+        }
         ValidationErrorKind::AdditionalProperties { unexpected } => {
             let allowed = allowed_keys(schema, err.schema_path().as_str());
             for key in unexpected {
@@ -93,6 +115,42 @@ pub(crate) fn report(
                 out.push(value_problem(err, schema, path));
             }
         }
+    }
+}
+
+/// For `oneOf` failures over objects told apart by a `type` tag: `Ok` with the errors
+/// of the branch whose tag matched, or `Err` with every tag when none did.
+#[allow(clippy::type_complexity)]
+pub(crate) fn tagged_union<'a, 'e>(
+    pointer: &str,
+    context: &'a [Vec<jsonschema::ValidationError<'e>>],
+) -> Option<Result<&'a [jsonschema::ValidationError<'e>], Vec<String>>> {
+    let tag_ptr = format!("{pointer}/type");
+    let tag_of = |errs: &Vec<jsonschema::ValidationError<'_>>| {
+        errs.iter().find_map(|e| match e.kind() {
+            ValidationErrorKind::Constant { expected_value }
+                if e.instance_path().as_str() == tag_ptr =>
+            {
+                expected_value.as_str().map(str::to_string)
+            }
+            _ => None,
+        })
+    };
+    let tags: Vec<Option<String>> = context.iter().map(tag_of).collect();
+    if context.len() < 2 {
+        return None;
+    }
+    let matched: Vec<usize> = (0..tags.len()).filter(|&i| tags[i].is_none()).collect();
+    match matched.as_slice() {
+        [] => Some(Err(tags
+            .into_iter()
+            .flatten()
+            .map(|t| format!("`{t}`"))
+            .collect())),
+        [one] if tags.iter().flatten().count() == tags.len() - 1 => {
+            Some(Ok(context[*one].as_slice()))
+        }
+        _ => None,
     }
 }
 
@@ -321,6 +379,7 @@ pub(crate) fn partial_config(value: &Value, prune: &[String]) -> Option<Config> 
         return None;
     };
     let routes = top.remove("routes");
+    let consumers = top.remove("consumers");
     let upstreams = top.remove("upstreams");
     top.retain(|k, val| {
         let mut one = serde_json::Map::new();
@@ -335,6 +394,30 @@ pub(crate) fn partial_config(value: &Value, prune: &[String]) -> Option<Config> 
             });
             if let Ok(up) = up {
                 cfg.upstreams.insert(name, up);
+            }
+        }
+    }
+    if let Some(Value::Array(cs)) = consumers {
+        // Keep indexes: a consumer or credential that does not parse becomes a
+        // placeholder (named with a NUL, which the checks skip).
+        for (i, c) in cs.into_iter().enumerate() {
+            let parsed = serde_json::from_value(c.clone()).or_else(|_| {
+                let mut c = c;
+                if let Some(Value::Array(creds)) = c.get_mut("credentials") {
+                    for cr in creds.iter_mut() {
+                        if serde_json::from_value::<crate::model::CredentialDecl>(cr.clone())
+                            .is_err()
+                        {
+                            *cr = json!({"type": "jwt", "subject": "\u{0}"});
+                        }
+                    }
+                }
+                serde_json::from_value(c).or_else(|_| {
+                    serde_json::from_value(json!({"name": format!("\u{0}consumer-{i}")}))
+                })
+            });
+            if let Ok(c) = parsed {
+                cfg.consumers.push(c);
             }
         }
     }

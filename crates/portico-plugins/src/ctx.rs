@@ -11,12 +11,7 @@ use ipnet::IpNet;
 use portico_config::grammar::{KeyPart, KeySpec, Template, Var};
 use portico_router::Params;
 
-/// The authenticated caller, set by authentication policies.
-#[derive(Debug, Clone, Default)]
-pub struct Consumer {
-    pub name: String,
-    pub groups: Vec<String>,
-}
+pub use portico_store::Consumer;
 
 /// What the pipeline knows about one request.
 #[derive(Debug)]
@@ -27,7 +22,14 @@ pub struct Ctx {
     /// The normalized request path (what routing saw).
     pub path: String,
     pub params: Params,
-    pub consumer: Option<Consumer>,
+    /// The authenticated caller, set by an authentication policy (or the route's
+    /// anonymous consumer).
+    pub consumer: Option<Arc<Consumer>>,
+    /// The authentication policy that accepted the request's credential, if any.
+    /// (A JWT or token may authenticate a request without naming a consumer.)
+    pub auth: Option<&'static str>,
+    /// A query parameter that carried a credential (its value is not logged).
+    pub secret_query: Option<Arc<str>>,
     /// Claims of a verified JWT, for `${jwt.CLAIM}` and `jwt_claim:` keys.
     pub jwt_claims: Option<serde_json::Value>,
     /// Free-form per-request data for policies.
@@ -49,6 +51,8 @@ impl Ctx {
             path,
             params,
             consumer: None,
+            auth: None,
+            secret_query: None,
             jwt_claims: None,
             extensions: http::Extensions::new(),
         }

@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -68,6 +69,16 @@ pub struct Outcome {
     pub error_code: Option<&'static str>,
 }
 
+/// What the gateway needs to know about an authentication policy.
+#[derive(Debug, Clone)]
+pub struct AuthInfo {
+    /// Its `WWW-Authenticate` challenge, sent with the 401 when no policy of the route
+    /// authenticated the request.
+    pub challenge: http::HeaderValue,
+    /// The consumer to use instead of answering 401 (`anonymous:` in its settings).
+    pub anonymous: Option<Arc<str>>,
+}
+
 /// A policy. Settings are parsed once when a snapshot is compiled; methods are called per request.
 pub trait Policy: Send + Sync + 'static {
     /// The policy's name as written under `plugins:`.
@@ -77,6 +88,15 @@ pub trait Policy: Send + Sync + 'static {
     fn on_request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Request<Body>) -> Step<'a> {
         let _ = (ctx, req);
         Step::cont()
+    }
+
+    /// `Some` for authentication policies. Several on one route mean "any of": each
+    /// one that finds no credential of its kind lets the request go on, and once every
+    /// authentication policy ran, a request none of them authenticated is answered 401
+    /// (or gets the anonymous consumer). A credential that is present but wrong is
+    /// answered 401 by the policy at once.
+    fn auth(&self) -> Option<AuthInfo> {
+        None
     }
 
     /// Whether [`Policy::upstream_request`] is implemented. The gateway's own upstream

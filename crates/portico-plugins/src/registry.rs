@@ -35,8 +35,22 @@ pub type BuildFn = fn(&Value, &BuildEnv) -> Result<Arc<dyn Policy>, SettingsErro
 /// The services a policy may keep when it is built (so nothing is looked up by name
 /// per request). Validation builds policies with [`BuildEnv::default`], which has
 /// the same shape but is attached to nothing.
-#[derive(Clone, Default)]
-pub struct BuildEnv {}
+#[derive(Clone)]
+pub struct BuildEnv {
+    /// Consumers and credentials (kept current without a reload).
+    pub identity: Arc<portico_store::Identity>,
+}
+
+impl Default for BuildEnv {
+    fn default() -> Self {
+        BuildEnv {
+            identity: Arc::new(portico_store::Identity::detached()),
+        }
+    }
+}
+
+/// Priorities of authentication policies (between request hygiene and authorization).
+pub const AUTH_PRIORITY: std::ops::Range<i32> = 2000..3000;
 
 /// Policies at or above this priority are request hygiene: they also run when the
 /// route's path matched but its method did not (so CORS preflights are not 405).

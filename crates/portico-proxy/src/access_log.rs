@@ -23,9 +23,13 @@ pub struct Record<'a> {
     pub host: &'a str,
     pub path: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub query: Option<&'a str>,
+    pub query: Option<std::borrow::Cow<'a, str>>,
     pub protocol: &'a str,
     pub route: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<&'a str>,
     pub upstream: Option<&'a str>,
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -158,5 +162,70 @@ mod tests {
         let t = super::now_rfc3339();
         assert_eq!(t.len(), 24, "{t}");
         assert!(t.starts_with("20") && t.ends_with('Z'));
+    }
+}
+
+/// Query parameters whose values are credentials by convention; their values are
+/// logged as `REDACTED`.
+const SECRET_PARAMS: &[&str] = &[
+    "apikey",
+    "api_key",
+    "api-key",
+    "key",
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "token",
+    "password",
+    "client_secret",
+    "code",
+];
+
+/// The query string for the log, with credential values replaced: the conventional
+/// names above plus `extra` (e.g. a `key-auth` query location).
+pub fn redact_query<'a>(
+    q: Option<&'a str>,
+    extra: Option<&str>,
+) -> Option<std::borrow::Cow<'a, str>> {
+    let q = q?;
+    let secret = |k: &str| {
+        let k = percent_encoding::percent_decode_str(k).decode_utf8_lossy();
+        SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) || extra == Some(k.as_ref())
+    };
+    if !q
+        .split('&')
+        .any(|p| p.split_once('=').is_some_and(|(k, _)| secret(k)))
+    {
+        return Some(std::borrow::Cow::Borrowed(q));
+    }
+    let parts: Vec<String> = q
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if secret(k) => format!("{k}=REDACTED"),
+            _ => p.to_string(),
+        })
+        .collect();
+    Some(std::borrow::Cow::Owned(parts.join("&")))
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_query;
+
+    #[test]
+    fn credentials_in_queries_are_redacted() {
+        assert_eq!(
+            redact_query(Some("a=1&b=2"), None).as_deref(),
+            Some("a=1&b=2")
+        );
+        assert_eq!(
+            redact_query(Some("a=1&apikey=s3cret&API_KEY=x"), None).as_deref(),
+            Some("a=1&apikey=REDACTED&API_KEY=REDACTED")
+        );
+        assert_eq!(
+            redact_query(Some("k=s3cret&z"), Some("k")).as_deref(),
+            Some("k=REDACTED&z")
+        );
+        assert_eq!(redact_query(None, None), None);
     }
 }

@@ -143,6 +143,18 @@ pub async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut parts.headers);
+    // Who the caller is: never what the client says, only what a policy established.
+    let (name_h, groups_h) = &snap.consumer_headers;
+    if !parts.headers.is_empty() {
+        parts.headers.remove(name_h);
+        parts.headers.remove(groups_h);
+    }
+    if let Some(c) = &fin.ctx.consumer {
+        parts.headers.insert(name_h.clone(), c.name_header.clone());
+        if let Some(g) = &c.groups_header {
+            parts.headers.insert(groups_h.clone(), g.clone());
+        }
+    }
     let mut overlay = Overlay {
         request_id: fin.request_id_hv.clone().map_or(Field::Keep, Field::Set),
         ..forwarded_headers(snap, conn, &parts.headers, client_host.as_ref())

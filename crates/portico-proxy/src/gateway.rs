@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use portico_config::{Diagnostic, Diagnostics, KeyPath, Loaded};
 use portico_plugins::Catalog;
+use portico_store::{Declared, Identity};
 use portico_upstream::UpstreamState;
 
 use crate::access_log::AccessLog;
@@ -29,6 +30,19 @@ pub struct Gateway {
     config_path: Option<PathBuf>,
     listeners: tokio::sync::Mutex<Listeners>,
     ready: AtomicBool,
+    /// Consumers and credentials: the store and the index built from it.
+    pub identity: Arc<Identity>,
+}
+
+/// How often the store file is checked for changes made by another process.
+const STORE_POLL: Duration = Duration::from_millis(500);
+
+fn declared(l: &Loaded, prev: Option<&Declared>) -> Result<Declared, Diagnostics> {
+    Declared::compile(&l.config.consumers, prev).map_err(|e| {
+        Diagnostics(vec![
+            l.locate(Diagnostic::new(KeyPath::root().key("consumers"), e))
+        ])
+    })
 }
 
 fn access_log_path(l: &Loaded) -> Option<PathBuf> {
@@ -64,7 +78,16 @@ impl Gateway {
         let upstreams = UpstreamState::default();
         let log_path = access_log_path(&loaded);
         let wanted = wanted_listeners(&loaded);
-        let snap = compile(loaded, &upstreams, &metrics, 1)?;
+        let store_path = loaded.resolve(&loaded.config.store.path);
+        let identity = Identity::open(&store_path, declared(&loaded, None)?).map_err(|e| {
+            Diagnostics(vec![loaded.locate(Diagnostic::new(
+                KeyPath::root().key("store").key("path"),
+                e.to_string(),
+            ))])
+        })?;
+        let identity = Arc::new(identity);
+        identity.watch(STORE_POLL);
+        let snap = compile(loaded, &upstreams, &metrics, 1, &identity)?;
         let gw = Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snap),
             access_log: AccessLog::start(log_path, metrics.clone()),
@@ -75,6 +98,7 @@ impl Gateway {
             config_path,
             listeners: tokio::sync::Mutex::new(Listeners::default()),
             ready: AtomicBool::new(false),
+            identity,
         });
         {
             let mut l = gw.listeners.lock().await;
@@ -138,10 +162,20 @@ impl Gateway {
         if loaded.config.workers != old.loaded.config.workers {
             tracing::warn!("workers changed; the number of worker threads changes only on restart");
         }
+        if loaded.config.store != old.loaded.config.store {
+            tracing::warn!("store.path changed; the store moves only on restart");
+        }
         let log_path = access_log_path(&loaded);
         let wanted = wanted_listeners(&loaded);
         let generation = self.generation.load(Ordering::Relaxed) + 1;
-        let snap = compile(loaded, &self.upstreams, &self.metrics, generation)?;
+        let declared = declared(&loaded, Some(&self.identity.declared()))?;
+        let snap = compile(
+            loaded,
+            &self.upstreams,
+            &self.metrics,
+            generation,
+            &self.identity,
+        )?;
         let bound = listeners
             .bind_missing(&wanted)
             .map_err(|(k, e)| bind_error(&snap, k, e))?;
@@ -152,6 +186,9 @@ impl Gateway {
             .iter()
             .map(|(n, u)| (n.clone(), u.targets.iter().map(|t| t.url.clone()).collect()))
             .collect();
+        if let Err(e) = self.identity.set_declared(declared) {
+            tracing::error!(error = %e, "cannot re-read the store; consumers from the file apply once it reads");
+        }
         self.snapshot.store(Arc::new(snap));
         self.generation.store(generation, Ordering::Relaxed);
         listeners.start(self, bound);

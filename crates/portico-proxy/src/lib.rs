@@ -23,5 +23,6 @@ pub mod snapshot;
 pub mod tls;
 
 pub use gateway::Gateway;
+pub use portico_store as store;
 pub use portico_upstream::UpstreamState;
 pub use snapshot::{CompiledRoute, Snapshot};

@@ -147,7 +147,17 @@ pub async fn handle(
     } else {
         route.chain.len()
     };
-    for entry in &route.chain[..upto] {
+    let gate_at = match (&route.auth_gate, allow.is_none()) {
+        (Some(g), true) => g.at,
+        _ => usize::MAX,
+    };
+    for (i, entry) in route.chain[..upto].iter().enumerate() {
+        if i == gate_at {
+            if let Some(e) = auth_gate(&snap, &route, &mut fin.ctx) {
+                linger(std::mem::take(req.body_mut()), req.version());
+                return Ok(respond_error(&route, fin, e));
+            }
+        }
         match entry.policy.on_request(&mut fin.ctx, &mut req).await {
             Flow::Continue => {}
             Flow::Respond(resp) => {
@@ -159,6 +169,12 @@ pub async fn handle(
                 linger(std::mem::take(req.body_mut()), req.version());
                 return Ok(respond_error(&route, fin, e));
             }
+        }
+    }
+    if gate_at == upto {
+        if let Some(e) = auth_gate(&snap, &route, &mut fin.ctx) {
+            linger(std::mem::take(req.body_mut()), req.version());
+            return Ok(respond_error(&route, fin, e));
         }
     }
     if let Some(allow) = allow {
@@ -191,6 +207,28 @@ pub async fn handle(
         Ok(resp) => Ok(respond(&route, fin, resp)),
         Err(e) => Ok(respond_error(&route, fin, e)),
     }
+}
+
+/// After a route's authentication policies: a request none of them authenticated
+/// gets the anonymous consumer, or a 401 with every policy's challenge.
+fn auth_gate(snap: &Snapshot, route: &CompiledRoute, ctx: &mut Ctx) -> Option<GatewayError> {
+    let g = route.auth_gate.as_ref()?;
+    if ctx.auth.is_some() || ctx.consumer.is_some() {
+        return None;
+    }
+    if let Some(anon) = &g.anonymous {
+        let c = snap.identity.index().consumer(&anon.name).cloned();
+        ctx.consumer = Some(c.unwrap_or_else(|| anon.clone()));
+        return None;
+    }
+    let mut e = GatewayError::new(
+        ErrorKind::Unauthorized,
+        "this route needs credentials and the request has none",
+    );
+    for c in &g.challenges {
+        e = e.with_header(http::header::WWW_AUTHENTICATE, c.clone());
+    }
+    Some(e)
 }
 
 /// A gateway error once a route is known: its response phases run on the answer too

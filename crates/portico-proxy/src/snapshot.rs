@@ -13,6 +13,7 @@ use portico_config::pattern::PathPattern;
 use portico_config::{Diagnostic, Diagnostics, KeyPath, Loaded};
 use portico_plugins::{build_chain, build_global, BuildEnv, ChainEntry, HYGIENE_PRIORITY};
 use portico_router::{RouteSpec, Router};
+use portico_store::{Consumer, Identity, Source};
 use portico_upstream::{Upstream, UpstreamState};
 
 use crate::metrics::{Metrics, RouteMetrics};
@@ -32,8 +33,23 @@ pub struct CompiledRoute {
     pub hygiene: usize,
     /// Some policy of `chain` edits the upstream request (`Policy::upstream_request`).
     pub edits_upstream_request: bool,
+    /// When the route has authentication policies: where the chain's authentication
+    /// ends and what a request none of them authenticated gets.
+    pub auth_gate: Option<AuthGate>,
     pub metrics: Arc<RouteMetrics>,
     pub config: Route,
+}
+
+/// The check after a route's authentication policies ("any of" them).
+pub struct AuthGate {
+    /// Index in `chain` of the first policy after authentication.
+    pub at: usize,
+    /// Every authentication policy's challenge, for the 401.
+    pub challenges: Vec<HeaderValue>,
+    /// The consumer given to requests without credentials, instead of a 401. Looked up
+    /// in the consumer index per request (so it follows admin changes); this one,
+    /// with no groups, is used when no consumer of that name exists.
+    pub anonymous: Option<Arc<Consumer>>,
 }
 
 /// Everything a request needs, compiled.
@@ -49,6 +65,10 @@ pub struct Snapshot {
     /// Metrics for requests no route took.
     pub unrouted: Arc<RouteMetrics>,
     pub generation: u64,
+    /// Consumers and credentials (shared by every snapshot; changes without reload).
+    pub identity: Arc<Identity>,
+    /// Header names for the consumer's name and groups sent upstream.
+    pub consumer_headers: (HeaderName, HeaderName),
 }
 
 /// Compile a validated configuration. Problems found here (files, certificates) are
@@ -58,11 +78,14 @@ pub fn compile(
     upstream_state: &UpstreamState,
     metrics: &Metrics,
     generation: u64,
+    identity: &Arc<Identity>,
 ) -> Result<Snapshot, Diagnostics> {
     let cfg = &loaded.config;
     let mut diags: Vec<Diagnostic> = Vec::new();
     let resolve = |p: &str| loaded.resolve(p);
-    let env = BuildEnv::default();
+    let env = BuildEnv {
+        identity: identity.clone(),
+    };
 
     let mut upstreams = HashMap::new();
     for (name, u) in &cfg.upstreams {
@@ -115,6 +138,7 @@ pub fn compile(
             .take_while(|e| e.priority >= HYGIENE_PRIORITY)
             .count();
         let edits_upstream_request = chain.iter().any(|e| e.policy.edits_upstream_request());
+        let auth_gate = auth_gate(&chain);
         let upstream = r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned());
         let base = upstream.as_ref().map(|u| u.timeouts).unwrap_or_default();
         let timeouts = Timeouts {
@@ -165,6 +189,7 @@ pub fn compile(
             chain,
             hygiene,
             edits_upstream_request,
+            auth_gate,
             config: r.clone(),
         }));
     }
@@ -195,6 +220,7 @@ pub fn compile(
         .iter()
         .filter_map(|s| parse_cidr(s))
         .collect();
+    let consumer_headers = consumer_headers(&cfg.consumer_headers);
     match router {
         Some(router) if diags.is_empty() => Ok(Snapshot {
             routes,
@@ -207,9 +233,45 @@ pub fn compile(
             unrouted: metrics.route("", ""),
             loaded,
             generation,
+            identity: identity.clone(),
+            consumer_headers,
         }),
         _ => Err(Diagnostics(
             diags.into_iter().map(|d| loaded.locate(d)).collect(),
         )),
     }
+}
+
+fn auth_gate(chain: &[ChainEntry]) -> Option<AuthGate> {
+    let auths: Vec<(usize, portico_plugins::AuthInfo)> = chain
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.policy.auth().map(|a| (i, a)))
+        .collect();
+    let last = auths.last()?.0;
+    let anonymous = auths
+        .iter()
+        .find_map(|(_, a)| a.anonymous.clone())
+        .map(|name| {
+            Arc::new(Consumer::new(
+                name.to_string(),
+                Vec::new(),
+                Default::default(),
+                Source::File,
+            ))
+        });
+    Some(AuthGate {
+        at: last + 1,
+        challenges: auths.into_iter().map(|(_, a)| a.challenge).collect(),
+        anonymous,
+    })
+}
+
+fn consumer_headers(c: &portico_config::ConsumerHeaders) -> (HeaderName, HeaderName) {
+    // Validated with the configuration; the defaults stand in should that ever fail.
+    let name = HeaderName::from_bytes(c.name.as_bytes())
+        .unwrap_or(HeaderName::from_static("x-consumer-name"));
+    let groups = HeaderName::from_bytes(c.groups.as_bytes())
+        .unwrap_or(HeaderName::from_static("x-consumer-groups"));
+    (name, groups)
 }

@@ -91,7 +91,8 @@ fn check_compiles(loaded: Loaded) -> Result<(), Diagnostics> {
     rt.block_on(async {
         let state = portico_proxy::UpstreamState::default();
         let metrics = portico_proxy::metrics::Metrics::default();
-        portico_proxy::snapshot::compile(loaded, &state, &metrics, 0).map(|_| ())
+        let identity = std::sync::Arc::new(portico_proxy::store::Identity::detached());
+        portico_proxy::snapshot::compile(loaded, &state, &metrics, 0, &identity).map(|_| ())
     })
 }
 

@@ -5,10 +5,14 @@ use std::sync::Arc;
 
 use crate::registry::{parse, schema_of, PluginDef};
 
+pub mod acl;
+pub mod auth;
+pub mod basic_auth;
 pub mod cors;
 pub mod echo;
 pub mod headers;
 pub mod ip_restriction;
+pub mod key_auth;
 pub mod size_limit;
 
 /// Every policy, by descending priority. See docs/plugins.md for the stages.
@@ -36,6 +40,40 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<cors::Settings>,
         build: |v, _env| Ok(Arc::new(cors::Cors::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "key-auth",
+        priority: 2400,
+        stage: "authentication",
+        terminal: false,
+        schema: schema_of::<key_auth::Settings>,
+        build: |v, env| {
+            Ok(Arc::new(key_auth::KeyAuth::new(
+                parse(v)?,
+                env.identity.clone(),
+            )?))
+        },
+    },
+    PluginDef {
+        name: "basic-auth",
+        priority: 2300,
+        stage: "authentication",
+        terminal: false,
+        schema: schema_of::<basic_auth::Settings>,
+        build: |v, env| {
+            Ok(Arc::new(basic_auth::BasicAuth::new(
+                parse(v)?,
+                env.identity.clone(),
+            )?))
+        },
+    },
+    PluginDef {
+        name: "acl",
+        priority: 1950,
+        stage: "authorization",
+        terminal: false,
+        schema: schema_of::<acl::Settings>,
+        build: |v, _env| Ok(Arc::new(acl::Acl::new(parse(v)?)?)),
     },
     PluginDef {
         name: "request-transformer",

@@ -1,0 +1,363 @@
+//! The SQLite store: consumers and credentials made through the admin API.
+//!
+//! Calls are synchronous (SQLite is an in-process library); async callers run them
+//! on the blocking pool. The data plane never reads the store per request: it reads
+//! the [`ConsumerIndex`](crate::index::ConsumerIndex) built from it.
+
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{Map, Value};
+
+/// A store failure: the file could not be opened or a statement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("store {path}: cannot create its directory: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("store: a stored value is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The kind of a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredKind {
+    KeyAuth,
+    BasicAuth,
+    Jwt,
+    Mtls,
+}
+
+impl CredKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredKind::KeyAuth => "key-auth",
+            CredKind::BasicAuth => "basic-auth",
+            CredKind::Jwt => "jwt",
+            CredKind::Mtls => "mtls",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CredKind> {
+        Some(match s {
+            "key-auth" => CredKind::KeyAuth,
+            "basic-auth" => CredKind::BasicAuth,
+            "jwt" => CredKind::Jwt,
+            "mtls" => CredKind::Mtls,
+            _ => return None,
+        })
+    }
+
+    pub const ALL: [&'static str; 4] = ["key-auth", "basic-auth", "jwt", "mtls"];
+}
+
+/// A consumer row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerRow {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub metadata: Map<String, Value>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A credential row. `lookup` is what a request is matched by: the hex SHA-256 of an
+/// API key, a user name, a JWT subject or a certificate subject. `secret` is the
+/// Argon2id PHC string of a password (basic-auth only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CredRow {
+    pub id: String,
+    pub consumer: String,
+    pub kind: CredKind,
+    pub lookup: String,
+    pub secret: Option<String>,
+    /// What an admin may see: a key's first characters, a user name, a subject.
+    pub display: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// The store.
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS consumers (
+    name TEXT PRIMARY KEY,
+    groups TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS credentials (
+    id TEXT PRIMARY KEY,
+    consumer TEXT NOT NULL REFERENCES consumers(name) ON DELETE CASCADE,
+    type TEXT NOT NULL,
+    lookup TEXT NOT NULL,
+    secret TEXT,
+    display TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    UNIQUE (type, lookup)
+);
+CREATE INDEX IF NOT EXISTS credentials_consumer ON credentials(consumer);
+";
+
+impl Store {
+    /// Open (creating when missing) the store file.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let open = || -> rusqlite::Result<Connection> {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.execute_batch(SCHEMA)?;
+            Ok(conn)
+        };
+        let conn = open().map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A number that changes when another connection (another gateway process
+    /// sharing the file) commits a change.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        let c = self.conn.lock();
+        Ok(c.query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    pub fn consumers(&self) -> Result<Vec<ConsumerRow>, StoreError> {
+        let c = self.conn.lock();
+        let mut st = c.prepare(
+            "SELECT name, groups, metadata, created_at, updated_at FROM consumers ORDER BY name",
+        )?;
+        let rows = st.query_map([], consumer_from_row)?;
+        rows.map(|r| r.map_err(StoreError::from).and_then(parse_consumer))
+            .collect()
+    }
+
+    pub fn consumer(&self, name: &str) -> Result<Option<ConsumerRow>, StoreError> {
+        let c = self.conn.lock();
+        let row = c
+            .query_row(
+                "SELECT name, groups, metadata, created_at, updated_at FROM consumers WHERE name = ?1",
+                [name],
+                consumer_from_row,
+            )
+            .optional()?;
+        row.map(parse_consumer).transpose()
+    }
+
+    /// Insert a consumer; false when the name is taken.
+    pub fn insert_consumer(&self, row: &ConsumerRow) -> Result<bool, StoreError> {
+        let c = self.conn.lock();
+        let n = c.execute(
+            "INSERT INTO consumers (name, groups, metadata, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(name) DO NOTHING",
+            params![
+                row.name,
+                to_json(&row.groups),
+                Value::Object(row.metadata.clone()).to_string(),
+                row.created_at,
+                row.updated_at
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Replace a consumer's groups and metadata; false when there is no such consumer.
+    pub fn update_consumer(&self, row: &ConsumerRow) -> Result<bool, StoreError> {
+        let c = self.conn.lock();
+        let n = c.execute(
+            "UPDATE consumers SET groups = ?2, metadata = ?3, updated_at = ?4 WHERE name = ?1",
+            params![
+                row.name,
+                to_json(&row.groups),
+                Value::Object(row.metadata.clone()).to_string(),
+                row.updated_at
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Delete a consumer and its credentials; false when there is no such consumer.
+    pub fn delete_consumer(&self, name: &str) -> Result<bool, StoreError> {
+        let c = self.conn.lock();
+        Ok(c.execute("DELETE FROM consumers WHERE name = ?1", [name])? == 1)
+    }
+
+    pub fn credentials(&self, consumer: Option<&str>) -> Result<Vec<CredRow>, StoreError> {
+        let c = self.conn.lock();
+        let sql = "SELECT id, consumer, type, lookup, secret, display, created_at, expires_at
+                   FROM credentials WHERE ?1 IS NULL OR consumer = ?1 ORDER BY created_at, id";
+        let mut st = c.prepare(sql)?;
+        let rows = st.query_map([consumer], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (id, consumer, kind, lookup, secret, display, created_at, expires_at) = r?;
+            let kind = CredKind::parse(&kind)
+                .ok_or_else(|| StoreError::Corrupt(format!("credential {id}: type `{kind}`")))?;
+            out.push(CredRow {
+                id,
+                consumer,
+                kind,
+                lookup,
+                secret,
+                display,
+                created_at,
+                expires_at,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Insert a credential; false when its lookup value is taken by another credential
+    /// of the same kind.
+    pub fn insert_credential(&self, row: &CredRow) -> Result<bool, StoreError> {
+        let c = self.conn.lock();
+        let n = c.execute(
+            "INSERT INTO credentials (id, consumer, type, lookup, secret, display, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+            params![
+                row.id,
+                row.consumer,
+                row.kind.as_str(),
+                row.lookup,
+                row.secret,
+                row.display,
+                row.created_at,
+                row.expires_at
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Delete (revoke) a credential of a consumer; false when there is none.
+    pub fn delete_credential(&self, consumer: &str, id: &str) -> Result<bool, StoreError> {
+        let c = self.conn.lock();
+        Ok(c.execute(
+            "DELETE FROM credentials WHERE consumer = ?1 AND id = ?2",
+            [consumer, id],
+        )? == 1)
+    }
+}
+
+type RawConsumer = (String, String, String, i64, i64);
+
+fn consumer_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawConsumer> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+fn parse_consumer(
+    (name, groups, metadata, created_at, updated_at): RawConsumer,
+) -> Result<ConsumerRow, StoreError> {
+    let groups: Vec<String> = serde_json::from_str(&groups)
+        .map_err(|e| StoreError::Corrupt(format!("consumer {name}: groups: {e}")))?;
+    let metadata: Map<String, Value> = serde_json::from_str(&metadata)
+        .map_err(|e| StoreError::Corrupt(format!("consumer {name}: metadata: {e}")))?;
+    Ok(ConsumerRow {
+        name,
+        groups,
+        metadata,
+        created_at,
+        updated_at,
+    })
+}
+
+fn to_json(groups: &[String]) -> String {
+    Value::Array(groups.iter().cloned().map(Value::String).collect()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn consumer(name: &str) -> ConsumerRow {
+        ConsumerRow {
+            name: name.into(),
+            groups: vec!["gold".into()],
+            metadata: Map::new(),
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    fn cred(id: &str, consumer: &str, lookup: &str) -> CredRow {
+        CredRow {
+            id: id.into(),
+            consumer: consumer.into(),
+            kind: CredKind::KeyAuth,
+            lookup: lookup.into(),
+            secret: None,
+            display: "pk_…".into(),
+            created_at: 1,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_cascade() {
+        let dir = std::env::temp_dir().join(format!("portico-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = Store::open(&dir.join("sub/p.db")).unwrap();
+        assert!(s.insert_consumer(&consumer("alice")).unwrap());
+        assert!(!s.insert_consumer(&consumer("alice")).unwrap());
+        assert!(s.insert_credential(&cred("c1", "alice", "aa")).unwrap());
+        // the same key twice is refused
+        assert!(!s.insert_credential(&cred("c2", "alice", "aa")).unwrap());
+        // no credential for a consumer that does not exist
+        assert!(s.insert_credential(&cred("c3", "bob", "bb")).is_err());
+        let mut c = consumer("alice");
+        c.groups = vec!["silver".into()];
+        c.metadata.insert("tier".into(), Value::from(2));
+        assert!(s.update_consumer(&c).unwrap());
+        assert_eq!(s.consumer("alice").unwrap().unwrap().groups, vec!["silver"]);
+        assert_eq!(s.credentials(Some("alice")).unwrap().len(), 1);
+        // a second connection to the file sees the change, and data_version moves
+        let other = Store::open(&dir.join("sub/p.db")).unwrap();
+        let v = s.data_version().unwrap();
+        assert!(other.delete_consumer("alice").unwrap());
+        assert_ne!(s.data_version().unwrap(), v);
+        assert!(s.credentials(None).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
