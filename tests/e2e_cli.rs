@@ -335,7 +335,7 @@ const BAD_PROBLEMS: &[(&str, usize, usize, &str, Option<&str>)] = &[
         16,
         7,
         "unknown policy `key-auht`",
-        None,
+        Some("did you mean `key-auth`?"),
     ),
     (
         "routes[1].plugins.request-size-limit.max_body",

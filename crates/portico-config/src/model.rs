@@ -181,6 +181,30 @@ pub struct TlsConfig {
     /// Lowest TLS version accepted: `"1.2"` (default) or `"1.3"`.
     #[serde(default)]
     pub min_version: Option<TlsVersion>,
+    /// Ask clients for certificates, verified against a CA bundle (mutual TLS). The
+    /// `mtls` policy then maps a route's callers to consumers.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Client certificates on the TLS listeners.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// PEM bundle of the CAs client certificates must chain to.
+    pub ca: String,
+    /// `required`: the handshake fails without a valid certificate (default);
+    /// `optional`: a certificate is asked for, and checked when sent.
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    #[default]
+    Required,
+    Optional,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]

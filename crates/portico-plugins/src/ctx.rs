@@ -13,6 +13,18 @@ use portico_router::Params;
 
 pub use portico_store::Consumer;
 
+/// A client certificate the TLS listener verified (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    /// The subject distinguished name, e.g. `CN=client-a, O=Example`.
+    pub subject: String,
+    pub common_name: Option<String>,
+    /// DNS names, e-mail addresses, URIs and IP addresses of the subject alternative names.
+    pub sans: Vec<String>,
+    /// SHA-256 of the certificate (DER), lowercase hex.
+    pub fingerprint: String,
+}
+
 /// What the pipeline knows about one request.
 #[derive(Debug)]
 pub struct Ctx {
@@ -28,6 +40,9 @@ pub struct Ctx {
     /// The authentication policy that accepted the request's credential, if any.
     /// (A JWT or token may authenticate a request without naming a consumer.)
     pub auth: Option<&'static str>,
+    /// The client certificate of the connection, when the TLS listener asked for one
+    /// and the client sent a valid one.
+    pub client_cert: Option<Arc<ClientCert>>,
     /// A query parameter that carried a credential (its value is not logged).
     pub secret_query: Option<Arc<str>>,
     /// Claims of a verified JWT, for `${jwt.CLAIM}` and `jwt_claim:` keys.
@@ -53,6 +68,7 @@ impl Ctx {
             consumer: None,
             auth: None,
             secret_query: None,
+            client_cert: None,
             jwt_claims: None,
             extensions: http::Extensions::new(),
         }

@@ -4,6 +4,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+use serde_json::{Map, Value};
 
 use crate::body::Body;
 
@@ -13,9 +14,13 @@ pub enum ErrorKind {
     NoRoute,
     MethodNotAllowed,
     BadRequest,
+    /// The request is well-formed but does not match what the route expects (e.g. a
+    /// `request-validation` schema); the answer lists the violations.
+    ValidationFailed,
     Unauthorized,
     Forbidden,
     PayloadTooLarge,
+    UnsupportedMediaType,
     UriTooLong,
     TooManyRequests,
     HeadersTooLarge,
@@ -30,10 +35,11 @@ impl ErrorKind {
         match self {
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest | ErrorKind::ValidationFailed => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::UriTooLong => StatusCode::URI_TOO_LONG,
             ErrorKind::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -50,9 +56,11 @@ impl ErrorKind {
             ErrorKind::NoRoute => "no_route",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::ValidationFailed => "validation_failed",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::UnsupportedMediaType => "unsupported_media_type",
             ErrorKind::UriTooLong => "uri_too_long",
             ErrorKind::TooManyRequests => "too_many_requests",
             ErrorKind::HeadersTooLarge => "headers_too_large",
@@ -82,6 +90,10 @@ pub struct GatewayError {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Close the client connection after answering.
     pub close: bool,
+    /// More members of the JSON body's `error` object (e.g. `violations`), next to
+    /// `status`, `code`, `message` and `request_id`, which they cannot replace. Boxed:
+    /// rare, and it keeps the error (and every `Result` carrying it) small.
+    pub details: Option<Box<Map<String, Value>>>,
 }
 
 impl GatewayError {
@@ -99,6 +111,7 @@ impl GatewayError {
             message: message.into(),
             headers: Vec::new(),
             close: false,
+            details: None,
         }
     }
 
@@ -107,16 +120,34 @@ impl GatewayError {
         self
     }
 
+    /// Add a member to the `error` object of the JSON body (see [`GatewayError::details`]).
+    pub fn with_detail(mut self, key: impl Into<String>, value: Value) -> Self {
+        self.details
+            .get_or_insert_with(Default::default)
+            .insert(key.into(), value);
+        self
+    }
+
     /// The client's answer: the status of the kind and the standard JSON body.
     pub fn to_response(&self, request_id: &str) -> Response<Body> {
-        let body = serde_json::json!({
-            "error": {
-                "status": self.kind.status().as_u16(),
-                "code": self.kind.code(),
-                "message": self.message,
-                "request_id": request_id,
+        let body = match &self.details {
+            None => serde_json::json!({
+                "error": {
+                    "status": self.kind.status().as_u16(),
+                    "code": self.kind.code(),
+                    "message": self.message,
+                    "request_id": request_id,
+                }
+            }),
+            Some(details) => {
+                let mut e = (**details).clone();
+                e.insert("status".into(), self.kind.status().as_u16().into());
+                e.insert("code".into(), self.kind.code().into());
+                e.insert("message".into(), Value::String(self.message.to_string()));
+                e.insert("request_id".into(), request_id.into());
+                serde_json::json!({ "error": e })
             }
-        });
+        };
         let bytes = Bytes::from(body.to_string());
         let mut resp = Response::new(Body::full(bytes));
         *resp.status_mut() = self.kind.status();

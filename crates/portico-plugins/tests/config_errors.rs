@@ -157,11 +157,11 @@ fn unknown_keys_at_every_depth() {
         },
         Case {
             what: "unknown policy",
-            yaml: "routes:\n  - name: r\n    paths: [\"/\"]\n    plugins:\n      echo: {}\n      key-auht: {}\n",
-            path: "routes[0].plugins.key-auht",
+            yaml: "routes:\n  - name: r\n    paths: [\"/\"]\n    plugins:\n      echo: {}\n      teleport: {}\n",
+            path: "routes[0].plugins.teleport",
             line: 6,
             col: 7,
-            message: "unknown policy `key-auht`",
+            message: "unknown policy `teleport`",
             hint: None,
         },
         Case {

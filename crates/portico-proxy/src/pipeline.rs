@@ -30,6 +30,8 @@ pub struct ConnInfo {
     pub in_flight: std::sync::atomic::AtomicU32,
     /// When the last request on this connection finished (ms, `portico_upstream::now_ms`).
     pub idle_since: std::sync::atomic::AtomicU64,
+    /// The verified client certificate (mutual TLS).
+    pub client_cert: Option<Arc<portico_plugins::ctx::ClientCert>>,
 }
 
 impl ConnInfo {
@@ -44,6 +46,7 @@ impl ConnInfo {
             peer_header,
             in_flight: std::sync::atomic::AtomicU32::new(0),
             idle_since: std::sync::atomic::AtomicU64::new(portico_upstream::now_ms()),
+            client_cert: None,
         }
     }
 }
@@ -127,6 +130,7 @@ pub async fn handle(
         path,
         params,
     );
+    fin.ctx.client_cert.clone_from(&conn.client_cert);
     fin.route = Some(route.clone());
     let idle = Some(route.timeouts.idle.0);
     // Without a Content-Length (chunked, or HTTP/2 without one) count what is read.

@@ -309,7 +309,19 @@ fn serve(
             Some(acceptor) => {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let session = tls.get_ref().1;
+                        let h2 = session.alpn_protocol() == Some(b"h2");
+                        let cert = session
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(crate::tls::client_cert);
+                        let conn = match cert {
+                            Some(c) => Arc::new(ConnInfo {
+                                client_cert: Some(Arc::new(c)),
+                                ..ConnInfo::new(conn.peer, true)
+                            }),
+                            None => conn,
+                        };
                         serve_io(gw.clone(), &builders, watcher, tls, h2, conn).await;
                     }
                     Ok(Err(e)) => {

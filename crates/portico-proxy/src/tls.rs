@@ -140,11 +140,103 @@ pub fn server_config(
         Some(TlsVersion::V13) => &[&rustls::version::TLS13],
         _ => &[&rustls::version::TLS13, &rustls::version::TLS12],
     };
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
         .map_err(|e| vec![Diagnostic::new(KeyPath::root().key("tls"), e.to_string())])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_verifier(t, loaded, provider.clone())?)
         .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// The client certificate verifier: none, or the CA bundle of `tls.client_auth`.
+fn client_verifier(
+    t: &TlsConfig,
+    loaded: &Loaded,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, Vec<Diagnostic>> {
+    let Some(ca) = &t.client_auth else {
+        return Ok(rustls::server::WebPkiClientVerifier::no_client_auth());
+    };
+    let p = KeyPath::root().key("tls").key("client_auth").key("ca");
+    let path = loaded.resolve(&ca.ca);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            vec![Diagnostic::new(
+                p.clone(),
+                format!("cannot read {}: {e}", path.display()),
+            )]
+        })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| {
+            vec![Diagnostic::new(
+                p.clone(),
+                format!("not a usable CA certificate in {}: {e}", path.display()),
+            )]
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(vec![Diagnostic::new(
+            p,
+            format!("no certificate found in {}", path.display()),
+        )]);
+    }
+    let mut b =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    if ca.mode == portico_config::model::ClientAuthMode::Optional {
+        b = b.allow_unauthenticated();
+    }
+    b.build().map_err(|e| {
+        vec![Diagnostic::new(
+            KeyPath::root().key("tls").key("client_auth"),
+            format!("cannot use the client CA bundle: {e}"),
+        )]
+    })
+}
+
+/// What the gateway knows about a verified client certificate.
+pub fn client_cert(der: &CertificateDer<'_>) -> Option<portico_plugins::ctx::ClientCert> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let subject = cert.subject();
+    let common_name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for n in &ext.value.general_names {
+            match n {
+                GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
+                    sans.push((*s).to_string())
+                }
+                GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        sans.push(ip.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der.as_ref());
+    let fingerprint = digest
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    Some(portico_plugins::ctx::ClientCert {
+        subject: subject.to_string(),
+        common_name,
+        sans,
+        fingerprint,
+    })
 }

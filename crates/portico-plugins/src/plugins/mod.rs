@@ -13,6 +13,8 @@ pub mod echo;
 pub mod headers;
 pub mod ip_restriction;
 pub mod key_auth;
+pub mod mtls;
+pub mod request_validation;
 pub mod size_limit;
 
 /// Every policy, by descending priority. See docs/plugins.md for the stages.
@@ -40,6 +42,14 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<cors::Settings>,
         build: |v, _env| Ok(Arc::new(cors::Cors::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "mtls",
+        priority: 2600,
+        stage: "authentication",
+        terminal: false,
+        schema: schema_of::<mtls::Settings>,
+        build: |v, env| Ok(Arc::new(mtls::Mtls::new(parse(v)?, env.identity.clone())?)),
     },
     PluginDef {
         name: "key-auth",
@@ -74,6 +84,18 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<acl::Settings>,
         build: |v, _env| Ok(Arc::new(acl::Acl::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "request-validation",
+        priority: 1000,
+        stage: "request validation",
+        terminal: false,
+        schema: schema_of::<request_validation::Settings>,
+        build: |v, _env| {
+            Ok(Arc::new(request_validation::RequestValidation::new(
+                parse(v)?,
+            )?))
+        },
     },
     PluginDef {
         name: "request-transformer",
