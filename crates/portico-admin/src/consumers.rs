@@ -54,6 +54,7 @@ fn credential_json(c: &CredRow) -> Value {
             CredKind::KeyAuth => "key_hint",
             CredKind::BasicAuth => "username",
             CredKind::Jwt | CredKind::Mtls => "subject",
+            CredKind::HmacAuth => "key_id",
         };
         o.insert(shown.into(), Value::String(c.display.clone()));
         if c.created_at > 0 {
@@ -262,6 +263,12 @@ enum NewCred {
     Mtls {
         subject: String,
     },
+    HmacAuth {
+        #[serde(default)]
+        key_id: Option<String>,
+        #[serde(default)]
+        secret: Option<String>,
+    },
 }
 
 pub async fn create_credential(
@@ -330,16 +337,19 @@ pub async fn create_credential(
         }
         NewCred::Jwt { subject } => NewCredential::Jwt { subject },
         NewCred::Mtls { subject } => NewCredential::Mtls { subject },
+        NewCred::HmacAuth { key_id, secret } => NewCredential::HmacAuth { key_id, secret },
     };
     match blocking(&gw, move |id| id.add_credential(&name, new)).await {
         Ok((row, key)) => {
             let mut v = credential_json(&row);
             if let (Some(k), Some(o)) = (key, v.as_object_mut()) {
-                o.insert("key".into(), Value::String(k));
-                o.insert(
-                    "note".into(),
-                    Value::String("the key is shown only now; it is stored as a digest".into()),
-                );
+                let (field, note) = if row.kind == CredKind::HmacAuth {
+                    ("secret", "the secret is shown only now")
+                } else {
+                    ("key", "the key is shown only now; it is stored as a digest")
+                };
+                o.insert(field.into(), Value::String(k));
+                o.insert("note".into(), Value::String(note.into()));
             }
             (StatusCode::CREATED, Json(v)).into_response()
         }

@@ -58,6 +58,31 @@ pub fn check_username(u: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An HMAC key id: 1–128 visible ASCII characters without `"` or `\\` (it is a
+/// structured-field string in `Signature-Input`).
+pub fn check_key_id(k: &str) -> Result<(), String> {
+    if k.is_empty()
+        || k.len() > 128
+        || !k
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        return Err("a key id has 1 to 128 visible ASCII characters, without `\"` or `\\`".into());
+    }
+    Ok(())
+}
+
+/// An HMAC secret: at least 16 bytes (128 bits).
+pub fn check_hmac_secret(s: &str) -> Result<(), String> {
+    if s.len() < MIN_KEY_LEN {
+        return Err(format!(
+            "an HMAC secret has at least {MIN_KEY_LEN} characters; this one has {}",
+            s.len()
+        ));
+    }
+    Ok(())
+}
+
 /// An RFC 3339 time, as Unix seconds.
 pub fn parse_time(s: &str) -> Result<i64, String> {
     s.parse::<jiff::Timestamp>()
@@ -71,6 +96,7 @@ pub(crate) fn check_consumers(list: &[ConsumerDecl], root: &KeyPath, diags: &mut
     let mut users = HashSet::new();
     let mut subjects = HashSet::new();
     let mut certs = HashSet::new();
+    let mut key_ids = HashSet::new();
     for (i, c) in list.iter().enumerate() {
         let p = root.index(i);
         if c.name.starts_with('\0') {
@@ -131,6 +157,19 @@ pub(crate) fn check_consumers(list: &[ConsumerDecl], root: &KeyPath, diags: &mut
                             cp.key("subject"),
                             format!("the JWT subject `{subject}` already belongs to a consumer"),
                         ));
+                    }
+                }
+                CredentialDecl::HmacAuth { key_id, secret } => {
+                    if let Err(e) = check_key_id(key_id) {
+                        diags.push(Diagnostic::new(cp.key("key_id"), e));
+                    } else if !key_ids.insert(key_id.as_str()) {
+                        diags.push(Diagnostic::new(
+                            cp.key("key_id"),
+                            format!("the HMAC key id `{key_id}` already belongs to a consumer"),
+                        ));
+                    }
+                    if let Err(e) = check_hmac_secret(&secret.0) {
+                        diags.push(Diagnostic::new(cp.key("secret"), e));
                     }
                 }
                 CredentialDecl::Mtls { subject } => {

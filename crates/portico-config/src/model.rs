@@ -151,6 +151,10 @@ pub enum CredentialDecl {
     Jwt { subject: String },
     /// Client certificates whose subject common name or a SAN equals `subject`.
     Mtls { subject: String },
+    /// HTTP Message Signatures (RFC 9421) with HMAC-SHA256: the `keyid` and the shared
+    /// secret (16 bytes or more). The secret must be kept to check signatures, so it
+    /// is stored as given (not hashed).
+    HmacAuth { key_id: String, secret: Secret },
 }
 
 /// A secret read from the file: shown as `<redacted>` by `Debug` and when written out.

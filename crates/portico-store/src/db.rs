@@ -36,6 +36,7 @@ pub enum CredKind {
     BasicAuth,
     Jwt,
     Mtls,
+    HmacAuth,
 }
 
 impl CredKind {
@@ -45,6 +46,7 @@ impl CredKind {
             CredKind::BasicAuth => "basic-auth",
             CredKind::Jwt => "jwt",
             CredKind::Mtls => "mtls",
+            CredKind::HmacAuth => "hmac-auth",
         }
     }
 
@@ -54,11 +56,12 @@ impl CredKind {
             "basic-auth" => CredKind::BasicAuth,
             "jwt" => CredKind::Jwt,
             "mtls" => CredKind::Mtls,
+            "hmac-auth" => CredKind::HmacAuth,
             _ => return None,
         })
     }
 
-    pub const ALL: [&'static str; 4] = ["key-auth", "basic-auth", "jwt", "mtls"];
+    pub const ALL: [&'static str; 5] = ["key-auth", "basic-auth", "jwt", "mtls", "hmac-auth"];
 }
 
 /// A consumer row.
@@ -73,7 +76,8 @@ pub struct ConsumerRow {
 
 /// A credential row. `lookup` is what a request is matched by: the hex SHA-256 of an
 /// API key, a user name, a JWT subject or a certificate subject. `secret` is the
-/// Argon2id PHC string of a password (basic-auth only).
+/// Argon2id PHC string of a password (basic-auth), or the shared secret of an HMAC
+/// key (hmac-auth: a signature cannot be checked against a hash).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CredRow {
     pub id: String,

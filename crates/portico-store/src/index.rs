@@ -93,6 +93,13 @@ pub struct UserEntry {
     pub phc: Arc<str>,
 }
 
+/// An HMAC key in the index.
+#[derive(Debug, Clone)]
+pub struct HmacEntry {
+    pub consumer: Arc<Consumer>,
+    pub secret: Arc<[u8]>,
+}
+
 /// What an API key lookup found.
 #[derive(Debug)]
 pub enum KeyLookup<'a> {
@@ -126,6 +133,7 @@ pub struct ConsumerIndex {
     users: HashMap<String, UserEntry>,
     jwt: HashMap<String, Arc<Consumer>>,
     mtls: HashMap<String, Arc<Consumer>>,
+    hmac: HashMap<String, HmacEntry>,
     /// Credentials by consumer, for the admin API.
     credentials: HashMap<String, Vec<CredRow>>,
 }
@@ -205,6 +213,19 @@ impl ConsumerIndex {
             },
             CredKind::Jwt => insert_new(&mut self.jwt, &cr.lookup, consumer),
             CredKind::Mtls => insert_new(&mut self.mtls, &cr.lookup, consumer),
+            CredKind::HmacAuth => match &cr.secret {
+                Some(secret) if !self.hmac.contains_key(&cr.lookup) => {
+                    self.hmac.insert(
+                        cr.lookup.clone(),
+                        HmacEntry {
+                            consumer,
+                            secret: Arc::from(secret.as_bytes()),
+                        },
+                    );
+                    false
+                }
+                _ => true,
+            },
         };
         if taken {
             tracing::warn!(consumer = %cr.consumer, credential = %cr.id, kind = cr.kind.as_str(),
@@ -232,6 +253,10 @@ impl ConsumerIndex {
 
     pub fn jwt_subject(&self, subject: &str) -> Option<&Arc<Consumer>> {
         self.jwt.get(subject)
+    }
+
+    pub fn hmac_key(&self, key_id: &str) -> Option<&HmacEntry> {
+        self.hmac.get(key_id)
     }
 
     pub fn cert_subject(&self, subject: &str) -> Option<&Arc<Consumer>> {
@@ -265,6 +290,7 @@ impl ConsumerIndex {
             CredKind::BasicAuth => self.users.contains_key(lookup),
             CredKind::Jwt => self.jwt.contains_key(lookup),
             CredKind::Mtls => self.mtls.contains_key(lookup),
+            CredKind::HmacAuth => self.hmac.contains_key(lookup),
         }
     }
 }

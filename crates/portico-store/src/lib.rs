@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use portico_config::identity::{check_group, check_key, check_name, check_username, parse_time};
+use portico_config::identity::{
+    check_group, check_hmac_secret, check_key, check_key_id, check_name, check_username, parse_time,
+};
 use portico_config::{ConsumerDecl, CredentialDecl};
 use serde_json::{Map, Value};
 
@@ -106,6 +108,13 @@ impl Declared {
                     CredentialDecl::Mtls { subject } => {
                         (CredKind::Mtls, subject.clone(), None, subject.clone(), None)
                     }
+                    CredentialDecl::HmacAuth { key_id, secret } => (
+                        CredKind::HmacAuth,
+                        key_id.clone(),
+                        Some(secret.0.clone()),
+                        key_id.clone(),
+                        None,
+                    ),
                 };
                 creds.push(CredRow {
                     id,
@@ -162,6 +171,12 @@ pub enum NewCredential {
     },
     Mtls {
         subject: String,
+    },
+    /// `key_id` None: a random one; `secret` None: 256 random bits made here (returned
+    /// once).
+    HmacAuth {
+        key_id: Option<String>,
+        secret: Option<String>,
     },
 }
 
@@ -402,6 +417,28 @@ impl Identity {
                     return Err(Refusal::Invalid("`subject` is empty".into()));
                 }
                 (CredKind::Jwt, subject.clone(), None, subject, None, None)
+            }
+            NewCredential::HmacAuth { key_id, secret } => {
+                let key_id = key_id.unwrap_or_else(secret::new_id);
+                check_key_id(&key_id).map_err(Refusal::Invalid)?;
+                let (secret, shown) = match secret {
+                    Some(s) => {
+                        check_hmac_secret(&s).map_err(Refusal::Invalid)?;
+                        (s, None)
+                    }
+                    None => {
+                        let s = secret::generate_secret();
+                        (s.clone(), Some(s))
+                    }
+                };
+                (
+                    CredKind::HmacAuth,
+                    key_id.clone(),
+                    Some(secret),
+                    key_id,
+                    None,
+                    shown,
+                )
             }
             NewCredential::Mtls { subject } => {
                 if subject.is_empty() {

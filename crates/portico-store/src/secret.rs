@@ -35,6 +35,11 @@ pub fn generate_key() -> String {
     format!("{KEY_PREFIX}{}", hex(&random::<20>()))
 }
 
+/// A new HMAC secret: 256 random bits as 64 hex digits.
+pub fn generate_secret() -> String {
+    hex(&random::<32>())
+}
+
 /// A new credential id: 128 random bits as hex.
 pub fn new_id() -> String {
     hex(&random::<16>())
