@@ -94,7 +94,11 @@ impl Env {
     fn url(&self, path: &str) -> String {
         format!("https://gw.test:{}{path}", self.https.port())
     }
-    async fn get(&self, cert: Option<&Cert>, path: &str) -> Result<(u16, Value, Option<String>), reqwest::Error> {
+    async fn get(
+        &self,
+        cert: Option<&Cert>,
+        path: &str,
+    ) -> Result<(u16, Value, Option<String>), reqwest::Error> {
         let r = self.client(cert).get(self.url(path)).send().await?;
         let st = r.status().as_u16();
         let challenge = r
@@ -195,5 +199,8 @@ fn a_missing_client_ca_is_a_located_error() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("tls.client_auth.ca") && err.contains("nope.pem"), "{err}");
+    assert!(
+        err.contains("tls.client_auth.ca") && err.contains("nope.pem"),
+        "{err}"
+    );
 }
