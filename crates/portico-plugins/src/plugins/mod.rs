@@ -8,6 +8,7 @@ use crate::registry::{parse, schema_of, PluginDef};
 pub mod acl;
 pub mod auth;
 pub mod basic_auth;
+pub mod claims;
 pub mod cors;
 pub mod echo;
 pub mod headers;
@@ -84,6 +85,14 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<acl::Settings>,
         build: |v, _env| Ok(Arc::new(acl::Acl::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "claims",
+        priority: 1940,
+        stage: "authorization",
+        terminal: false,
+        schema: schema_of::<claims::Settings>,
+        build: |v, _env| Ok(Arc::new(claims::Claims::new(parse(v)?)?)),
     },
     PluginDef {
         name: "request-validation",
