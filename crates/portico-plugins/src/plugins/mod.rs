@@ -12,11 +12,17 @@ pub mod claims;
 pub mod cors;
 pub mod echo;
 pub mod headers;
+pub mod hmac_auth;
 pub mod ip_restriction;
 pub mod key_auth;
 pub mod mtls;
+pub mod openapi;
 pub mod request_validation;
 pub mod size_limit;
+// `jwt` and what it uses (`fetch` is shared by policies that call identity providers).
+pub mod fetch;
+pub mod jwks;
+pub mod jwt;
 
 /// Every policy, by descending priority. See docs/plugins.md for the stages.
 pub static DEFS: &[PluginDef] = &[
@@ -53,6 +59,14 @@ pub static DEFS: &[PluginDef] = &[
         build: |v, env| Ok(Arc::new(mtls::Mtls::new(parse(v)?, env.identity.clone())?)),
     },
     PluginDef {
+        name: "jwt",
+        priority: 2500,
+        stage: "authentication",
+        terminal: false,
+        schema: schema_of::<jwt::Settings>,
+        build: |v, env| Ok(Arc::new(jwt::Jwt::new(parse(v)?, env.identity.clone())?)),
+    },
+    PluginDef {
         name: "key-auth",
         priority: 2400,
         stage: "authentication",
@@ -73,6 +87,19 @@ pub static DEFS: &[PluginDef] = &[
         schema: schema_of::<basic_auth::Settings>,
         build: |v, env| {
             Ok(Arc::new(basic_auth::BasicAuth::new(
+                parse(v)?,
+                env.identity.clone(),
+            )?))
+        },
+    },
+    PluginDef {
+        name: "hmac-auth",
+        priority: 2200,
+        stage: "authentication",
+        terminal: false,
+        schema: schema_of::<hmac_auth::Settings>,
+        build: |v, env| {
+            Ok(Arc::new(hmac_auth::HmacAuth::new(
                 parse(v)?,
                 env.identity.clone(),
             )?))
