@@ -16,7 +16,6 @@ pub mod hmac_auth;
 pub mod ip_restriction;
 pub mod key_auth;
 pub mod mtls;
-pub mod openapi;
 pub mod request_validation;
 pub mod size_limit;
 // `jwt` and what it uses (`fetch` is shared by policies that call identity providers).
