@@ -89,8 +89,28 @@ impl HttpFetch {
 
     async fn fetch(&self, url: &str) -> Result<Fetched, String> {
         let client = self.client()?;
-        let mut resp = client
-            .get(url)
+        self.send(client.get(url)).await
+    }
+
+    /// POST `form` as `application/x-www-form-urlencoded` (token introspection, token
+    /// endpoints), with HTTP Basic client authentication when `basic` is given
+    /// (RFC 6749 §2.3.1: both parts form-urlencoded first).
+    pub async fn post_form(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        basic: Option<(&str, &str)>,
+    ) -> Result<Fetched, String> {
+        let client = self.client()?;
+        let mut rb = client.post(url).form(form);
+        if let Some((id, secret)) = basic {
+            rb = rb.basic_auth(form_encode(id), Some(form_encode(secret)));
+        }
+        self.send(rb).await
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Fetched, String> {
+        let mut resp = rb
             .header(http::header::ACCEPT, "application/json")
             .timeout(self.timeout)
             .send()
@@ -192,6 +212,21 @@ fn roots_of(pem: &[u8], what: &str) -> Result<RootCertStore, String> {
             .map_err(|e| format!("bad CA certificate in {what}: {e}"))?;
     }
     Ok(store)
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 /// An error with its causes (reqwest's own message rarely says what failed).
