@@ -28,6 +28,8 @@ pub enum ErrorKind {
     UpstreamUnavailable,
     NoHealthyUpstream,
     UpstreamTimeout,
+    /// A service authentication depends on (a token introspection endpoint) failed.
+    AuthUnavailable,
 }
 
 impl ErrorKind {
@@ -47,6 +49,7 @@ impl ErrorKind {
             ErrorKind::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ErrorKind::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -68,6 +71,7 @@ impl ErrorKind {
             ErrorKind::UpstreamUnavailable => "upstream_unavailable",
             ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::AuthUnavailable => "auth_unavailable",
         }
     }
 }
@@ -101,7 +105,8 @@ impl GatewayError {
         let side = match kind {
             ErrorKind::UpstreamUnavailable
             | ErrorKind::NoHealthyUpstream
-            | ErrorKind::UpstreamTimeout => Side::Upstream,
+            | ErrorKind::UpstreamTimeout
+            | ErrorKind::AuthUnavailable => Side::Upstream,
             ErrorKind::Internal => Side::Internal,
             _ => Side::Downstream,
         };

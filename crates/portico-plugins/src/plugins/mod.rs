@@ -13,6 +13,7 @@ pub mod cors;
 pub mod echo;
 pub mod headers;
 pub mod hmac_auth;
+pub mod introspection;
 pub mod ip_restriction;
 pub mod key_auth;
 pub mod mtls;
@@ -64,6 +65,19 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<jwt::Settings>,
         build: |v, env| Ok(Arc::new(jwt::Jwt::new(parse(v)?, env.identity.clone())?)),
+    },
+    PluginDef {
+        name: "oauth2-introspection",
+        priority: 2450,
+        stage: "authentication",
+        terminal: false,
+        schema: schema_of::<introspection::Settings>,
+        build: |v, env| {
+            Ok(Arc::new(introspection::Introspection::new(
+                parse(v)?,
+                env.identity.clone(),
+            )?))
+        },
     },
     PluginDef {
         name: "key-auth",
