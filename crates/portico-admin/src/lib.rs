@@ -105,6 +105,17 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
             ));
         }
     }
+    // The policies' own metrics, once per instance (a global policy is shared by routes).
+    let mut seen = std::collections::HashSet::new();
+    let mut policies = String::new();
+    for r in &snap.routes {
+        for e in &r.chain {
+            if seen.insert(Arc::as_ptr(&e.policy).cast::<()>() as usize) {
+                e.policy.metrics(&mut policies);
+            }
+        }
+    }
+    text.push_str(&group_families(&policies));
     (
         [(
             header::CONTENT_TYPE,
@@ -113,6 +124,50 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// Prometheus text with each metric family's lines together and its `# HELP` and
+/// `# TYPE` once: several instances of a policy report the same families.
+fn group_families(text: &str) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    let mut families: std::collections::HashMap<&str, (Vec<&str>, Vec<&str>)> = Default::default();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let meta = line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "));
+        let name = match meta {
+            Some(rest) => rest.split(' ').next().unwrap_or(""),
+            None if line.starts_with('#') => continue,
+            None => {
+                let sample = line.split(['{', ' ']).next().unwrap_or("");
+                // Histogram and summary series belong to their family.
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| sample.strip_suffix(s))
+                    .filter(|f| families.contains_key(f))
+                    .unwrap_or(sample)
+            }
+        };
+        let f = families.entry(name).or_insert_with(|| {
+            order.push(name);
+            Default::default()
+        });
+        match meta {
+            Some(_) if f.0.iter().any(|m| m[..6] == line[..6]) => {}
+            Some(_) => f.0.push(line),
+            None => f.1.push(line),
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    for name in order {
+        if let Some((meta, samples)) = families.get(name) {
+            for l in meta.iter().chain(samples) {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 fn route_json(r: &CompiledRoute) -> Value {

@@ -24,6 +24,12 @@ pub trait PluginCatalog: Send + Sync {
         let _ = (name, settings);
         Vec::new()
     }
+    /// [`PluginCatalog::check`] for a configuration whose relative file paths resolve
+    /// against `base_dir` (the configuration file's directory). Default: `check`.
+    fn check_in(&self, name: &str, settings: &Value, base_dir: &Path) -> Vec<(KeyPath, String)> {
+        let _ = base_dir;
+        self.check(name, settings)
+    }
     /// Whether the policy answers requests itself, so its route needs no upstream.
     /// Default: false.
     fn answers_itself(&self, name: &str) -> bool {
@@ -160,7 +166,7 @@ pub fn load_str(
         if let Some(partial) = partial_config(&value, &prune) {
             let bad: Vec<String> = diags.iter().map(|d| d.path.to_string()).collect();
             let mut more = Vec::new();
-            semantic_check(&partial, catalog, &mut more);
+            semantic_check(&partial, catalog, &base_dir, &mut more);
             diags.extend(more.into_iter().filter(|d| !under_any(&d.path, &bad)));
         }
         return Err(finish(diags, &positions));
@@ -173,7 +179,7 @@ pub fn load_str(
             return Err(finish(vec![d], &positions));
         }
     };
-    semantic_check(&config, catalog, &mut diags);
+    semantic_check(&config, catalog, &base_dir, &mut diags);
     if !diags.is_empty() {
         return Err(finish(diags, &positions));
     }

@@ -2,6 +2,7 @@
 //! templates, methods, hosts, target URLs and each policy's own rules.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 
 use serde_json::{json, Value};
 
@@ -15,7 +16,12 @@ const KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
 ];
 
-pub(crate) fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mut Vec<Diagnostic>) {
+pub(crate) fn semantic_check(
+    c: &Config,
+    catalog: &dyn PluginCatalog,
+    base_dir: &Path,
+    diags: &mut Vec<Diagnostic>,
+) {
     let root = KeyPath::root();
     for (i, l) in c.listen.iter().enumerate() {
         check_addr(l, root.key("listen").index(i), diags);
@@ -72,7 +78,7 @@ pub(crate) fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mu
             }
         }
     }
-    check_plugins(&c.plugins, &root.key("plugins"), catalog, diags);
+    check_plugins(&c.plugins, &root.key("plugins"), catalog, base_dir, diags);
     crate::identity::check_consumers(&c.consumers, &root.key("consumers"), diags);
     for (key, name) in [
         ("name", &c.consumer_headers.name),
@@ -192,7 +198,7 @@ pub(crate) fn semantic_check(c: &Config, catalog: &dyn PluginCatalog, diags: &mu
                 }
             }
         }
-        check_plugins(&r.plugins, &p.key("plugins"), catalog, diags);
+        check_plugins(&r.plugins, &p.key("plugins"), catalog, base_dir, diags);
     }
 }
 
@@ -200,6 +206,7 @@ pub(crate) fn check_plugins(
     map: &BTreeMap<String, Value>,
     path: &KeyPath,
     catalog: &dyn PluginCatalog,
+    base_dir: &Path,
     diags: &mut Vec<Diagnostic>,
 ) {
     for (name, settings) in map {
@@ -207,7 +214,7 @@ pub(crate) fn check_plugins(
             continue;
         }
         let settings = strip_enabled(settings);
-        for (rel, msg) in catalog.check(name, &settings) {
+        for (rel, msg) in catalog.check_in(name, &settings, base_dir) {
             let mut p = path.key(name);
             p.append(&rel);
             diags.push(Diagnostic::new(p, msg));

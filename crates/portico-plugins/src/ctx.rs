@@ -43,6 +43,9 @@ pub struct Ctx {
     /// The client certificate of the connection, when the TLS listener asked for one
     /// and the client sent a valid one.
     pub client_cert: Option<Arc<ClientCert>>,
+    /// The request came over TLS (an HTTPS listener), e.g. for absolute URLs built
+    /// from the request (`https://` + `Host`).
+    pub tls: bool,
     /// A query parameter that carried a credential (its value is not logged).
     pub secret_query: Option<Arc<str>>,
     /// Claims of a verified JWT, for `${jwt.CLAIM}` and `jwt_claim:` keys.
@@ -69,6 +72,7 @@ impl Ctx {
             auth: None,
             secret_query: None,
             client_cert: None,
+            tls: false,
             jwt_claims: None,
             extensions: http::Extensions::new(),
         }

@@ -12,6 +12,8 @@ use crate::body::Body;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     NoRoute,
+    /// The route's OpenAPI document (`openapi`) describes no such operation.
+    NoOperation,
     MethodNotAllowed,
     BadRequest,
     /// The request is well-formed but does not match what the route expects (e.g. a
@@ -28,6 +30,8 @@ pub enum ErrorKind {
     UpstreamUnavailable,
     NoHealthyUpstream,
     UpstreamTimeout,
+    /// The upstream's response does not match the route's OpenAPI document.
+    ResponseContractViolation,
     /// A service authentication depends on (a token introspection endpoint) failed.
     AuthUnavailable,
 }
@@ -35,7 +39,7 @@ pub enum ErrorKind {
 impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+            ErrorKind::NoRoute | ErrorKind::NoOperation => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::BadRequest | ErrorKind::ValidationFailed => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -46,7 +50,9 @@ impl ErrorKind {
             ErrorKind::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorKind::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamUnavailable | ErrorKind::ResponseContractViolation => {
+                StatusCode::BAD_GATEWAY
+            }
             ErrorKind::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -57,6 +63,7 @@ impl ErrorKind {
     pub fn code(self) -> &'static str {
         match self {
             ErrorKind::NoRoute => "no_route",
+            ErrorKind::NoOperation => "no_operation",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::ValidationFailed => "validation_failed",
@@ -71,6 +78,7 @@ impl ErrorKind {
             ErrorKind::UpstreamUnavailable => "upstream_unavailable",
             ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::ResponseContractViolation => "response_contract_violation",
             ErrorKind::AuthUnavailable => "auth_unavailable",
         }
     }
@@ -106,6 +114,7 @@ impl GatewayError {
             ErrorKind::UpstreamUnavailable
             | ErrorKind::NoHealthyUpstream
             | ErrorKind::UpstreamTimeout
+            | ErrorKind::ResponseContractViolation
             | ErrorKind::AuthUnavailable => Side::Upstream,
             ErrorKind::Internal => Side::Internal,
             _ => Side::Downstream,

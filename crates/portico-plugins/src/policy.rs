@@ -4,6 +4,8 @@
 //! 1. `on_request` — route matched; may answer (auth, limits, cache hit, echo) and stop.
 //! 2. `upstream_request` — rewrite what is sent upstream.
 //! 3. `upstream_response` — status and headers from upstream (or from a policy's answer).
+//!    Before it, on a response from the upstream, `response_body` of the policies that
+//!    opt in ([`Policy::wants_response_body`]) sees its head and body as they came.
 //! 4. `log` — always runs once the exchange is over.
 //!
 //! Request phases run in descending priority; response phases in ascending priority
@@ -56,6 +58,34 @@ impl Future for Step<'_> {
         match self.get_mut() {
             Step::Ready(f) => Poll::Ready(f.take().unwrap_or(Flow::Continue)),
             Step::Pending(fut) => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// What [`Policy::response_body`] decided: the body to go on with (the same, or a
+/// replacement such as the buffered bytes), or an error that replaces the response.
+pub enum BodyStep<'a> {
+    Ready(Option<Result<Body, GatewayError>>),
+    Pending(Pin<Box<dyn Future<Output = Result<Body, GatewayError>> + Send + 'a>>),
+}
+
+impl BodyStep<'_> {
+    /// Go on with this body.
+    pub fn pass(body: Body) -> Self {
+        BodyStep::Ready(Some(Ok(body)))
+    }
+    /// Replace the response with this error's answer.
+    pub fn reject(e: GatewayError) -> Self {
+        BodyStep::Ready(Some(Err(e)))
+    }
+}
+
+impl Future for BodyStep<'_> {
+    type Output = Result<Body, GatewayError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            BodyStep::Ready(r) => Poll::Ready(r.take().unwrap_or(Ok(Body::Empty))),
+            BodyStep::Pending(fut) => fut.as_mut().poll(cx),
         }
     }
 }
@@ -116,8 +146,37 @@ pub trait Policy: Send + Sync + 'static {
         let _ = (ctx, resp);
     }
 
+    /// Whether [`Policy::response_body`] is implemented. Only routes with such a policy
+    /// run that phase (the others pay nothing for it).
+    fn wants_response_body(&self) -> bool {
+        false
+    }
+
+    /// Phase 3a, on a response from the upstream (not on the gateway's own answers nor
+    /// on a policy's), before `upstream_response`: the head and the body as the upstream
+    /// sent them. Policies that opt in run in ascending priority. Returns the body to go
+    /// on with (e.g. the bytes it buffered), or an error whose answer replaces the
+    /// response (the response phase then runs on that answer). Default: the body.
+    fn response_body<'a>(
+        &'a self,
+        ctx: &'a mut Ctx,
+        resp: &'a mut http::response::Parts,
+        body: Body,
+    ) -> BodyStep<'a> {
+        let _ = (ctx, resp);
+        BodyStep::pass(body)
+    }
+
     /// Phase 4, once the response is finished or failed. Default: nothing.
     fn log(&self, ctx: &Ctx, outcome: &Outcome) {
         let _ = (ctx, outcome);
+    }
+
+    /// Append the policy's own metrics to the admin `/metrics` answer, in the Prometheus
+    /// text format (`# HELP`/`# TYPE` lines may repeat across instances; the admin API
+    /// groups each family once). Called once per policy instance of the current
+    /// configuration (a global policy shared by routes is one instance). Default: none.
+    fn metrics(&self, out: &mut String) {
+        let _ = out;
     }
 }

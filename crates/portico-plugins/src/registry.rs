@@ -39,12 +39,16 @@ pub type BuildFn = fn(&Value, &BuildEnv) -> Result<Arc<dyn Policy>, SettingsErro
 pub struct BuildEnv {
     /// Consumers and credentials (kept current without a reload).
     pub identity: Arc<portico_store::Identity>,
+    /// The configuration file's directory, which relative file paths in settings (an
+    /// `openapi` spec) resolve against. `None`: the current directory.
+    pub config_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for BuildEnv {
     fn default() -> Self {
         BuildEnv {
             identity: Arc::new(portico_store::Identity::detached()),
+            config_dir: None,
         }
     }
 }
@@ -94,15 +98,29 @@ impl PluginCatalog for Catalog {
         find(name).map(|d| (d.schema)(gen))
     }
     fn check(&self, name: &str, settings: &Value) -> Vec<(KeyPath, String)> {
-        match find(name) {
-            Some(d) => (d.build)(settings, &BuildEnv::default())
-                .err()
-                .unwrap_or_default(),
-            None => vec![(KeyPath::root(), format!("unknown policy `{name}`"))],
-        }
+        check_with(name, settings, &BuildEnv::default())
+    }
+    fn check_in(
+        &self,
+        name: &str,
+        settings: &Value,
+        base_dir: &std::path::Path,
+    ) -> Vec<(KeyPath, String)> {
+        let env = BuildEnv {
+            config_dir: Some(base_dir.to_path_buf()),
+            ..BuildEnv::default()
+        };
+        check_with(name, settings, &env)
     }
     fn answers_itself(&self, name: &str) -> bool {
         find(name).is_some_and(|d| d.terminal)
+    }
+}
+
+fn check_with(name: &str, settings: &Value, env: &BuildEnv) -> Vec<(KeyPath, String)> {
+    match find(name) {
+        Some(d) => (d.build)(settings, env).err().unwrap_or_default(),
+        None => vec![(KeyPath::root(), format!("unknown policy `{name}`"))],
     }
 }
 

@@ -131,6 +131,7 @@ pub async fn handle(
         params,
     );
     fin.ctx.client_cert.clone_from(&conn.client_cert);
+    fin.ctx.tls = conn.tls;
     fin.route = Some(route.clone());
     let idle = Some(route.timeouts.idle.0);
     // Without a Content-Length (chunked, or HTTP/2 without one) count what is read.
@@ -208,6 +209,8 @@ pub async fn handle(
         ));
     };
     match forward::forward(&snap, &route, &upstream, &mut fin, req, &conn, prefix_len).await {
+        // Boxed: only routes with a policy that reads response bodies take this step.
+        Ok(resp) if route.response_body => Ok(Box::pin(respond_upstream(&route, fin, resp)).await),
         Ok(resp) => Ok(respond(&route, fin, resp)),
         Err(e) => Ok(respond_error(&route, fin, e)),
     }
@@ -266,6 +269,34 @@ fn respond(route: &CompiledRoute, mut fin: Box<Finish>, resp: Response<Body>) ->
         entry.policy.upstream_response(&mut fin.ctx, &mut parts);
     }
     fin.complete(Response::from_parts(parts, body))
+}
+
+/// A response from the upstream on a route with policies that read response bodies:
+/// they run first (ascending priority) on the head and body as they came, then the
+/// response phase. A policy's error replaces the response (and gets the response phase).
+async fn respond_upstream(
+    route: &CompiledRoute,
+    mut fin: Box<Finish>,
+    resp: Response<Body>,
+) -> Response<LogBody> {
+    let (mut parts, mut body) = resp.into_parts();
+    for entry in route.chain.iter().rev() {
+        if !entry.policy.wants_response_body() {
+            continue;
+        }
+        match entry
+            .policy
+            .response_body(&mut fin.ctx, &mut parts, body)
+            .await
+        {
+            Ok(b) => body = b,
+            Err(e) => {
+                let resp = fin.error_response(e);
+                return respond(route, fin, resp);
+            }
+        }
+    }
+    respond(route, fin, Response::from_parts(parts, body))
 }
 
 /// Requests that cannot be forwarded safely or that a gateway does not serve: more

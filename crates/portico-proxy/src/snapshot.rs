@@ -33,6 +33,8 @@ pub struct CompiledRoute {
     pub hygiene: usize,
     /// Some policy of `chain` edits the upstream request (`Policy::upstream_request`).
     pub edits_upstream_request: bool,
+    /// Some policy of `chain` reads upstream response bodies (`Policy::response_body`).
+    pub response_body: bool,
     /// When the route has authentication policies: where the chain's authentication
     /// ends and what a request none of them authenticated gets.
     pub auth_gate: Option<AuthGate>,
@@ -85,6 +87,7 @@ pub fn compile(
     let resolve = |p: &str| loaded.resolve(p);
     let env = BuildEnv {
         identity: identity.clone(),
+        config_dir: Some(loaded.base_dir.clone()),
     };
 
     let mut upstreams = HashMap::new();
@@ -138,6 +141,7 @@ pub fn compile(
             .take_while(|e| e.priority >= HYGIENE_PRIORITY)
             .count();
         let edits_upstream_request = chain.iter().any(|e| e.policy.edits_upstream_request());
+        let response_body = chain.iter().any(|e| e.policy.wants_response_body());
         let auth_gate = auth_gate(&chain);
         let upstream = r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned());
         let base = upstream.as_ref().map(|u| u.timeouts).unwrap_or_default();
@@ -189,6 +193,7 @@ pub fn compile(
             chain,
             hygiene,
             edits_upstream_request,
+            response_body,
             auth_gate,
             config: r.clone(),
         }));

@@ -17,6 +17,7 @@ pub mod introspection;
 pub mod ip_restriction;
 pub mod key_auth;
 pub mod mtls;
+pub mod openapi;
 pub mod request_validation;
 pub mod size_limit;
 // `jwt` and what it uses (`fetch` is shared by policies that call identity providers).
@@ -133,6 +134,19 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<claims::Settings>,
         build: |v, _env| Ok(Arc::new(claims::Claims::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "openapi",
+        priority: 1010,
+        stage: "request validation",
+        terminal: false,
+        schema: schema_of::<openapi::Settings>,
+        build: |v, env| {
+            Ok(Arc::new(openapi::OpenApi::new(
+                parse(v)?,
+                env.config_dir.as_deref(),
+            )?))
+        },
     },
     PluginDef {
         name: "request-validation",

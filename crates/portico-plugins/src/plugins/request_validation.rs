@@ -39,7 +39,7 @@ use crate::registry::SettingsErrors;
 /// At most this many violations are listed in one answer (then `truncated: true`).
 pub const MAX_VIOLATIONS: usize = 100;
 /// A violation's message is cut to about this many bytes.
-const MAX_MESSAGE: usize = 300;
+pub(crate) const MAX_MESSAGE: usize = 300;
 const DEFAULT_MAX_BODY: u64 = 1 << 20;
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -138,18 +138,18 @@ impl MediaRule {
 
 /// How a query parameter's string is converted before validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scalar {
+pub(crate) enum Scalar {
     Integer,
     Number,
     Boolean,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct Coerce {
+pub(crate) struct Coerce {
     /// The property is an array: a single value becomes a one-element array.
-    array: bool,
+    pub(crate) array: bool,
     /// Conversion of the value (or of each item of an array).
-    scalar: Option<Scalar>,
+    pub(crate) scalar: Option<Scalar>,
 }
 
 pub struct RequestValidation {
@@ -262,22 +262,6 @@ impl RequestValidation {
         )
     }
 
-    fn too_large(&self, len: Option<u64>) -> GatewayError {
-        let msg = match len {
-            Some(n) => format!(
-                "the request body ({n} bytes) is larger than the {} bytes that are validated",
-                self.max_body
-            ),
-            None => format!(
-                "the request body is larger than the {} bytes that are validated",
-                self.max_body
-            ),
-        };
-        let mut e = GatewayError::new(ErrorKind::PayloadTooLarge, msg);
-        e.close = true;
-        e
-    }
-
     /// Read the body (at most `max_body`), check it, and put it back for the upstream.
     async fn check_body(
         &self,
@@ -285,7 +269,7 @@ impl RequestValidation {
         req: &mut Request<Body>,
         declared: Option<u64>,
     ) -> Flow {
-        let bytes = match self.read_body(req.body_mut(), declared).await {
+        let bytes = match read_limited(req.body_mut(), declared, self.max_body).await {
             Ok(b) => b,
             Err(e) => return Flow::Error(e),
         };
@@ -317,45 +301,59 @@ impl RequestValidation {
         *req.body_mut() = Body::full(bytes);
         Flow::Continue
     }
+}
 
-    /// The whole body, or the error to answer. On 413 the rest of the body stays in
-    /// `body`, for the pipeline to discard (so the client receives the answer).
-    async fn read_body(
-        &self,
-        body: &mut Body,
-        declared: Option<u64>,
-    ) -> Result<Bytes, GatewayError> {
-        let mut first: Option<Bytes> = None;
-        let mut buf = BytesMut::new();
-        let mut total: u64 = 0;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| read_error(&e))?;
-            let Ok(data) = frame.into_data() else {
-                // Trailers: not part of the JSON; dropped.
-                continue;
-            };
-            if data.is_empty() {
-                continue;
-            }
-            total += data.len() as u64;
-            if total > self.max_body {
-                return Err(self.too_large(None));
-            }
-            match first.take() {
-                None if buf.is_empty() => first = Some(data),
-                earlier => {
-                    if let Some(f) = earlier {
-                        let want = declared.unwrap_or(0).min(self.max_body);
-                        let want = usize::try_from(want).unwrap_or(0);
-                        buf.reserve(want.max(f.len() + data.len()));
-                        buf.extend_from_slice(&f);
-                    }
-                    buf.extend_from_slice(&data);
+/// 413 for a request body over `max` bytes (`len`: its announced length).
+pub(crate) fn too_large(len: Option<u64>, max: u64) -> GatewayError {
+    let msg = match len {
+        Some(n) => format!(
+            "the request body ({n} bytes) is larger than the {max} bytes that are validated"
+        ),
+        None => format!("the request body is larger than the {max} bytes that are validated"),
+    };
+    let mut e = GatewayError::new(ErrorKind::PayloadTooLarge, msg);
+    e.close = true;
+    e
+}
+
+/// The whole body (at most `max` bytes), or the error to answer. On 413 the rest of
+/// the body stays in `body`, for the pipeline to discard (so the client receives the
+/// answer).
+pub(crate) async fn read_limited(
+    body: &mut Body,
+    declared: Option<u64>,
+    max: u64,
+) -> Result<Bytes, GatewayError> {
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| read_error(&e))?;
+        let Ok(data) = frame.into_data() else {
+            // Trailers: not part of the JSON; dropped.
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        total += data.len() as u64;
+        if total > max {
+            return Err(too_large(None, max));
+        }
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(f) = earlier {
+                    let want = declared.unwrap_or(0).min(max);
+                    let want = usize::try_from(want).unwrap_or(0);
+                    buf.reserve(want.max(f.len() + data.len()));
+                    buf.extend_from_slice(&f);
                 }
+                buf.extend_from_slice(&data);
             }
         }
-        Ok(first.unwrap_or_else(|| buf.freeze()))
     }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 impl Policy for RequestValidation {
@@ -396,7 +394,7 @@ impl Policy for RequestValidation {
         }
         if let Some(n) = declared {
             if n > self.max_body {
-                return Step::error(self.too_large(Some(n)));
+                return Step::error(too_large(Some(n), self.max_body));
             }
         }
         Step::Pending(Box::pin(self.check_body(validator, req, declared)))
@@ -407,7 +405,7 @@ impl Policy for RequestValidation {
 /// twice is refused: parsers disagree on which one counts (serde_json keeps the last,
 /// others the first), so `{"role": "user", "role": "admin"}` could pass validation
 /// as one and reach the upstream as the other.
-struct Strict(Value);
+pub(crate) struct Strict(pub(crate) Value);
 
 impl<'de> Deserialize<'de> for Strict {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -475,13 +473,7 @@ fn compile(schema: &Value) -> Result<Validator, (KeyPath, String)> {
             "a JSON Schema is an object (or `true`/`false`)".into(),
         ));
     }
-    let mut opts = jsonschema::options()
-        // Referenced schemas are never fetched: everything must be in the document.
-        .offline()
-        // Linear-time matching for `pattern`/`patternProperties` on untrusted input.
-        .with_pattern_options(PatternOptions::regex())
-        // `format` is checked (2020-12 only annotates it by default).
-        .should_validate_formats(true);
+    let mut opts = schema_options();
     if schema.get("$schema").is_none() {
         opts = opts.with_draft(Draft::Draft202012);
     }
@@ -493,8 +485,19 @@ fn compile(schema: &Value) -> Result<Validator, (KeyPath, String)> {
     })
 }
 
+/// The options every schema is compiled with (also by `openapi`).
+pub(crate) fn schema_options<'a>() -> jsonschema::ValidationOptions<'a> {
+    jsonschema::options()
+        // Referenced schemas are never fetched: everything must be in the document.
+        .offline()
+        // Linear-time matching for `pattern`/`patternProperties` on untrusted input.
+        .with_pattern_options(PatternOptions::regex())
+        // `format` is checked (2020-12 only annotates it by default).
+        .should_validate_formats(true)
+}
+
 /// The message for a schema that does not compile, with a hint for the usual mistakes.
-fn schema_problem(e: &jsonschema::ValidationError<'_>) -> String {
+pub(crate) fn schema_problem(e: &jsonschema::ValidationError<'_>) -> String {
     use jsonschema::error::ValidationErrorKind as K;
     let at = e.instance_path().as_str();
     let last = at.rsplit('/').next().unwrap_or("");
@@ -534,7 +537,7 @@ fn coercions(schema: Option<&Value>) -> HashMap<String, Coerce> {
         .collect()
 }
 
-fn has_type(schema: &Value, t: &str) -> bool {
+pub(crate) fn has_type(schema: &Value, t: &str) -> bool {
     match schema.get("type") {
         Some(Value::String(s)) => s == t,
         Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(t)),
@@ -543,7 +546,7 @@ fn has_type(schema: &Value, t: &str) -> bool {
 }
 
 /// The conversion for a schema whose `type` allows no string.
-fn scalar_of(schema: &Value) -> Option<Scalar> {
+pub(crate) fn scalar_of(schema: &Value) -> Option<Scalar> {
     if schema.get("type").is_none() || has_type(schema, "string") {
         return None;
     }
@@ -558,7 +561,7 @@ fn scalar_of(schema: &Value) -> Option<Scalar> {
     }
 }
 
-fn convert(s: String, to: Option<Scalar>) -> Value {
+pub(crate) fn convert(s: String, to: Option<Scalar>) -> Value {
     let converted = match to {
         None => None,
         Some(Scalar::Boolean) => match s.as_str() {
@@ -582,7 +585,7 @@ fn convert(s: String, to: Option<Scalar>) -> Value {
 }
 
 /// The query string as a JSON object (names and values percent-decoded, `+` as space).
-fn query_value(query: Option<&str>, coerce: &HashMap<String, Coerce>) -> Value {
+pub(crate) fn query_value(query: Option<&str>, coerce: &HashMap<String, Coerce>) -> Value {
     let mut m = Map::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -615,7 +618,7 @@ fn query_value(query: Option<&str>, coerce: &HashMap<String, Coerce>) -> Value {
     Value::Object(m)
 }
 
-fn decode(s: &str) -> String {
+pub(crate) fn decode(s: &str) -> String {
     if !s.contains(['%', '+']) {
         return s.to_string();
     }
@@ -645,7 +648,7 @@ fn headers_value(h: &HeaderMap) -> Value {
 
 /// Add the violations of `value` (at most [`MAX_VIOLATIONS`] in all); true when some
 /// were left out.
-fn collect(v: &Validator, value: &Value, place: &str, out: &mut Vec<Value>) -> bool {
+pub(crate) fn collect(v: &Validator, value: &Value, place: &str, out: &mut Vec<Value>) -> bool {
     for err in v.iter_errors(value) {
         if out.len() == MAX_VIOLATIONS {
             return true;
@@ -660,7 +663,7 @@ fn collect(v: &Validator, value: &Value, place: &str, out: &mut Vec<Value>) -> b
     false
 }
 
-fn failed(violations: Vec<Value>, truncated: bool) -> GatewayError {
+pub(crate) fn failed(violations: Vec<Value>, truncated: bool) -> GatewayError {
     let n = violations.len();
     let msg = match (n, truncated) {
         (1, false) => "the request does not match its schema: 1 violation".to_string(),
@@ -716,7 +719,7 @@ fn read_error(e: &BoxError) -> GatewayError {
 }
 
 /// `s` cut to at most `max` bytes (at a character boundary), with `…` when cut.
-fn truncate(s: &str, max: usize) -> String {
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
