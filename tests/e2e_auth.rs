@@ -49,6 +49,11 @@ routes:
   - name: open
     paths: ["/open"]
     upstream: up
+  - name: signed-query
+    paths: ["/sq"]
+    upstream: up
+    plugins:
+      key-auth: {{locations: ["query:sig"]}}
   - name: keyed
     paths: ["/keyed"]
     upstream: up
@@ -227,20 +232,57 @@ async fn key_auth_with_declared_consumers() {
     assert_eq!(st, 200);
     assert_eq!(echo["headers"]["apikey"], ALICE_KEY);
 
-    // A client cannot forge the identity headers on any route.
+    // A client cannot forge the identity headers on any route, not even spelt with
+    // underscores (which CGI-style servers read as the same variable).
     let (st, _, echo) = s
         .get(
             "/open",
-            &[("X-Consumer-Name", "alice"), ("x-consumer-groups", "admin")],
+            &[
+                ("X-Consumer-Name", "alice"),
+                ("x-consumer-groups", "admin"),
+                ("x_consumer_name", "alice"),
+                ("X-Consumer_Groups", "admin"),
+                ("x_other_header", "kept"),
+            ],
         )
         .await;
     assert_eq!(st, 200);
     assert!(echo["headers"].get("x-consumer-name").is_none(), "{echo}");
     assert!(echo["headers"].get("x-consumer-groups").is_none());
+    assert!(echo["headers"].get("x_consumer_name").is_none(), "{echo}");
+    assert!(echo["headers"].get("x-consumer_groups").is_none(), "{echo}");
+    assert_eq!(echo["headers"]["x_other_header"], "kept");
+    let (st, _, echo) = s
+        .get(
+            "/keyed",
+            &[("apikey", ALICE_KEY), ("x_consumer_name", "mallory")],
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(echo["headers"]["x-consumer-name"], "alice");
+    assert!(echo["headers"].get("x_consumer_name").is_none(), "{echo}");
 
-    // Credentials never reach the log, not even a refused one.
+    // A key header that is not text is a wrong key, not a missing one.
+    let r = s
+        .client
+        .get(s.url("/guest"))
+        .header(
+            "apikey",
+            reqwest::header::HeaderValue::from_bytes(b"\xff\xfe-not-text-0123456789").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Credentials never reach the log, not even a refused one, nor one sent to a
+    // path no policy read it on (`sig` is a key location of another route).
     let (st, _, _) = s.get("/keyed?apikey=wrong-key-in-the-query-42", &[]).await;
     assert_eq!(st, 401);
+    let (st, _, _) = s.get("/nowhere?sig=signature-on-a-404-4242", &[]).await;
+    assert_eq!(st, 404);
+    let (st, _, _) = s.get(&format!("/sq?sig={ALICE_KEY}"), &[]).await;
+    assert_eq!(st, 200);
     assert!(
         s.gw.gw
             .wait_for_log("\"consumer\":\"alice\"", Duration::from_secs(5)),
@@ -249,6 +291,8 @@ async fn key_auth_with_declared_consumers() {
     let logs = s.gw.gw.logs();
     assert!(!logs.contains(ALICE_KEY), "a key reached the log");
     assert!(!logs.contains("wrong-key-in-the-query-42"));
+    assert!(!logs.contains("signature-on-a-404-4242"), "{logs}");
+    assert!(logs.contains("sig=REDACTED"));
     assert!(logs.contains("apikey=REDACTED"));
 }
 

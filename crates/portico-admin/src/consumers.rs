@@ -259,6 +259,8 @@ enum NewCred {
     },
     Jwt {
         subject: String,
+        #[serde(default)]
+        issuer: Option<String>,
     },
     Mtls {
         subject: String,
@@ -335,7 +337,7 @@ pub async fn create_credential(
         NewCred::BasicAuth { username, password } => {
             NewCredential::BasicAuth { username, password }
         }
-        NewCred::Jwt { subject } => NewCredential::Jwt { subject },
+        NewCred::Jwt { subject, issuer } => NewCredential::Jwt { subject, issuer },
         NewCred::Mtls { subject } => NewCredential::Mtls { subject },
         NewCred::HmacAuth { key_id, secret } => NewCredential::HmacAuth { key_id, secret },
     };

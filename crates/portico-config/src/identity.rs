@@ -83,6 +83,26 @@ pub fn check_hmac_secret(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A JWT subject or issuer: not empty, no line breaks.
+pub fn check_subject(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("it is empty".into());
+    }
+    if s.contains(['\n', '\r']) {
+        return Err("it contains a line break".into());
+    }
+    Ok(())
+}
+
+/// How a JWT credential is looked up: the subject, or `issuer`, a line feed and the
+/// subject when the credential names its issuer.
+pub fn jwt_lookup(issuer: Option<&str>, subject: &str) -> String {
+    match issuer {
+        Some(i) => format!("{i}\n{subject}"),
+        None => subject.to_string(),
+    }
+}
+
 /// An RFC 3339 time, as Unix seconds.
 pub fn parse_time(s: &str) -> Result<i64, String> {
     s.parse::<jiff::Timestamp>()
@@ -94,7 +114,7 @@ pub(crate) fn check_consumers(list: &[ConsumerDecl], root: &KeyPath, diags: &mut
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
     let mut users = HashSet::new();
-    let mut subjects = HashSet::new();
+    let mut subjects: HashSet<String> = HashSet::new();
     let mut certs = HashSet::new();
     let mut key_ids = HashSet::new();
     for (i, c) in list.iter().enumerate() {
@@ -117,7 +137,7 @@ pub(crate) fn check_consumers(list: &[ConsumerDecl], root: &KeyPath, diags: &mut
         }
         for (j, cred) in c.credentials.iter().enumerate() {
             let cp = p.key("credentials").index(j);
-            if matches!(cred, CredentialDecl::Jwt { subject } if subject.starts_with('\0')) {
+            if matches!(cred, CredentialDecl::Jwt { subject, .. } if subject.starts_with('\0')) {
                 continue; // already reported: it did not parse
             }
             match cred {
@@ -149,10 +169,12 @@ pub(crate) fn check_consumers(list: &[ConsumerDecl], root: &KeyPath, diags: &mut
                         diags.push(Diagnostic::new(cp.key("password"), "the password is empty"));
                     }
                 }
-                CredentialDecl::Jwt { subject } => {
-                    if subject.is_empty() {
-                        diags.push(Diagnostic::new(cp.key("subject"), "the subject is empty"));
-                    } else if !subjects.insert(subject.as_str()) {
+                CredentialDecl::Jwt { subject, issuer } => {
+                    if let Err(e) = check_subject(subject) {
+                        diags.push(Diagnostic::new(cp.key("subject"), e));
+                    } else if let Some(Err(e)) = issuer.as_deref().map(check_subject) {
+                        diags.push(Diagnostic::new(cp.key("issuer"), e));
+                    } else if !subjects.insert(jwt_lookup(issuer.as_deref(), subject)) {
                         diags.push(Diagnostic::new(
                             cp.key("subject"),
                             format!("the JWT subject `{subject}` already belongs to a consumer"),

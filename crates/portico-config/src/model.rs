@@ -148,7 +148,14 @@ pub enum CredentialDecl {
     /// A user name and password (or an Argon2id PHC string `$argon2id$...`).
     BasicAuth { username: String, password: Secret },
     /// JWTs whose consumer claim (`sub` by default) equals `subject`.
-    Jwt { subject: String },
+    /// With `issuer`, only tokens from that issuer (`iss`) map to the consumer — set
+    /// it when several identity providers are trusted, so one provider's subjects
+    /// cannot stand for another's.
+    Jwt {
+        subject: String,
+        #[serde(default)]
+        issuer: Option<String>,
+    },
     /// Client certificates whose subject common name or a SAN equals `subject`.
     Mtls { subject: String },
     /// HTTP Message Signatures (RFC 9421) with HMAC-SHA256: the `keyid` and the shared

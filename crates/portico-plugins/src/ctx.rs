@@ -46,6 +46,9 @@ pub struct Ctx {
     /// The request came over TLS (an HTTPS listener), e.g. for absolute URLs built
     /// from the request (`https://` + `Host`).
     pub tls: bool,
+    /// Some request header name has an underscore: identity headers must then also
+    /// be removed under their `_` spellings ([`remove_identity_headers`]).
+    pub underscores: bool,
     /// A query parameter that carried a credential (its value is not logged).
     pub secret_query: Option<Arc<str>>,
     /// Claims of a verified JWT, for `${jwt.CLAIM}` and `jwt_claim:` keys.
@@ -71,6 +74,7 @@ impl Ctx {
             consumer: None,
             auth: None,
             secret_query: None,
+            underscores: false,
             client_cert: None,
             tls: false,
             jwt_claims: None,
@@ -140,6 +144,41 @@ impl Ctx {
             }
         }
         out
+    }
+}
+
+/// Remove headers a client must not set (identity headers the gateway owns), also
+/// when spelt with `_` for `-` (`X-Consumer_Name`): CGI-style servers (PHP-FPM, WSGI,
+/// Rack) read both spellings as the same variable. `underscores` says whether any
+/// header name has an underscore (known from parsing), so the common case is just
+/// the exact removals.
+pub fn remove_identity_headers(h: &mut HeaderMap, names: &[http::HeaderName], underscores: bool) {
+    if h.is_empty() {
+        return;
+    }
+    for n in names {
+        h.remove(n);
+    }
+    if !underscores {
+        return;
+    }
+    let aliases: Vec<http::HeaderName> = h
+        .keys()
+        .filter(|k| {
+            let k = k.as_str().as_bytes();
+            k.contains(&b'_')
+                && names.iter().any(|n| {
+                    let n = n.as_str().as_bytes();
+                    n.len() == k.len()
+                        && n.iter()
+                            .zip(k)
+                            .all(|(a, b)| a == b || (*a == b'-' && *b == b'_'))
+                })
+        })
+        .cloned()
+        .collect();
+    for a in aliases {
+        h.remove(a);
     }
 }
 

@@ -129,6 +129,12 @@ pub trait Policy: Send + Sync + 'static {
         None
     }
 
+    /// Query parameters this policy reads credentials from: the access log never shows
+    /// their values, on any route or answer. Asked once, when the snapshot is built.
+    fn secret_params(&self) -> Vec<Arc<str>> {
+        Vec::new()
+    }
+
     /// Whether [`Policy::upstream_request`] is implemented. The gateway's own upstream
     /// headers (`Host`, `X-Forwarded-*`, `X-Request-Id`) are only put into the request's
     /// header map (where such a policy can see and change them) when one is.

@@ -182,15 +182,16 @@ const SECRET_PARAMS: &[&str] = &[
 ];
 
 /// The query string for the log, with credential values replaced: the conventional
-/// names above plus `extra` (e.g. a `key-auth` query location).
+/// names above plus `extra` (every `query:` credential location of the configuration,
+/// whichever route or answer the request got).
 pub fn redact_query<'a>(
     q: Option<&'a str>,
-    extra: Option<&str>,
+    extra: &[std::sync::Arc<str>],
 ) -> Option<std::borrow::Cow<'a, str>> {
     let q = q?;
     let secret = |k: &str| {
         let k = percent_encoding::percent_decode_str(k).decode_utf8_lossy();
-        SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) || extra == Some(k.as_ref())
+        SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) || extra.iter().any(|e| **e == *k)
     };
     if !q
         .split('&')
@@ -215,17 +216,17 @@ mod redact_tests {
     #[test]
     fn credentials_in_queries_are_redacted() {
         assert_eq!(
-            redact_query(Some("a=1&b=2"), None).as_deref(),
+            redact_query(Some("a=1&b=2"), &[]).as_deref(),
             Some("a=1&b=2")
         );
         assert_eq!(
-            redact_query(Some("a=1&apikey=s3cret&API_KEY=x"), None).as_deref(),
+            redact_query(Some("a=1&apikey=s3cret&API_KEY=x"), &[]).as_deref(),
             Some("a=1&apikey=REDACTED&API_KEY=REDACTED")
         );
         assert_eq!(
-            redact_query(Some("k=s3cret&z"), Some("k")).as_deref(),
+            redact_query(Some("k=s3cret&z"), &["k".into()]).as_deref(),
             Some("k=REDACTED&z")
         );
-        assert_eq!(redact_query(None, None), None);
+        assert_eq!(redact_query(None, &[]), None);
     }
 }

@@ -144,11 +144,12 @@ pub async fn forward(
     });
     strip_hop_by_hop(&mut parts.headers);
     // Who the caller is: never what the client says, only what a policy established.
-    let (name_h, groups_h) = &snap.consumer_headers;
-    if !parts.headers.is_empty() {
-        parts.headers.remove(name_h);
-        parts.headers.remove(groups_h);
-    }
+    let [name_h, groups_h] = &snap.consumer_headers;
+    portico_plugins::ctx::remove_identity_headers(
+        &mut parts.headers,
+        &snap.consumer_headers,
+        fin.ctx.underscores,
+    );
     if let Some(c) = &fin.ctx.consumer {
         parts.headers.insert(name_h.clone(), c.name_header.clone());
         if let Some(g) = &c.groups_header {

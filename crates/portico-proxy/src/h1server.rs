@@ -352,6 +352,7 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
     let mut expect_continue = false;
     let mut meta = Meta::default();
     for (raw_name, value) in spans.fields(&head) {
+        meta.underscores |= raw_name.contains(&b'_');
         let name = HeaderName::from_bytes(raw_name).map_err(|_| bad("invalid header name"))?;
         let value =
             HeaderValue::from_maybe_shared(value).map_err(|_| bad("invalid header value"))?;

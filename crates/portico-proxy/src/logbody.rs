@@ -179,10 +179,7 @@ impl Finish {
                 method: self.method.as_str(),
                 host,
                 path: self.uri.path(),
-                query: crate::access_log::redact_query(
-                    self.uri.query(),
-                    self.ctx.secret_query.as_deref(),
-                ),
+                query: crate::access_log::redact_query(self.uri.query(), &self.snap.secret_params),
                 protocol: version_str(self.version),
                 route: self.route.as_ref().map(|r| &*r.name),
                 consumer: self.ctx.consumer.as_ref().map(|c| c.name.as_str()),

@@ -131,6 +131,7 @@ pub async fn handle(
         params,
     );
     fin.ctx.client_cert.clone_from(&conn.client_cert);
+    fin.ctx.underscores = meta.underscores;
     fin.ctx.tls = conn.tls;
     fin.route = Some(route.clone());
     let idle = Some(route.timeouts.idle.0);
@@ -317,6 +318,14 @@ fn check_framing(parts: &http::request::Parts, meta: &Meta) -> Option<GatewayErr
         if !valid_host(first.as_bytes()) {
             return bad("the Host header is not a valid host[:port]");
         }
+        // HTTP/2 keeps `:authority` and a `host` field apart (HTTP/1.1's absolute form
+        // already replaced `Host`): routing, policies and the upstream must all see
+        // one host, so two different ones are refused (RFC 9113 §8.3.1).
+        if let Some(a) = parts.uri.authority() {
+            if !a.as_str().as_bytes().eq_ignore_ascii_case(first.as_bytes()) {
+                return bad("the Host header differs from the request's :authority");
+            }
+        }
     }
     if parts.method == http::Method::CONNECT {
         let mut e = GatewayError::new(
@@ -422,6 +431,8 @@ pub struct Meta {
     pub content_length: Option<u64>,
     /// The client's `X-Request-Id`.
     pub request_id: Option<HeaderValue>,
+    /// Some header name has an underscore (see `Ctx::underscores`).
+    pub underscores: bool,
 }
 
 impl Meta {
@@ -437,6 +448,7 @@ impl Meta {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok()),
             request_id: h.get(&crate::forward::X_REQUEST_ID).cloned(),
+            underscores: h.keys().any(|k| k.as_str().contains('_')),
         }
     }
 }
@@ -461,4 +473,38 @@ pub(crate) fn request_id(client: Option<&HeaderValue>) -> String {
     }
     // Only ASCII hex digits were written.
     std::str::from_utf8(&buf).unwrap_or_default().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn framing(uri: &str, host: Option<&str>) -> Option<GatewayError> {
+        let (parts, ()) = Request::builder().uri(uri).body(()).unwrap().into_parts();
+        let meta = Meta {
+            host: host.map(|h| HeaderValue::from_str(h).unwrap()),
+            hosts: u8::from(host.is_some()),
+            ..Meta::default()
+        };
+        check_framing(&parts, &meta)
+    }
+
+    #[test]
+    fn authority_and_host_must_agree() {
+        // HTTP/2: `:authority` with a different `host` field is refused.
+        let e = framing("https://www.example.com/x", Some("admin.example.com")).unwrap();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        assert!(e.message.contains(":authority"));
+        // The same host (any case), or no `host` field, is fine.
+        assert!(framing("https://www.example.com/x", Some("WWW.example.com")).is_none());
+        assert!(framing(
+            "https://www.example.com:8443/x",
+            Some("www.example.com:8443")
+        )
+        .is_none());
+        assert!(framing("https://www.example.com/x", None).is_none());
+        // Origin form (HTTP/1.1) has no authority to compare.
+        assert!(framing("/x", Some("admin.example.com")).is_none());
+    }
 }

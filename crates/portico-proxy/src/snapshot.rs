@@ -70,7 +70,9 @@ pub struct Snapshot {
     /// Consumers and credentials (shared by every snapshot; changes without reload).
     pub identity: Arc<Identity>,
     /// Header names for the consumer's name and groups sent upstream.
-    pub consumer_headers: (HeaderName, HeaderName),
+    pub consumer_headers: [HeaderName; 2],
+    /// Every query parameter a policy reads a credential from (kept out of the log).
+    pub secret_params: Vec<Arc<str>>,
 }
 
 /// Compile a validated configuration. Problems found here (files, certificates) are
@@ -226,6 +228,14 @@ pub fn compile(
         .filter_map(|s| parse_cidr(s))
         .collect();
     let consumer_headers = consumer_headers(&cfg.consumer_headers);
+    let mut secret_params: Vec<Arc<str>> = routes
+        .iter()
+        .flat_map(|r| r.chain.iter())
+        .chain(global.values())
+        .flat_map(|e| e.policy.secret_params())
+        .collect();
+    secret_params.sort();
+    secret_params.dedup();
     match router {
         Some(router) if diags.is_empty() => Ok(Snapshot {
             routes,
@@ -240,6 +250,7 @@ pub fn compile(
             generation,
             identity: identity.clone(),
             consumer_headers,
+            secret_params,
         }),
         _ => Err(Diagnostics(
             diags.into_iter().map(|d| loaded.locate(d)).collect(),
@@ -272,11 +283,11 @@ fn auth_gate(chain: &[ChainEntry]) -> Option<AuthGate> {
     })
 }
 
-fn consumer_headers(c: &portico_config::ConsumerHeaders) -> (HeaderName, HeaderName) {
+fn consumer_headers(c: &portico_config::ConsumerHeaders) -> [HeaderName; 2] {
     // Validated with the configuration; the defaults stand in should that ever fail.
     let name = HeaderName::from_bytes(c.name.as_bytes())
         .unwrap_or(HeaderName::from_static("x-consumer-name"));
     let groups = HeaderName::from_bytes(c.groups.as_bytes())
         .unwrap_or(HeaderName::from_static("x-consumer-groups"));
-    (name, groups)
+    [name, groups]
 }

@@ -158,13 +158,19 @@ impl Store {
     }
 
     pub fn consumers(&self) -> Result<Vec<ConsumerRow>, StoreError> {
-        let c = self.conn.lock();
-        let mut st = c.prepare(
-            "SELECT name, groups, metadata, created_at, updated_at FROM consumers ORDER BY name",
-        )?;
-        let rows = st.query_map([], consumer_from_row)?;
-        rows.map(|r| r.map_err(StoreError::from).and_then(parse_consumer))
-            .collect()
+        read_consumers(&self.conn.lock())
+    }
+
+    /// Every consumer and credential, and the `data_version` they were read at, in one
+    /// read transaction (so a change by another process is seen whole or not at all).
+    pub fn snapshot(&self) -> Result<(i64, Vec<ConsumerRow>, Vec<CredRow>), StoreError> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        let version: i64 = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let consumers = read_consumers(&tx)?;
+        let creds = read_credentials(&tx, None)?;
+        tx.commit()?;
+        Ok((version, consumers, creds))
     }
 
     pub fn consumer(&self, name: &str) -> Result<Option<ConsumerRow>, StoreError> {
@@ -218,39 +224,7 @@ impl Store {
     }
 
     pub fn credentials(&self, consumer: Option<&str>) -> Result<Vec<CredRow>, StoreError> {
-        let c = self.conn.lock();
-        let sql = "SELECT id, consumer, type, lookup, secret, display, created_at, expires_at
-                   FROM credentials WHERE ?1 IS NULL OR consumer = ?1 ORDER BY created_at, id";
-        let mut st = c.prepare(sql)?;
-        let rows = st.query_map([consumer], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, Option<i64>>(7)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for r in rows {
-            let (id, consumer, kind, lookup, secret, display, created_at, expires_at) = r?;
-            let kind = CredKind::parse(&kind)
-                .ok_or_else(|| StoreError::Corrupt(format!("credential {id}: type `{kind}`")))?;
-            out.push(CredRow {
-                id,
-                consumer,
-                kind,
-                lookup,
-                secret,
-                display,
-                created_at,
-                expires_at,
-            });
-        }
-        Ok(out)
+        read_credentials(&self.conn.lock(), consumer)
     }
 
     /// Insert a credential; false when its lookup value is taken by another credential
@@ -282,6 +256,50 @@ impl Store {
             [consumer, id],
         )? == 1)
     }
+}
+
+fn read_consumers(c: &Connection) -> Result<Vec<ConsumerRow>, StoreError> {
+    let mut st = c.prepare(
+        "SELECT name, groups, metadata, created_at, updated_at FROM consumers ORDER BY name",
+    )?;
+    let rows = st.query_map([], consumer_from_row)?;
+    rows.map(|r| r.map_err(StoreError::from).and_then(parse_consumer))
+        .collect()
+}
+
+fn read_credentials(c: &Connection, consumer: Option<&str>) -> Result<Vec<CredRow>, StoreError> {
+    let sql = "SELECT id, consumer, type, lookup, secret, display, created_at, expires_at
+               FROM credentials WHERE ?1 IS NULL OR consumer = ?1 ORDER BY created_at, id";
+    let mut st = c.prepare(sql)?;
+    let rows = st.query_map([consumer], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, Option<String>>(4)?,
+            r.get::<_, String>(5)?,
+            r.get::<_, i64>(6)?,
+            r.get::<_, Option<i64>>(7)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (id, consumer, kind, lookup, secret, display, created_at, expires_at) = r?;
+        let kind = CredKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("credential {id}: type `{kind}`")))?;
+        out.push(CredRow {
+            id,
+            consumer,
+            kind,
+            lookup,
+            secret,
+            display,
+            created_at,
+            expires_at,
+        });
+    }
+    Ok(out)
 }
 
 type RawConsumer = (String, String, String, i64, i64);

@@ -251,7 +251,22 @@ impl ConsumerIndex {
         self.users.get(username)
     }
 
+    /// The consumer of a JWT credential without an issuer.
     pub fn jwt_subject(&self, subject: &str) -> Option<&Arc<Consumer>> {
+        self.jwt.get(subject)
+    }
+
+    /// The consumer of a token: a credential naming this issuer and subject first,
+    /// then one naming the subject alone (which any trusted issuer maps).
+    pub fn jwt_consumer(&self, issuer: Option<&str>, subject: &str) -> Option<&Arc<Consumer>> {
+        if let Some(i) = issuer {
+            if let Some(c) = self
+                .jwt
+                .get(&portico_config::identity::jwt_lookup(Some(i), subject))
+            {
+                return Some(c);
+            }
+        }
         self.jwt.get(subject)
     }
 
@@ -367,5 +382,46 @@ mod tests {
         let a = ix.consumer("alice").unwrap();
         assert_eq!(a.groups_header.as_ref().unwrap(), "gold, beta");
         assert!(a.in_group("beta") && !a.in_group("gol"));
+    }
+
+    #[test]
+    fn jwt_subjects_may_be_scoped_to_an_issuer() {
+        let jwt = |id: &str, consumer: &str, lookup: String| CredRow {
+            id: id.into(),
+            consumer: consumer.into(),
+            kind: CredKind::Jwt,
+            lookup,
+            secret: None,
+            display: String::new(),
+            created_at: 0,
+            expires_at: None,
+        };
+        use portico_config::identity::jwt_lookup;
+        let declared = vec![
+            (
+                row("admin"),
+                vec![jwt("j1", "admin", jwt_lookup(Some("https://corp"), "42"))],
+            ),
+            (
+                row("anyone"),
+                vec![jwt("j2", "anyone", jwt_lookup(None, "7"))],
+            ),
+        ];
+        let ix = ConsumerIndex::build(&declared, Vec::new(), Vec::new());
+        // Subject 42 is admin only when corp issued the token.
+        assert_eq!(
+            ix.jwt_consumer(Some("https://corp"), "42").unwrap().name,
+            "admin"
+        );
+        assert!(ix.jwt_consumer(Some("https://other-idp"), "42").is_none());
+        assert!(ix.jwt_consumer(None, "42").is_none());
+        // A credential without an issuer maps any issuer's subject.
+        assert_eq!(
+            ix.jwt_consumer(Some("https://other-idp"), "7")
+                .unwrap()
+                .name,
+            "anyone"
+        );
+        assert_eq!(ix.jwt_consumer(None, "7").unwrap().name, "anyone");
     }
 }

@@ -22,7 +22,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use portico_config::identity::{
-    check_group, check_hmac_secret, check_key, check_key_id, check_name, check_username, parse_time,
+    check_group, check_hmac_secret, check_key, check_key_id, check_name, check_subject,
+    check_username, jwt_lookup, parse_time,
 };
 use portico_config::{ConsumerDecl, CredentialDecl};
 use serde_json::{Map, Value};
@@ -30,6 +31,14 @@ use serde_json::{Map, Value};
 pub use db::{ConsumerRow, CredKind, CredRow, Store, StoreError};
 pub use index::{Consumer, ConsumerIndex, KeyEntry, KeyLookup, Source, UserEntry};
 use secret::{digest_hex, key_digest, KeyDigest};
+
+/// What an admin sees of a JWT credential.
+fn jwt_display(issuer: Option<&str>, subject: &str) -> String {
+    match issuer {
+        Some(i) => format!("{subject} (issuer {i})"),
+        None => subject.to_string(),
+    }
+}
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> i64 {
@@ -102,9 +111,13 @@ impl Declared {
                             None,
                         )
                     }
-                    CredentialDecl::Jwt { subject } => {
-                        (CredKind::Jwt, subject.clone(), None, subject.clone(), None)
-                    }
+                    CredentialDecl::Jwt { subject, issuer } => (
+                        CredKind::Jwt,
+                        jwt_lookup(issuer.as_deref(), subject),
+                        None,
+                        jwt_display(issuer.as_deref(), subject),
+                        None,
+                    ),
                     CredentialDecl::Mtls { subject } => {
                         (CredKind::Mtls, subject.clone(), None, subject.clone(), None)
                     }
@@ -168,6 +181,7 @@ pub enum NewCredential {
     },
     Jwt {
         subject: String,
+        issuer: Option<String>,
     },
     Mtls {
         subject: String,
@@ -242,10 +256,18 @@ impl Identity {
 
     fn rebuild_locked(&self, declared: &Declared) -> Result<(), StoreError> {
         let (consumers, creds) = match &self.store {
-            Some(s) => {
-                *self.seen_version.lock() = Some(s.data_version()?);
-                (s.consumers()?, s.credentials(None)?)
-            }
+            Some(s) => match s.snapshot() {
+                Ok((version, consumers, creds)) => {
+                    *self.seen_version.lock() = Some(version);
+                    (consumers, creds)
+                }
+                Err(e) => {
+                    // The next poll rebuilds again: a committed change (a revocation)
+                    // must not stay unapplied because one read failed.
+                    *self.seen_version.lock() = None;
+                    return Err(e);
+                }
+            },
             None => (Vec::new(), Vec::new()),
         };
         self.index.store(Arc::new(ConsumerIndex::build(
@@ -412,11 +434,19 @@ impl Identity {
                     None,
                 )
             }
-            NewCredential::Jwt { subject } => {
-                if subject.is_empty() {
-                    return Err(Refusal::Invalid("`subject` is empty".into()));
+            NewCredential::Jwt { subject, issuer } => {
+                check_subject(&subject).map_err(|e| Refusal::Invalid(format!("`subject`: {e}")))?;
+                if let Some(Err(e)) = issuer.as_deref().map(check_subject) {
+                    return Err(Refusal::Invalid(format!("`issuer`: {e}")));
                 }
-                (CredKind::Jwt, subject.clone(), None, subject, None, None)
+                (
+                    CredKind::Jwt,
+                    jwt_lookup(issuer.as_deref(), &subject),
+                    None,
+                    jwt_display(issuer.as_deref(), &subject),
+                    None,
+                    None,
+                )
             }
             NewCredential::HmacAuth { key_id, secret } => {
                 let key_id = key_id.unwrap_or_else(secret::new_id);

@@ -13,6 +13,37 @@ use crate::policy::{AuthInfo, Step};
 /// The realm in every challenge.
 pub const REALM: &str = "portico";
 
+/// Headers a claim may not be sent upstream as: framing and hop-by-hop headers, the
+/// credential headers, and the gateway's own forwarding and identity headers.
+const RESERVED: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "authorization",
+    "cookie",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-request-id",
+    "x-consumer-name",
+    "x-consumer-groups",
+];
+
+/// The header a `claims_to_headers` entry sends a claim as.
+pub fn claim_header(name: &str) -> Result<http::HeaderName, String> {
+    match http::HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) if RESERVED.contains(&h.as_str()) => Err(format!("`{name}` cannot carry a claim")),
+        Ok(h) => Ok(h),
+        Err(_) => Err(format!("`{name}` is not a valid header name")),
+    }
+}
+
 /// A 401 with this policy's challenge.
 pub fn refusal(challenge: &HeaderValue, message: &'static str) -> GatewayError {
     GatewayError::new(ErrorKind::Unauthorized, message)

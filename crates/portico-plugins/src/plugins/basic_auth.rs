@@ -23,11 +23,57 @@ use serde::Deserialize;
 use super::auth::{info, refusal, unauthorized, REALM};
 use crate::body::Body;
 use crate::ctx::Ctx;
+use crate::error::{ErrorKind, GatewayError};
 use crate::policy::{AuthInfo, Flow, Policy, Step};
 use crate::registry::SettingsErrors;
 
-/// Most remembered verifications; when full, expired ones go, then all.
+/// Most remembered verifications; when full, expired ones go, then refusals, then all.
 const CACHE_MAX: usize = 10_000;
+
+/// Password checks waiting for a slot beyond which new ones are refused (503): each
+/// check takes 19 MiB and tens of milliseconds, so they run at most one per core and
+/// a flood of guesses cannot exhaust memory or starve the blocking pool.
+const MAX_WAITING: usize = 64;
+
+fn slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
+}
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A hash no password matches, checked for unknown user names so that an unknown
+/// name costs the same time as a wrong password (no user enumeration by timing).
+fn decoy() -> Arc<str> {
+    static DECOY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    DECOY
+        .get_or_init(|| {
+            let random = portico_store::secret::generate_secret();
+            Arc::from(
+                portico_store::secret::hash_password(&random)
+                    .unwrap_or_else(|_| "$argon2id$unusable".into())
+                    .as_str(),
+            )
+        })
+        .clone()
+}
+
+/// Check a password on the blocking pool, one per core at a time; `None` when too
+/// many checks are already waiting.
+async fn verify(password: String, phc: Arc<str>) -> Option<bool> {
+    use std::sync::atomic::Ordering;
+    if WAITING.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+        WAITING.fetch_sub(1, Ordering::AcqRel);
+        return None;
+    }
+    let permit = slots().acquire().await;
+    WAITING.fetch_sub(1, Ordering::AcqRel);
+    let _permit = permit.ok()?;
+    tokio::task::spawn_blocking(move || portico_store::secret::verify_password(&password, &phc))
+        .await
+        .ok()
+}
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +148,10 @@ impl BasicAuth {
         if c.len() >= CACHE_MAX {
             c.retain(|_, (_, until)| now < *until);
             if c.len() >= CACHE_MAX {
+                // Guesses must not push out the passwords that worked.
+                c.retain(|_, (ok, _)| *ok);
+            }
+            if c.len() >= CACHE_MAX {
                 c.clear();
             }
         }
@@ -122,7 +172,12 @@ impl BasicAuth {
 /// User name and password from `Authorization: Basic ...`; `Err` when the header
 /// uses the Basic scheme but is malformed.
 fn credentials(req: &Request<Body>) -> Option<Result<(String, String), ()>> {
-    let v = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let raw = req.headers().get(AUTHORIZATION)?;
+    let Ok(v) = raw.to_str() else {
+        // Not text: a Basic credential that cannot be read is malformed, not absent.
+        let b = raw.as_bytes();
+        return (b.len() >= 6 && b[..6].eq_ignore_ascii_case(b"basic ")).then_some(Err(()));
+    };
     let (scheme, rest) = v.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
@@ -159,35 +214,39 @@ impl Policy for BasicAuth {
             Some(Ok(c)) => c,
         };
         const REFUSED: &str = "the user name or password is not valid";
-        let Some(entry) = self.identity.index().user(&user).cloned() else {
-            return unauthorized(&self.challenge, REFUSED);
+        let (phc, consumer) = match self.identity.index().user(&user) {
+            Some(e) => (e.phc.clone(), Some(e.consumer.clone())),
+            None => (decoy(), None),
         };
-        let mut material = Vec::with_capacity(entry.phc.len() + 1 + password.len());
-        material.extend_from_slice(entry.phc.as_bytes());
+        let mut material = Vec::with_capacity(phc.len() + 1 + password.len());
+        material.extend_from_slice(phc.as_bytes());
         material.push(0);
         material.extend_from_slice(password.as_bytes());
         let k = key_digest(&material);
-        match self.remembered(&k) {
-            Some(true) => {
-                self.accept(ctx, req, entry.consumer);
+        match (self.remembered(&k), &consumer) {
+            (Some(true), Some(c)) => {
+                self.accept(ctx, req, c.clone());
                 return Step::cont();
             }
-            Some(false) => return unauthorized(&self.challenge, REFUSED),
-            None => {}
+            (Some(_), _) => return unauthorized(&self.challenge, REFUSED),
+            (None, _) => {}
         }
         Step::Pending(Box::pin(async move {
-            let phc = entry.phc.clone();
-            let ok = tokio::task::spawn_blocking(move || {
-                portico_store::secret::verify_password(&password, &phc)
-            })
-            .await
-            .unwrap_or(false);
+            let Some(ok) = verify(password, phc).await else {
+                return Flow::Error(GatewayError::new(
+                    ErrorKind::AuthUnavailable,
+                    "too many password checks are in progress; try again",
+                ));
+            };
+            // The decoy never matches; a name that is not a user is always refused.
+            let ok = ok && consumer.is_some();
             self.remember(k, ok);
-            if ok {
-                self.accept(ctx, req, entry.consumer);
-                Flow::Continue
-            } else {
-                Flow::Error(refusal(&self.challenge, REFUSED))
+            match consumer {
+                Some(c) if ok => {
+                    self.accept(ctx, req, c);
+                    Flow::Continue
+                }
+                _ => Flow::Error(refusal(&self.challenge, REFUSED)),
             }
         }))
     }

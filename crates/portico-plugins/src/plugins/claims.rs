@@ -67,7 +67,10 @@ enum Test {
 
 #[derive(Debug)]
 struct Rule {
-    /// Path segments; `scope` rules also look at `scp`.
+    /// The claim as written (a name may itself contain dots, e.g. a namespaced
+    /// `https://example.com/roles`), and its path segments; `scope` rules also look at
+    /// `scp`.
+    name: String,
     claim: Vec<String>,
     scope: bool,
     test: Test,
@@ -153,6 +156,7 @@ impl Claims {
             };
             rules.push(Rule {
                 claim: claim.split('.').map(str::to_string).collect(),
+                name: claim.clone(),
                 scope: scope && claim == "scope",
                 test,
                 methods,
@@ -188,7 +192,9 @@ fn contains(v: &Value, want: &str) -> bool {
 
 impl Rule {
     fn holds(&self, claims: &Value) -> bool {
-        let mut v = lookup(claims, &self.claim);
+        let mut v = claims
+            .get(&self.name)
+            .or_else(|| lookup(claims, &self.claim));
         if v.is_none() && self.scope {
             v = claims.get("scp");
         }
@@ -216,7 +222,14 @@ impl Policy for Claims {
         let mut applicable = self
             .rules
             .iter()
-            .filter(|r| r.methods.is_empty() || r.methods.contains(method))
+            // Methods are case-sensitive tokens, but an upstream may fold them: a rule
+            // for POST also holds `post` to account.
+            .filter(|r| {
+                r.methods.is_empty()
+                    || r.methods
+                        .iter()
+                        .any(|m| m.as_str().eq_ignore_ascii_case(method.as_str()))
+            })
             .peekable();
         if applicable.peek().is_none() {
             return Step::cont();

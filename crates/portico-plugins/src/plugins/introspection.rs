@@ -184,6 +184,8 @@ pub struct Introspection {
     consumer_claim: String,
     require_consumer: bool,
     claims_to_headers: Vec<(String, HeaderName)>,
+    /// The header names of `claims_to_headers`, which clients may not send.
+    claim_headers: Vec<HeaderName>,
     forward: bool,
     anonymous: Option<String>,
     challenge: HeaderValue,
@@ -222,12 +224,9 @@ impl Introspection {
         }
         let mut claims_to_headers = Vec::new();
         for (claim, name) in &s.claims_to_headers {
-            match HeaderName::from_bytes(name.as_bytes()) {
+            match super::auth::claim_header(name) {
                 Ok(h) => claims_to_headers.push((claim.clone(), h)),
-                Err(_) => errs.push((
-                    KeyPath::root().key("claims_to_headers").key(claim),
-                    format!("`{name}` is not a valid header name"),
-                )),
+                Err(e) => errs.push((KeyPath::root().key("claims_to_headers").key(claim), e)),
             }
         }
         if let Some(a) = &s.anonymous {
@@ -257,6 +256,7 @@ impl Introspection {
             audiences: s.audiences,
             consumer_claim: s.consumer_claim,
             require_consumer: s.require_consumer,
+            claim_headers: claims_to_headers.iter().map(|(_, h)| h.clone()).collect(),
             claims_to_headers,
             forward: s.forward_credentials,
             anonymous: s.anonymous,
@@ -274,7 +274,12 @@ impl Introspection {
         if v.get("active") != Some(&Value::Bool(true)) {
             return (Err(Refused::Inactive), negative);
         }
-        let exp = v.get("exp").and_then(Value::as_i64);
+        // `exp` is a NumericDate: an integer or not (RFC 7519 §2); a fraction counts
+        // as the second it is in.
+        let exp = v
+            .get("exp")
+            .and_then(Value::as_f64)
+            .map(|e| e.floor() as i64);
         if exp.is_some_and(|e| e <= now) {
             return (Err(Refused::Expired), negative);
         }
@@ -336,7 +341,11 @@ impl Introspection {
         claims: Arc<Value>,
     ) -> Result<(), GatewayError> {
         let consumer: Option<Arc<Consumer>> = match claims.get(&self.consumer_claim) {
-            Some(Value::String(s)) => self.identity.index().jwt_subject(s).cloned(),
+            Some(Value::String(s)) => self
+                .identity
+                .index()
+                .jwt_consumer(claims.get("iss").and_then(Value::as_str), s)
+                .cloned(),
             _ => None,
         };
         if consumer.is_none() && self.require_consumer {
@@ -390,15 +399,30 @@ impl Policy for Introspection {
     }
 
     fn on_request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Request<Body>) -> Step<'a> {
-        for (_, name) in &self.claims_to_headers {
-            req.headers_mut().remove(name);
-        }
+        crate::ctx::remove_identity_headers(
+            req.headers_mut(),
+            &self.claim_headers,
+            ctx.underscores,
+        );
         if ctx.auth.is_some() {
+            // Another policy accepted the request. A `jwt` policy decided about the
+            // bearer token itself; any other leaves it unverified: it does not go on.
+            if ctx.auth != Some("jwt") && !self.forward {
+                req.headers_mut().remove(AUTHORIZATION);
+            }
             return Step::cont();
         }
         let Some(token) = bearer(req) else {
             return Step::cont();
         };
+        // An API key of a consumer (`key-auth` with a `bearer` location on the same
+        // route) is not sent to the authorization server.
+        if !matches!(
+            self.identity.index().key(token.as_bytes(), 0),
+            portico_store::KeyLookup::Unknown
+        ) {
+            return Step::cont();
+        }
         let key = key_digest(token.as_bytes());
         let now = now_secs();
         if let Some(e) = self.cache.get(&key, now) {

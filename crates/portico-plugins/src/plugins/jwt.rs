@@ -425,24 +425,13 @@ pub struct Jwt {
     consumer_claim: String,
     require_consumer: bool,
     claims_to_headers: Vec<(String, HeaderName)>,
+    /// The header names of `claims_to_headers`, which clients may not send.
+    claim_headers: Vec<HeaderName>,
     forward: bool,
     anonymous: Option<String>,
     challenge: HeaderValue,
     identity: Arc<Identity>,
 }
-
-/// Headers a claim may not be sent as.
-const RESERVED: &[&str] = &[
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "te",
-    "trailer",
-    "keep-alive",
-    "proxy-connection",
-];
 
 impl Jwt {
     pub fn new(s: Settings, identity: Arc<Identity>) -> Result<Self, SettingsErrors> {
@@ -632,12 +621,9 @@ impl Jwt {
         let mut claims_to_headers = Vec::new();
         for (claim, name) in &s.claims_to_headers {
             let p = root.key("claims_to_headers").key(claim);
-            match HeaderName::from_bytes(name.as_bytes()) {
-                Ok(h) if RESERVED.contains(&h.as_str()) => {
-                    errs.push((p, format!("`{name}` cannot carry a claim")))
-                }
+            match super::auth::claim_header(name) {
                 Ok(h) => claims_to_headers.push((claim.clone(), h)),
-                Err(_) => errs.push((p, format!("`{name}` is not a valid header name"))),
+                Err(e) => errs.push((p, e)),
             }
         }
         if let Some(a) = &s.anonymous {
@@ -677,6 +663,7 @@ impl Jwt {
             locations,
             consumer_claim: s.consumer_claim,
             require_consumer: s.require_consumer,
+            claim_headers: claims_to_headers.iter().map(|(_, h)| h.clone()).collect(),
             claims_to_headers,
             forward: s.forward_credentials,
             anonymous: s.anonymous,
@@ -763,9 +750,14 @@ impl Jwt {
         at: &Location,
         claims: Value,
     ) -> Result<(), Failure> {
+        let iss = claims.get("iss").and_then(Value::as_str);
         let consumer: Option<Arc<Consumer>> = match claims.get(&self.consumer_claim) {
-            Some(Value::String(s)) => self.identity.index().jwt_subject(s).cloned(),
-            Some(Value::Number(n)) => self.identity.index().jwt_subject(&n.to_string()).cloned(),
+            Some(Value::String(s)) => self.identity.index().jwt_consumer(iss, s).cloned(),
+            Some(Value::Number(n)) => self
+                .identity
+                .index()
+                .jwt_consumer(iss, &n.to_string())
+                .cloned(),
             _ => None,
         };
         if consumer.is_none() && self.require_consumer {
@@ -826,11 +818,23 @@ impl Policy for Jwt {
         Some(info(&self.challenge, &self.anonymous))
     }
 
+    fn secret_params(&self) -> Vec<Arc<str>> {
+        self.locations
+            .iter()
+            .filter_map(|l| match l {
+                Location::Query(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn on_request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Request<Body>) -> Step<'a> {
         // Claim headers come from the gateway only.
-        for (_, name) in &self.claims_to_headers {
-            req.headers_mut().remove(name);
-        }
+        crate::ctx::remove_identity_headers(
+            req.headers_mut(),
+            &self.claim_headers,
+            ctx.underscores,
+        );
         let Some((token, at)) = self.find(req) else {
             return Step::cont();
         };

@@ -145,8 +145,25 @@ impl Policy for KeyAuth {
         Some(info(&self.challenge, &self.anonymous))
     }
 
+    fn secret_params(&self) -> Vec<Arc<str>> {
+        self.locations
+            .iter()
+            .filter_map(|l| match l {
+                Location::Query(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn on_request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Request<Body>) -> Step<'a> {
         let Some((key, at)) = self.find(req) else {
+            // A key header that is there but not readable text is a wrong key, not a
+            // missing one (it must not fall through to the anonymous consumer).
+            if self.locations.iter().any(|l| {
+                matches!(l, Location::Header(h) if req.headers().get(h).is_some_and(|v| v.to_str().is_err()))
+            }) {
+                return unauthorized(&self.challenge, "the API key is not valid");
+            }
             return Step::cont();
         };
         if let Location::Query(n) = at {
