@@ -179,6 +179,7 @@ const SECRET_PARAMS: &[&str] = &[
     "password",
     "client_secret",
     "code",
+    "state",
 ];
 
 /// The query string for the log, with credential values replaced: the conventional

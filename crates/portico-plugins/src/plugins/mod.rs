@@ -24,6 +24,7 @@ pub mod size_limit;
 pub mod fetch;
 pub mod jwks;
 pub mod jwt;
+pub mod oidc;
 
 /// Every policy, by descending priority. See docs/plugins.md for the stages.
 pub static DEFS: &[PluginDef] = &[
@@ -50,6 +51,14 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<cors::Settings>,
         build: |v, _env| Ok(Arc::new(cors::Cors::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "oidc",
+        priority: 2700,
+        stage: "authentication",
+        terminal: false,
+        schema: schema_of::<oidc::Settings>,
+        build: |v, env| Ok(Arc::new(oidc::Oidc::new(parse(v)?, env.identity.clone())?)),
     },
     PluginDef {
         name: "mtls",
