@@ -22,7 +22,7 @@
 //! Per request with cached keys: everything is synchronous; the allocations are the
 //! decoded header and claims (kept as `ctx.jwt_claims`) and the signature check.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -31,8 +31,10 @@ use base64::Engine as _;
 use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use jsonwebtoken::Algorithm;
+use parking_lot::Mutex;
 use portico_config::units::Dur;
 use portico_config::{KeyPath, Secret};
+use portico_store::secret::{key_digest, KeyDigest};
 use portico_store::{now_secs, Consumer, Identity};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -431,7 +433,24 @@ pub struct Jwt {
     anonymous: Option<String>,
     challenge: HeaderValue,
     identity: Arc<Identity>,
+    /// Tokens verified recently (by SHA-256): a client sends the same token many times,
+    /// and checking an RS256 signature costs tens of microseconds.
+    verified: Mutex<HashMap<KeyDigest, Verified>>,
 }
+
+/// A verified token's claims, reused until `until` (Unix seconds: the earlier of its
+/// `exp` and [`VERIFIED_TTL`] after the check) while the fetched key set it was checked
+/// with is still the one in force (kept alive here, so the comparison is exact).
+struct Verified {
+    claims: Value,
+    until: i64,
+    keys: Option<Arc<KeySet>>,
+}
+
+/// How long a verified token is reused at most.
+const VERIFIED_TTL: i64 = 60;
+/// Most verified tokens remembered per policy.
+const VERIFIED_MAX: usize = 10_000;
 
 impl Jwt {
     pub fn new(s: Settings, identity: Arc<Identity>) -> Result<Self, SettingsErrors> {
@@ -651,6 +670,7 @@ impl Jwt {
             return Err(errs);
         }
         Ok(Jwt {
+            verified: Mutex::new(HashMap::new()),
             verifier: Verifier {
                 keys,
                 remote,
@@ -704,8 +724,54 @@ impl Jwt {
         None
     }
 
-    /// Verify with the keys held, or say that a fetch is needed first.
+    /// Verify with the keys held (or reuse a recent verification of this token), or say
+    /// that a fetch is needed first.
     fn evaluate(&self, token: &str, now: i64, now_ms: u64, may_fetch: bool) -> Next {
+        let digest = key_digest(token.as_bytes());
+        let held = self.verifier.remote.as_ref().map(|r| r.current().clone());
+        {
+            let cache = self.verified.lock();
+            if let Some(hit) = cache.get(&digest) {
+                let same_keys = match (&hit.keys, &held) {
+                    (None, None) => true,
+                    (Some(a), Some(Some(b))) => Arc::ptr_eq(a, b),
+                    (None, Some(None)) => true,
+                    _ => false,
+                };
+                if now < hit.until && same_keys {
+                    return Next::Done(Ok(hit.claims.clone()));
+                }
+            }
+        }
+        let next = self.evaluate_uncached(token, now, now_ms, may_fetch);
+        if let Next::Done(Ok(claims)) = &next {
+            let exp = claims.get("exp").and_then(Value::as_i64);
+            let until = exp.map_or(now + VERIFIED_TTL, |e| e.min(now + VERIFIED_TTL));
+            let keys = self
+                .verifier
+                .remote
+                .as_ref()
+                .and_then(|r| r.current().clone());
+            let mut cache = self.verified.lock();
+            if cache.len() >= VERIFIED_MAX {
+                cache.retain(|_, v| now < v.until);
+                if cache.len() >= VERIFIED_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(
+                digest,
+                Verified {
+                    claims: claims.clone(),
+                    until,
+                    keys,
+                },
+            );
+        }
+        next
+    }
+
+    fn evaluate_uncached(&self, token: &str, now: i64, now_ms: u64, may_fetch: bool) -> Next {
         let v = &self.verifier;
         let t = match parse(token) {
             Ok(t) => t,
@@ -1044,6 +1110,35 @@ mod tests {
 
     fn b64(v: &Value) -> String {
         URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    #[test]
+    fn verified_tokens_are_reused_until_exp_at_most() {
+        let p = policy(json!({"secret": SECRET}));
+        let t = hs(json!({"sub": "a", "exp": NOW + 30}));
+        let ok = |n: Next| matches!(n, Next::Done(Ok(_)));
+        assert!(ok(p.evaluate(&t, NOW, 0, false)));
+        assert_eq!(p.verified.lock().len(), 1);
+        assert_eq!(p.verified.lock().values().next().unwrap().until, NOW + 30);
+        // Reused while fresh (the same answer as a new check).
+        assert!(ok(p.evaluate(&t, NOW + 29, 0, false)));
+        // At exp the entry is not used: the token is checked again (and still passes
+        // within the leeway); past exp + leeway it is refused.
+        assert!(ok(p.evaluate(&t, NOW + 30, 0, false)));
+        assert!(matches!(
+            p.evaluate(&t, NOW + 61, 0, false),
+            Next::Done(Err(Failure::Expired))
+        ));
+        // A long-lived token is reused for VERIFIED_TTL at most.
+        let long = hs(json!({"sub": "b", "exp": NOW + 86_400}));
+        assert!(ok(p.evaluate(&long, NOW, 0, false)));
+        let until = p.verified.lock().values().map(|v| v.until).max().unwrap();
+        assert_eq!(until, NOW + VERIFIED_TTL);
+        // Another token (one changed byte) is never taken for a cached one.
+        let mut forged = long.clone();
+        forged.pop();
+        forged.push('A');
+        assert!(!ok(p.evaluate(&forged, NOW, 0, false)) || forged == long);
     }
 
     #[test]
