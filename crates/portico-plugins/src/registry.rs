@@ -195,3 +195,59 @@ pub fn build_chain(
     v.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(b.name)));
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gate after a route's authentication policies sits after the last policy
+    /// with `auth()`: every policy in the authentication band must be one, and none
+    /// outside it, or a policy would run on the wrong side of the gate.
+    #[test]
+    fn authentication_policies_and_only_they_sit_in_the_band() {
+        let env = BuildEnv::default();
+        let samples: &[(&str, serde_json::Value)] = &[
+            ("key-auth", serde_json::json!({})),
+            ("basic-auth", serde_json::json!({})),
+            ("mtls", serde_json::json!({})),
+            ("acl", serde_json::json!({"allow": ["a"]})),
+            (
+                "claims",
+                serde_json::json!({"rules": [{"claim": "a", "present": true}]}),
+            ),
+            (
+                "jwt",
+                serde_json::json!({"secret": "0123456789abcdef0123456789abcdef"}),
+            ),
+            (
+                "oauth2-introspection",
+                serde_json::json!({"endpoint": "http://127.0.0.1:1/i", "client_id": "a", "client_secret": "b"}),
+            ),
+            ("hmac-auth", serde_json::json!({})),
+            (
+                "ip-restriction",
+                serde_json::json!({"allow": ["10.0.0.0/8"]}),
+            ),
+            ("echo", serde_json::json!({})),
+        ];
+        for def in all() {
+            let in_band = AUTH_PRIORITY.contains(&def.priority);
+            if let Some((_, settings)) = samples.iter().find(|(n, _)| *n == def.name) {
+                let built = (def.build)(settings, &env);
+                let policy = match built {
+                    Ok(p) => p,
+                    Err(e) => panic!("{}: {e:?}", def.name),
+                };
+                assert_eq!(policy.auth().is_some(), in_band, "{}", def.name);
+            } else {
+                assert!(
+                    !in_band || def.stage == "authentication",
+                    "{} is in the authentication band",
+                    def.name
+                );
+            }
+        }
+        // DEFS is listed by descending priority.
+        assert!(all().windows(2).all(|w| w[0].priority >= w[1].priority));
+    }
+}

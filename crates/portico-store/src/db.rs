@@ -78,7 +78,7 @@ pub struct ConsumerRow {
 /// API key, a user name, a JWT subject or a certificate subject. `secret` is the
 /// Argon2id PHC string of a password (basic-auth), or the shared secret of an HMAC
 /// key (hmac-auth: a signature cannot be checked against a hash).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct CredRow {
     pub id: String,
     pub consumer: String,
@@ -89,6 +89,19 @@ pub struct CredRow {
     pub display: String,
     pub created_at: i64,
     pub expires_at: Option<i64>,
+}
+
+/// `Debug` without the secret: a credential row may end up in a log line.
+impl std::fmt::Debug for CredRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredRow")
+            .field("id", &self.id)
+            .field("consumer", &self.consumer)
+            .field("kind", &self.kind)
+            .field("display", &self.display)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The store.

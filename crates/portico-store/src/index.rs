@@ -86,7 +86,7 @@ pub struct KeyEntry {
 }
 
 /// A basic-auth user in the index.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UserEntry {
     pub consumer: Arc<Consumer>,
     /// Argon2id PHC string.
@@ -94,10 +94,27 @@ pub struct UserEntry {
 }
 
 /// An HMAC key in the index.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HmacEntry {
     pub consumer: Arc<Consumer>,
     pub secret: Arc<[u8]>,
+}
+
+// `Debug` without the hash or the secret.
+impl std::fmt::Debug for UserEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserEntry")
+            .field("consumer", &self.consumer.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for HmacEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HmacEntry")
+            .field("consumer", &self.consumer.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What an API key lookup found.

@@ -419,7 +419,7 @@ impl Identity {
             }
             NewCredential::BasicAuth { username, password } => {
                 check_username(&username).map_err(Refusal::Invalid)?;
-                if password.len() < 8 {
+                if password.chars().count() < 8 {
                     return Err(Refusal::Invalid(
                         "a password has at least 8 characters".into(),
                     ));
