@@ -168,7 +168,19 @@ impl Gateway {
         let log_path = access_log_path(&loaded);
         let wanted = wanted_listeners(&loaded);
         let generation = self.generation.load(Ordering::Relaxed) + 1;
-        let declared = declared(&loaded, Some(&self.identity.declared()))?;
+        // Hashing new passwords (Argon2id) takes tens of milliseconds each: not on the
+        // runtime's threads.
+        let consumers = loaded.config.consumers.clone();
+        let prev = self.identity.declared();
+        let hashed =
+            tokio::task::spawn_blocking(move || Declared::compile(&consumers, Some(&prev)))
+                .await
+                .unwrap_or_else(|_| Err("hashing the declared credentials failed".into()));
+        let declared = hashed.map_err(|e| {
+            Diagnostics(vec![
+                loaded.locate(Diagnostic::new(KeyPath::root().key("consumers"), e))
+            ])
+        })?;
         let snap = compile(
             loaded,
             &self.upstreams,

@@ -362,6 +362,8 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
             if meta.host.is_none() {
                 meta.host = Some(value.clone());
             }
+        } else if name == header::AUTHORIZATION {
+            meta.authorizations = meta.authorizations.saturating_add(1);
         } else if name == crate::forward::X_REQUEST_ID {
             if meta.request_id.is_none() {
                 meta.request_id = Some(value.clone());

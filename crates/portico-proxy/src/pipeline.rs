@@ -327,6 +327,11 @@ fn check_framing(parts: &http::request::Parts, meta: &Meta) -> Option<GatewayErr
             }
         }
     }
+    // `Authorization` is a single credential (not a list): with two, the gateway and
+    // the upstream could each read a different one.
+    if meta.authorizations > 1 {
+        return bad("the request has more than one Authorization header");
+    }
     if parts.method == http::Method::CONNECT {
         let mut e = GatewayError::new(
             ErrorKind::MethodNotAllowed,
@@ -433,6 +438,8 @@ pub struct Meta {
     pub request_id: Option<HeaderValue>,
     /// Some header name has an underscore (see `Ctx::underscores`).
     pub underscores: bool,
+    /// How many `Authorization` fields there are.
+    pub authorizations: u8,
 }
 
 impl Meta {
@@ -449,6 +456,8 @@ impl Meta {
                 .and_then(|v| v.parse::<u64>().ok()),
             request_id: h.get(&crate::forward::X_REQUEST_ID).cloned(),
             underscores: h.keys().any(|k| k.as_str().contains('_')),
+            authorizations: u8::try_from(h.get_all(http::header::AUTHORIZATION).iter().count())
+                .unwrap_or(u8::MAX),
         }
     }
 }
@@ -506,5 +515,21 @@ mod tests {
         assert!(framing("https://www.example.com/x", None).is_none());
         // Origin form (HTTP/1.1) has no authority to compare.
         assert!(framing("/x", Some("admin.example.com")).is_none());
+    }
+
+    #[test]
+    fn one_authorization_header_at_most() {
+        let (parts, ()) = Request::builder().uri("/x").body(()).unwrap().into_parts();
+        let two = Meta {
+            authorizations: 2,
+            ..Meta::default()
+        };
+        let e = check_framing(&parts, &two).unwrap();
+        assert!(e.message.contains("more than one Authorization"));
+        let one = Meta {
+            authorizations: 1,
+            ..Meta::default()
+        };
+        assert!(check_framing(&parts, &one).is_none());
     }
 }

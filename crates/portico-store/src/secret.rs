@@ -69,8 +69,12 @@ pub fn digest_from_hex(s: &str) -> Option<KeyDigest> {
 }
 
 /// What an admin sees of a key: its prefix and first characters.
+/// Generated keys show their prefix and 4 of their 40 random digits; a key chosen by
+/// hand (16 characters or more) shows only its first 3 characters.
 pub fn key_hint(key: &str) -> String {
-    let n = key.char_indices().nth(7).map_or(key.len(), |(i, _)| i);
+    let generated = key.starts_with(KEY_PREFIX) && key.len() == KEY_PREFIX.len() + 40;
+    let shown = if generated { KEY_PREFIX.len() + 4 } else { 3 };
+    let n = key.char_indices().nth(shown).map_or(key.len(), |(i, _)| i);
     format!("{}…", &key[..n])
 }
 
@@ -107,7 +111,8 @@ mod tests {
         let d = key_digest(a.as_bytes());
         assert_eq!(digest_from_hex(&digest_hex(&d)), Some(d));
         assert_eq!(digest_from_hex("zz"), None);
-        assert_eq!(key_hint("pk_0123456789"), "pk_0123…");
+        assert_eq!(key_hint(&a), format!("{}…", &a[..7]));
+        assert_eq!(key_hint("my-own-key-0123456789"), "my-…");
         assert_eq!(new_id().len(), 32);
     }
 

@@ -162,7 +162,9 @@ impl BasicAuth {
         if !self.forward {
             req.headers_mut().remove(AUTHORIZATION);
         }
-        if ctx.auth.is_none() {
+        // The first policy that names a consumer decides (an earlier one may have
+        // authenticated the request without naming one).
+        if ctx.consumer.is_none() {
             ctx.consumer = Some(consumer);
             ctx.auth = Some("basic-auth");
         }

@@ -979,7 +979,9 @@ impl HmacAuth {
             h.remove(SIGNATURE);
             h.remove(SIGNATURE_INPUT);
         }
-        if ctx.auth.is_none() {
+        // The first policy that names a consumer decides (an earlier one may have
+        // authenticated the request without naming one).
+        if ctx.consumer.is_none() {
             ctx.consumer = Some(v.consumer);
             ctx.auth = Some("hmac-auth");
         }

@@ -156,6 +156,13 @@ impl Policy for KeyAuth {
     }
 
     fn on_request<'a>(&'a self, ctx: &'a mut Ctx, req: &'a mut Request<Body>) -> Step<'a> {
+        // Two values for the key header: the gateway and the upstream could each read
+        // a different one.
+        if self.locations.iter().any(|l| {
+            matches!(l, Location::Header(h) if req.headers().get_all(h).iter().nth(1).is_some())
+        }) {
+            return unauthorized(&self.challenge, "the request has more than one API key");
+        }
         let Some((key, at)) = self.find(req) else {
             // A key header that is there but not readable text is a wrong key, not a
             // missing one (it must not fall through to the anonymous consumer).
@@ -191,7 +198,9 @@ impl Policy for KeyAuth {
                 }
             }
         }
-        if ctx.auth.is_none() {
+        // The first policy that names a consumer decides (an earlier one may have
+        // authenticated the request without naming one).
+        if ctx.consumer.is_none() {
             ctx.consumer = Some(consumer);
             ctx.auth = Some("key-auth");
         }

@@ -114,7 +114,7 @@ impl Policy for Mtls {
         let consumer = self.names(&cert).find_map(|n| ix.cert_subject(n)).cloned();
         match consumer {
             Some(c) => {
-                if ctx.auth.is_none() {
+                if ctx.consumer.is_none() {
                     ctx.consumer = Some(c);
                     ctx.auth = Some("mtls");
                 }
