@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod breaker;
+pub mod budget;
 pub mod client;
 pub mod h1;
 pub mod health;
