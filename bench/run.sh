@@ -47,6 +47,14 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT_DIR/target}"
 PORTICO_BIN="${PORTICO_BIN:-$TARGET_DIR/release/portico}"
 UPSTREAM_BIN="${UPSTREAM_BIN:-$TARGET_DIR/release/portico-bench-upstream}"
 RESULTS_DIR="${RESULTS_DIR:-$BENCH_DIR/results}"
+# Portico's upstream: PORTICO_BALANCE sets its `balance:` (unset: the configuration's
+# default, weighted), e.g. PORTICO_BALANCE=p2c_ewma vs PORTICO_BALANCE=round_robin;
+# with consistent_hash, PORTICO_HASH_KEY is the `hash_key`. PORTICO_TARGETS lists the
+# one upstream server that many times as targets (p2c_ewma draws and compares only
+# with 2 or more).
+PORTICO_BALANCE="${PORTICO_BALANCE:-}"
+PORTICO_HASH_KEY="${PORTICO_HASH_KEY:-ip}"
+PORTICO_TARGETS="${PORTICO_TARGETS:-1}"
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 warn() { printf '[bench] WARNING: %s\n' "$*" >&2; }
@@ -326,13 +334,22 @@ EOF
 start_portico() {
     local d="$WORK/portico"
     mkdir -p "$d"
+    local targets="" balance="" i
+    for ((i = 0; i < PORTICO_TARGETS; i++)); do
+        targets+="${targets:+, }{url: \"http://127.0.0.1:$UPSTREAM_PORT\"}"
+    done
+    if [[ -n "$PORTICO_BALANCE" ]]; then
+        balance=", balance: $PORTICO_BALANCE"
+        [[ "$PORTICO_BALANCE" != consistent_hash ]] || balance+=", hash_key: \"$PORTICO_HASH_KEY\""
+        log "portico upstream: balance $PORTICO_BALANCE, $PORTICO_TARGETS target(s)"
+    fi
     cat >"$d/portico.yaml" <<EOF
 listen: ["127.0.0.1:$PORTICO_PORT"]
 workers: 1
 access_log: {enabled: false}
 admin: {listen: "127.0.0.1:$PORTICO_ADMIN_PORT"}
 upstreams:
-  hello: {targets: [{url: "http://127.0.0.1:$UPSTREAM_PORT"}]}
+  hello: {targets: [$targets]$balance}
 routes:
   - {name: all, paths: ["/*"], upstream: hello}
 EOF
@@ -453,6 +470,11 @@ main() {
     [[ -x "$UPSTREAM_BIN" ]] || die "upstream binary not found: $UPSTREAM_BIN"
     setup_prio
     ((REPS >= 1)) || die "REPS must be >= 1"
+    case "$PORTICO_BALANCE" in
+        "" | weighted | round_robin | least_connections | p2c_ewma | consistent_hash | random) ;;
+        *) die "PORTICO_BALANCE must be weighted, round_robin, least_connections, p2c_ewma, consistent_hash or random" ;;
+    esac
+    [[ "$PORTICO_TARGETS" =~ ^[1-9][0-9]*$ ]] || die "PORTICO_TARGETS must be a positive integer"
     (($(nproc) >= 2)) || warn "fewer than 2 CPUs: pinning is meaningless"
 
     local -a targets=()
@@ -577,6 +599,9 @@ main() {
             echo
         fi
         echo "wrk -t1 -c$CONNS -d$DURATION, $REPS interleaved reps (+$WARMUP warm-up per target); proxy on CPU $PROXY_CPU (1 worker), upstream + load generator on CPU $UPSTREAM_CPU/$LOADGEN_CPU; priority: ${prio_cmd[*]:-normal}."
+        if [[ -n "$PORTICO_BALANCE" || "$PORTICO_TARGETS" != 1 ]]; then
+            echo "Portico's upstream: \`balance: ${PORTICO_BALANCE:-weighted}\`, $PORTICO_TARGETS target(s) (the same server)."
+        fi
         echo "Fixed-rate: h2load --h1 -c$LAT_CLIENTS --rps=$LAT_RPS_PER_CLIENT ($rate req/s) for ${LAT_SECONDS}s, $LAT_REPS reps (median); direct to the upstream: p50 $(fmt_us "$(lcol direct 3 | median)") / p99 $(fmt_us "$(lcol direct 4 | median)")."
         echo
         echo "| target | req/s (median) | p50 | p99 | CPU ratio median (min–max) | added p50 / p99 @ $rate_label req/s |"

@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::grammar::KeySpec;
 use crate::units::{ByteSize, Dur};
 
 fn default_listen() -> Vec<String> {
@@ -351,9 +352,15 @@ impl Default for Shutdown {
 pub struct Upstream {
     /// Target servers: `http://` or `https://` URLs with an optional weight.
     pub targets: Vec<Target>,
-    /// How a target is chosen: `weighted` (smooth weighted round robin, the default).
+    /// How a target is chosen: `weighted` (smooth weighted round robin, the default),
+    /// `round_robin`, `least_connections`, `p2c_ewma`, `consistent_hash` or `random`.
     #[serde(default)]
     pub balance: Balance,
+    /// For `balance: consistent_hash` (and only then): the request key hashed to pick
+    /// a target, e.g. `header:x-user`, `cookie:session`, `ip`.
+    #[serde(default)]
+    #[schemars(schema_with = "hash_key_schema")]
+    pub hash_key: Option<KeySpec>,
     /// Protocol spoken to the targets.
     #[serde(default)]
     pub protocol: Protocol,
@@ -371,6 +378,24 @@ pub struct Upstream {
     pub max_idle_connections: usize,
 }
 
+/// The schema of `hash_key`: the shared key grammar's (`Key`) as one schema instead of
+/// an `anyOf`, so that a wrong key is reported with the pattern it does not match
+/// rather than as "not valid under any of the schemas".
+fn hash_key_schema(gen: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let key = KeySpec::json_schema(gen).to_value();
+    let pattern = key
+        .pointer("/anyOf/0/pattern")
+        .cloned()
+        .unwrap_or_else(|| Value::String(".".into()));
+    schemars::json_schema!({
+        "description": key.get("description").cloned().unwrap_or(Value::Null),
+        "type": ["string", "array", "null"],
+        "pattern": pattern,
+        "minItems": 1,
+        "items": {"type": "string", "pattern": pattern}
+    })
+}
+
 fn default_pool_max_idle() -> usize {
     256
 }
@@ -386,6 +411,7 @@ pub struct Target {
     pub weight: u32,
 }
 
+/// How a target is chosen; docs/upstreams.md says when to use which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
@@ -394,6 +420,15 @@ pub enum Balance {
     Weighted,
     /// Plain round robin, ignoring weights.
     RoundRobin,
+    /// The fewest requests in flight relative to weight; ties in weighted turns.
+    LeastConnections,
+    /// Power of two choices: of two random targets, the lower latency estimate
+    /// (peak-sensitive, decaying) times requests in flight + 1, divided by weight.
+    P2cEwma,
+    /// A Maglev table over the hash of `hash_key`: the same key goes to the same target.
+    ConsistentHash,
+    /// Weighted random.
+    Random,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::diag::{closest, Diagnostic, KeyPath};
 use crate::grammar::{Template, Var};
 use crate::load::PluginCatalog;
-use crate::model::Config;
+use crate::model::{Balance, Config};
 use crate::pattern::PathPattern;
 
 const KNOWN_METHODS: [&str; 9] = [
@@ -76,6 +76,22 @@ pub(crate) fn semantic_check(
             if let Err(e) = check_target_url(&t.url) {
                 diags.push(Diagnostic::new(p.key("targets").index(i).key("url"), e));
             }
+        }
+        match (up.balance, &up.hash_key) {
+            // Reported at `hash_key` (located at the upstream): a `hash_key` the schema
+            // refused is then not reported twice.
+            (Balance::ConsistentHash, None) => diags.push(Diagnostic::new(
+                p.key("hash_key"),
+                "`balance: consistent_hash` needs a `hash_key`: the request key to hash, e.g. `hash_key: \"header:x-user\"`",
+            )),
+            (b, Some(_)) if b != Balance::ConsistentHash => diags.push(Diagnostic::new(
+                p.key("hash_key"),
+                format!(
+                    "`hash_key` is only used by `balance: consistent_hash` (this upstream has `{}`); remove it or change `balance`",
+                    balance_name(b)
+                ),
+            )),
+            _ => {}
         }
     }
     check_plugins(&c.plugins, &root.key("plugins"), catalog, base_dir, diags);
@@ -200,6 +216,14 @@ pub(crate) fn semantic_check(
         }
         check_plugins(&r.plugins, &p.key("plugins"), catalog, base_dir, diags);
     }
+}
+
+/// A balancing algorithm as written in the file.
+fn balance_name(b: Balance) -> String {
+    serde_json::to_value(b)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{b:?}"))
 }
 
 pub(crate) fn check_plugins(

@@ -121,6 +121,9 @@ pub async fn forward(
     prefix_len: Option<usize>,
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = req.into_parts();
+    // `consistent_hash`: the request key, on the request as the client sent it (only
+    // evaluated when the upstream has one).
+    let key_hash = up.key_hash(|k| fin.ctx.key(&parts, k));
     // Most requests go upstream with the path they came with: reuse it, unparsed.
     let unchanged = route.rewrite.is_none()
         && !(route.strip_prefix && prefix_len.is_some())
@@ -189,7 +192,7 @@ pub async fn forward(
         let Some(request_body) = body.take() else {
             break;
         };
-        let Some(idx) = up.pick(&tried[..attempt]) else {
+        let Some(idx) = up.pick(&tried[..attempt], key_hash) else {
             break;
         };
         tried[attempt] = idx;
@@ -226,6 +229,7 @@ pub async fn forward(
         match result {
             Ok(Ok(mut resp)) => {
                 target.health.success();
+                up.answered(idx, sent, resp.status());
                 strip_hop_by_hop(resp.headers_mut());
                 // The client gets the gateway's protocol version, not the upstream's.
                 *resp.version_mut() = Version::HTTP_11;
@@ -238,13 +242,22 @@ pub async fn forward(
                 if connect {
                     up.connect_failed(idx);
                 }
+                if matches!(
+                    err.kind,
+                    ErrorKind::UpstreamUnavailable | ErrorKind::UpstreamTimeout
+                ) {
+                    up.failed(idx, sent);
+                }
                 match failed.body {
                     Some(back) if connect => body = Some(back),
                     _ => return Err(err),
                 }
                 last_err = Some(err);
             }
-            Err(timeout) => return Err(timeout),
+            Err(timeout) => {
+                up.failed(idx, sent);
+                return Err(timeout);
+            }
         }
     }
     Err(last_err.unwrap_or_else(|| {

@@ -1,6 +1,6 @@
 //! Portico's upstreams.
 //!
-//! Owns: compiled upstreams (targets, balancing schedule, timeouts), passive health,
+//! Owns: compiled upstreams (targets, balancing algorithm, timeouts), passive health,
 //! and pooled HTTP/1.1 + HTTP/2 clients (plain and TLS). The state that must outlive a
 //! configuration snapshot (clients and connection pools, target health) lives in
 //! [`UpstreamState`], keyed by upstream name and target URL.
@@ -22,13 +22,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
-use http::HeaderValue;
+use http::{HeaderValue, StatusCode};
 use parking_lot::Mutex;
-use portico_config::model::{
-    Balance, Passive, Protocol, Timeouts, Upstream as UpstreamConfig, UpstreamTls,
-};
+use portico_config::grammar::KeySpec;
+use portico_config::model::{Passive, Protocol, Timeouts, Upstream as UpstreamConfig, UpstreamTls};
+use tokio::time::Instant;
 
-pub use balance::Schedule;
+pub use balance::{Balancer, Schedule};
 pub use client::{ClientError, ConnectTimeout};
 pub use health::{ms_at, now_ms, TargetHealth};
 pub use overlay::{Field, Overlay};
@@ -52,17 +52,62 @@ pub struct Target {
 pub struct Upstream {
     pub name: Arc<str>,
     pub targets: Vec<Target>,
-    pub schedule: Schedule,
+    pub balancer: Balancer,
+    /// The request key hashed by `consistent_hash`.
+    pub hash_key: Option<KeySpec>,
     pub timeouts: Timeouts,
     pub passive: Passive,
 }
 
 impl Upstream {
-    /// Pick the next available target, skipping `exclude` (already tried) and ejected ones.
-    pub fn pick(&self, exclude: &[usize]) -> Option<usize> {
+    /// Pick the next available target, skipping `exclude` (already tried) and ejected
+    /// ones. `key` is the request's [`Upstream::key_hash`] (`consistent_hash`).
+    pub fn pick(&self, exclude: &[usize], key: Option<u64>) -> Option<usize> {
         let now = now_ms();
-        self.schedule
-            .pick(|i| !exclude.contains(&i) && self.targets[i].health.available(now))
+        self.balancer.pick(&self.targets, key, |i| {
+            !exclude.contains(&i) && self.targets[i].health.available(now)
+        })
+    }
+
+    /// The hash of the request key for `consistent_hash`: `value` evaluates the key
+    /// (`Ctx::key`) and is only called when the upstream has one. `None`: no
+    /// `hash_key`, or the request has none of its parts.
+    pub fn key_hash(&self, value: impl FnOnce(&KeySpec) -> String) -> Option<u64> {
+        let spec = self.hash_key.as_ref()?;
+        balance::key_hash(spec, &value(spec))
+    }
+
+    /// Target `i` answered (its response head arrived); `sent` is when sending began.
+    /// Feeds the latency estimate of `p2c_ewma` (nothing to do for other algorithms):
+    /// the time to the response head, or a failure for a 502, 503 or 504 answer (an
+    /// upstream that fails fast must not look fast).
+    pub fn answered(&self, i: usize, sent: Instant, status: StatusCode) {
+        if !self.balancer.uses_latency() {
+            return;
+        }
+        if let Some(t) = self.targets.get(i) {
+            let now = Instant::now();
+            let elapsed = now.saturating_duration_since(sent);
+            if counts_as_failure(status) {
+                t.health.observe_failure(elapsed, ms_at(now));
+            } else {
+                t.health.observe(elapsed, ms_at(now));
+            }
+        }
+    }
+
+    /// The exchange with target `i` failed on the upstream's side (no connection, the
+    /// connection lost, a timeout): for `p2c_ewma`, a penalty latency
+    /// ([`health::FAILURE_PENALTY`] at least).
+    pub fn failed(&self, i: usize, sent: Instant) {
+        if !self.balancer.uses_latency() {
+            return;
+        }
+        if let Some(t) = self.targets.get(i) {
+            let now = Instant::now();
+            t.health
+                .observe_failure(now.saturating_duration_since(sent), ms_at(now));
+        }
     }
 
     /// Record a connect failure on target `i` (passive health).
@@ -79,6 +124,15 @@ impl Upstream {
             tracing::warn!(upstream = %self.name, target = %self.targets[i].url, ejection = %p.ejection_time, "target ejected after consecutive connect failures");
         }
     }
+}
+
+/// Answers that count as failures for the latency estimate: the upstream (or a proxy
+/// in front of it) could not serve the request.
+fn counts_as_failure(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
 }
 
 /// What a connector is built from: the connection settings and the contents of the
@@ -145,14 +199,13 @@ impl UpstreamState {
             });
         }
         let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
-        let schedule = match cfg.balance {
-            Balance::Weighted => Schedule::weighted(&weights),
-            Balance::RoundRobin => Schedule::round_robin(&weights),
-        };
+        let names: Vec<&str> = targets.iter().map(|t| &*t.url).collect();
+        let balancer = Balancer::new(cfg.balance, &weights, &names);
         Ok(Upstream {
             name: name.into(),
+            hash_key: cfg.hash_key.clone(),
             targets,
-            schedule,
+            balancer,
             timeouts: cfg.timeouts,
             passive: cfg.health.passive,
         })
