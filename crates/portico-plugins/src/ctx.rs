@@ -153,7 +153,12 @@ impl Ctx {
 /// header name has an underscore (known from parsing), so the common case is just
 /// the exact removals.
 pub fn remove_identity_headers(h: &mut HeaderMap, names: &[http::HeaderName], underscores: bool) {
-    if h.is_empty() {
+    // One pass over the names comparing lengths is cheaper than hashing each
+    // protected name for a lookup, and most requests carry none of them.
+    if !h
+        .keys()
+        .any(|k| names.iter().any(|n| n.as_str().len() == k.as_str().len()))
+    {
         return;
     }
     for n in names {
