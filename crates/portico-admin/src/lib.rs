@@ -91,6 +91,12 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     }
 }
 
+const CIRCUIT_STATES: [portico_upstream::State; 3] = [
+    portico_upstream::State::Closed,
+    portico_upstream::State::Open,
+    portico_upstream::State::HalfOpen,
+];
+
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let mut text = gw.metrics.render();
     let snap = gw.snapshot();
@@ -102,6 +108,34 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
                 "portico_upstream_target_healthy{{upstream=\"{name}\",target=\"{}\"}} {}\n",
                 t.url,
                 u8::from(t.health.available(now))
+            ));
+        }
+    }
+    text.push_str("# HELP portico_upstream_circuit_state State of the circuit breaker governing the target: 0 closed, 1 open, 2 half-open.\n# TYPE portico_upstream_circuit_state gauge\n");
+    for (name, up) in &snap.upstreams {
+        let Some(c) = &up.circuit else { continue };
+        for (i, t) in up.targets.iter().enumerate() {
+            if let Some(b) = c.breaker(i) {
+                let code = match b.state(now) {
+                    portico_upstream::State::Closed => 0,
+                    portico_upstream::State::Open => 1,
+                    portico_upstream::State::HalfOpen => 2,
+                };
+                text.push_str(&format!(
+                    "portico_upstream_circuit_state{{upstream=\"{name}\",target=\"{}\"}} {code}\n",
+                    t.url
+                ));
+            }
+        }
+    }
+    text.push_str("# HELP portico_upstream_circuit_transitions_total Circuit breaker transitions, by the state entered.\n# TYPE portico_upstream_circuit_transitions_total counter\n");
+    for (name, up) in &snap.upstreams {
+        let Some(c) = &up.circuit else { continue };
+        for to in CIRCUIT_STATES {
+            text.push_str(&format!(
+                "portico_upstream_circuit_transitions_total{{upstream=\"{name}\",to=\"{}\"}} {}\n",
+                to.as_str(),
+                c.transitions.get(to)
             ));
         }
     }
@@ -224,7 +258,13 @@ async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
             let targets: Vec<Value> = u
                 .targets
                 .iter()
-                .map(|t| {
+                .enumerate()
+                .map(|(i, t)| {
+                    let circuit = u
+                        .circuit
+                        .as_ref()
+                        .and_then(|c| c.breaker(i))
+                        .map(|b| b.state(now).as_str());
                     json!({
                         "url": &*t.url,
                         "weight": t.weight,
@@ -232,15 +272,31 @@ async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
                         "in_flight": t.health.in_flight(),
                         "consecutive_failures": t.health.consecutive_failures(),
                         "ejections": t.health.ejections(),
+                        "circuit": circuit,
                     })
                 })
                 .collect();
+            let circuit = u.circuit.as_ref().map(|c| {
+                let transitions: serde_json::Map<String, Value> = CIRCUIT_STATES
+                    .iter()
+                    .map(|s| (s.as_str().to_string(), json!(c.transitions.get(*s))))
+                    .collect();
+                json!({
+                    "per_target": c.per_target,
+                    "state": (!c.per_target)
+                        .then(|| c.breaker(0).map(|b| b.state(now).as_str()))
+                        .flatten(),
+                    "transitions": transitions,
+                })
+            });
             json!({
                 "name": n,
                 "balance": cfg.map(|c| c.balance),
                 "protocol": cfg.map(|c| c.protocol),
                 "timeouts": {"connect": u.timeouts.connect, "request": u.timeouts.request, "idle": u.timeouts.idle},
                 "targets": targets,
+                "circuit_breaker": circuit,
+                "retries": u.retries.as_ref().and_then(|r| serde_json::to_value(r).ok()),
             })
         })
         .collect();

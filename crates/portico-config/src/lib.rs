@@ -16,6 +16,7 @@ pub mod identity;
 pub mod load;
 pub mod model;
 pub mod pattern;
+pub mod resilience;
 mod semantic;
 mod structure;
 pub mod units;

@@ -376,6 +376,13 @@ pub struct Upstream {
     /// Idle keep-alive connections kept per target.
     #[serde(default = "default_pool_max_idle")]
     pub max_idle_connections: usize,
+    /// Stop sending requests to a failing upstream for a while (off when absent).
+    #[serde(default)]
+    pub circuit_breaker: Option<crate::resilience::CircuitBreakerConfig>,
+    /// Retry failed tries on the configured conditions, within a retry budget (absent:
+    /// only connect failures are tried on another target, at most 3 tries).
+    #[serde(default)]
+    pub retries: Option<crate::resilience::RetriesConfig>,
 }
 
 /// The schema of `hash_key`: the shared key grammar's (`Key`) as one schema instead of
@@ -597,6 +604,10 @@ pub struct Route {
     /// Overrides of the upstream's timeouts for this route.
     #[serde(default)]
     pub timeouts: TimeoutOverrides,
+    /// Replaces the upstream's `retries` for this route (the retry budget stays the
+    /// upstream's: its `budget` settings are used only when the upstream has none).
+    #[serde(default)]
+    pub retries: Option<crate::resilience::RetriesConfig>,
     /// Policies on this route; an entry replaces the global one of the same name.
     #[serde(default)]
     pub plugins: BTreeMap<String, Value>,

@@ -77,6 +77,12 @@ pub(crate) fn semantic_check(
                 diags.push(Diagnostic::new(p.key("targets").index(i).key("url"), e));
             }
         }
+        if let Some(cb) = &up.circuit_breaker {
+            diags.extend(cb.validate(&p.key("circuit_breaker")));
+        }
+        if let Some(r) = &up.retries {
+            diags.extend(r.validate(&p.key("retries")));
+        }
         match (up.balance, &up.hash_key) {
             // Reported at `hash_key` (located at the upstream): a `hash_key` the schema
             // refused is then not reported twice.
@@ -111,6 +117,9 @@ pub(crate) fn semantic_check(
     let upstream_names: Vec<&str> = c.upstreams.keys().map(String::as_str).collect();
     for (i, r) in c.routes.iter().enumerate() {
         let p = root.key("routes").index(i);
+        if let Some(rt) = &r.retries {
+            diags.extend(rt.validate(&p.key("retries")));
+        }
         if r.name.is_empty() {
             diags.push(Diagnostic::new(
                 p.key("name"),

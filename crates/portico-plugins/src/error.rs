@@ -34,6 +34,8 @@ pub enum ErrorKind {
     ResponseContractViolation,
     /// A service authentication depends on (a token introspection endpoint) failed.
     AuthUnavailable,
+    /// The upstream's circuit breaker is open: the request was not sent.
+    CircuitOpen,
 }
 
 impl ErrorKind {
@@ -55,7 +57,7 @@ impl ErrorKind {
             }
             ErrorKind::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::AuthUnavailable | ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -80,6 +82,7 @@ impl ErrorKind {
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::ResponseContractViolation => "response_contract_violation",
             ErrorKind::AuthUnavailable => "auth_unavailable",
+            ErrorKind::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -115,7 +118,8 @@ impl GatewayError {
             | ErrorKind::NoHealthyUpstream
             | ErrorKind::UpstreamTimeout
             | ErrorKind::ResponseContractViolation
-            | ErrorKind::AuthUnavailable => Side::Upstream,
+            | ErrorKind::AuthUnavailable
+            | ErrorKind::CircuitOpen => Side::Upstream,
             ErrorKind::Internal => Side::Internal,
             _ => Side::Downstream,
         };

@@ -1,13 +1,18 @@
 //! Proxying one request to an upstream: the upstream path, the forwarded headers,
 //! target choice with passive health, timeouts, and error mapping.
 //!
-//! Retries here are limited to what is always safe: a request none of which was sent
-//! (its connection could not be established) is tried on another target (at most 3
-//! tries); an idempotent request without a body that met a pooled connection the
-//! upstream had just closed is repeated once by the pool on a fresh connection.
+//! Without `retries`, retries are limited to what is always safe: a request none of
+//! which was sent (its connection could not be established) is tried on another target
+//! (at most 3 tries); an idempotent request without a body that met a pooled connection
+//! the upstream had just closed is repeated once by the pool on a fresh connection.
+//! With `retries` (the route's, else the upstream's), a try is repeated on the
+//! configured conditions, within the upstream's retry budget (docs/upstreams.md).
+//! Each try first asks the circuit breaker, when the upstream has one.
 
 use std::error::Error as _;
 use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -15,7 +20,9 @@ use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use portico_plugins::body::{BodyTooLarge, IdleTimeout};
 use portico_plugins::{Body, ErrorKind, GatewayError};
-use portico_upstream::{ConnectTimeout, Field, Overlay, SendError, Upstream};
+use portico_upstream::{
+    now_ms, Circuit, ConnectTimeout, Field, Overlay, Rejected, RetryOn, SendError, Upstream,
+};
 use tokio::time::Instant;
 
 use crate::bodyclock::{self, BodyClock};
@@ -23,7 +30,10 @@ use crate::logbody::Finish;
 use crate::pipeline::ConnInfo;
 use crate::snapshot::{CompiledRoute, Snapshot};
 
+/// Tries without `retries` configured.
 const MAX_TRIES: usize = 3;
+/// Targets remembered as tried (or refused by their breaker) for one request.
+const MAX_EXCLUDED: usize = 16;
 
 pub(crate) use portico_upstream::overlay::{
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
@@ -172,30 +182,116 @@ pub async fn forward(
         }
     }
 
-    // Retries: a request none of which was sent (the connection could not be made) goes
-    // to another target; an idempotent request without a body that met a pooled
-    // connection the upstream had just closed is repeated by the pool itself.
+    // Without `retries`: a request none of which was sent (the connection could not be
+    // made) goes to another target (at most 3 tries); an idempotent request without a
+    // body that met a pooled connection the upstream had just closed is repeated by the
+    // pool itself. With `retries` (the route's, else the upstream's): see `may_retry`.
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     let replayable = idempotent && body.is_end_stream();
     parts.uri = Uri::from(pq);
-    // `request` counts from the end of the request body; `idle` while it streams.
-    let (body, clock) = BodyClock::wrap(body);
-    // The head stays here, lent to each try; the body goes and comes back when nothing
-    // of the request was sent.
+    let retries = route
+        .config
+        .retries
+        .as_ref()
+        .or(up.retries.as_ref())
+        .filter(|r| r.attempts > 1);
+    let max_tries = retries.map_or(MAX_TRIES, |r| {
+        (r.attempts as usize).min(portico_upstream::budget::MAX_ATTEMPTS as usize)
+    });
+    // The body kept so the request can be sent again (retries only): none, or one
+    // whose length is known and at most `max_replay_body`, read before the first try.
+    let mut replay: Option<Bytes> = None;
     let mut body = Some(body);
-    let mut tried: [usize; MAX_TRIES] = [usize::MAX; MAX_TRIES];
-    let mut last_err = None;
-    for attempt in 0..MAX_TRIES {
-        let Some(request_body) = body.take() else {
+    if let (Some(r), Some(b)) = (retries, body.as_mut()) {
+        if b.is_end_stream() {
+            replay = Some(Bytes::new());
+        } else if known_length(b, &parts.headers).is_some_and(|n| n <= r.max_replay_body.0) {
+            if let Some(b) = body.take() {
+                replay = Some(read_body(b).await?);
+            }
+        }
+        up.budget.deposit(now_ms());
+    }
+    // `request` counts from the end of the request body; `idle` while it streams. A
+    // kept body is sent at once: each try has its own `request` deadline.
+    let (mut body, clock) = match body {
+        Some(b) => {
+            let (b, clock) = BodyClock::wrap(b);
+            (Some(b), clock)
+        }
+        None => (None, None),
+    };
+    // The head stays here, lent to each try; a streamed body goes and comes back when
+    // nothing of the request was sent. `excluded`: the targets tried, and those whose
+    // own breaker (`per_target`) refused.
+    let mut excluded = [usize::MAX; MAX_EXCLUDED];
+    let mut n_excluded = 0;
+    let mut last: Option<Result<Response<Body>, GatewayError>> = None;
+    for attempt in 0..max_tries {
+        let request_body = match (&replay, body.take()) {
+            (Some(b), _) if b.is_empty() => Body::Empty,
+            (Some(b), _) => Body::full(b.clone()),
+            (None, Some(b)) => b,
+            (None, None) => break,
+        };
+        // The target, and the breaker's permit.
+        let mut refused: Option<Rejected> = None;
+        let mut chosen = None;
+        loop {
+            let idx = match up.pick(&excluded[..n_excluded], key_hash) {
+                Some(i) => Some(i),
+                // Every target tried: a retry goes to one of them again.
+                None if retries.is_some() && attempt > 0 => up.pick(&[], key_hash),
+                None => None,
+            };
+            let Some(idx) = idx else { break };
+            let Some((circuit, breaker)) = up
+                .circuit
+                .as_ref()
+                .and_then(|c| c.breaker(idx).map(|b| (c, b)))
+            else {
+                chosen = Some((idx, None));
+                break;
+            };
+            match breaker.try_acquire(now_ms()) {
+                Ok(permit) => {
+                    if let Some(t) = permit.transition() {
+                        circuit.note(&up.name, &up.targets[idx].url, t);
+                    }
+                    chosen = Some((idx, Some(permit)));
+                    break;
+                }
+                Err(r) => {
+                    refused = Some(match refused {
+                        Some(p) if p.retry_after <= r.retry_after => p,
+                        _ => r,
+                    });
+                    // With a breaker per target, another target may take the request.
+                    if circuit.per_target
+                        && n_excluded < MAX_EXCLUDED
+                        && !excluded[..n_excluded].contains(&idx)
+                    {
+                        excluded[n_excluded] = idx;
+                        n_excluded += 1;
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        let Some((idx, permit)) = chosen else {
+            if let (Some(r), Some(circuit)) = (refused, &up.circuit) {
+                return circuit_refused(up, circuit, r);
+            }
             break;
         };
-        let Some(idx) = up.pick(&tried[..attempt], key_hash) else {
-            break;
-        };
-        tried[attempt] = idx;
+        if n_excluded < MAX_EXCLUDED && !excluded[..n_excluded].contains(&idx) {
+            excluded[n_excluded] = idx;
+            n_excluded += 1;
+        }
         let target = &up.targets[idx];
         fin.target = Some(target.url.clone());
         overlay.host = if !route.preserve_host {
@@ -226,14 +322,21 @@ pub async fn forward(
         if snap.access_log {
             fin.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
         }
-        match result {
+        // What happened: the answer, the retry condition met, and the breaker outcome
+        // (`None`: the outcome says nothing about the upstream).
+        let (outcome, cond, failure) = match result {
             Ok(Ok(mut resp)) => {
                 target.health.success();
                 up.answered(idx, sent, resp.status());
                 strip_hop_by_hop(resp.headers_mut());
                 // The client gets the gateway's protocol version, not the upstream's.
                 *resp.version_mut() = Version::HTTP_11;
-                return Ok(resp);
+                let status = resp.status();
+                (
+                    Ok(resp),
+                    Some(RetryOn::Status(status.as_u16())),
+                    Some(status.is_server_error()),
+                )
             }
             Ok(Err(failed)) => {
                 let e = &failed.error;
@@ -242,30 +345,139 @@ pub async fn forward(
                 if connect {
                     up.connect_failed(idx);
                 }
-                if matches!(
+                let upstream_side = matches!(
                     err.kind,
                     ErrorKind::UpstreamUnavailable | ErrorKind::UpstreamTimeout
-                ) {
+                );
+                if upstream_side {
                     up.failed(idx, sent);
                 }
-                match failed.body {
-                    Some(back) if connect => body = Some(back),
-                    _ => return Err(err),
-                }
-                last_err = Some(err);
+                let cond = if connect {
+                    if let Some(back) = failed.body {
+                        body = Some(back);
+                    }
+                    Some(RetryOn::ConnectError)
+                } else if err.kind == ErrorKind::UpstreamUnavailable {
+                    Some(RetryOn::Reset)
+                } else {
+                    None
+                };
+                (Err(err), cond, upstream_side.then_some(true))
             }
             Err(timeout) => {
                 up.failed(idx, sent);
-                return Err(timeout);
+                (Err(timeout), Some(RetryOn::Timeout), Some(true))
+            }
+        };
+        if let (Some(p), Some(circuit)) = (permit, &up.circuit) {
+            let now = now_ms();
+            let t = match failure {
+                Some(true) => p.failure(now),
+                Some(false) => p.success(now),
+                None => None,
+            };
+            if let Some(t) = t {
+                circuit.note(&up.name, &target.url, t);
+            }
+        }
+        let again = attempt + 1 < max_tries
+            && match (retries, cond) {
+                (_, None) => false,
+                (None, Some(c)) => c == RetryOn::ConnectError && body.is_some(),
+                (Some(r), Some(c)) => {
+                    r.retries_on(c)
+                        && (c == RetryOn::ConnectError || r.retries_method(&parts.method))
+                        && (replay.is_some() || body.is_some())
+                        && up.budget.try_withdraw(now_ms())
+                }
+            };
+        if !again {
+            return outcome;
+        }
+        tracing::debug!(upstream = %up.name, target = %target.url, condition = %cond.map(|c| c.to_string()).unwrap_or_default(), attempt = attempt + 1, "retrying the request");
+        // The previous answer (its body unread) is what the client gets if no target
+        // can be tried.
+        last = Some(outcome);
+        if let Some(r) = retries {
+            tokio::time::sleep(r.backoff(attempt as u32, fastrand::f64())).await;
+        }
+    }
+    last.unwrap_or_else(|| {
+        Err(GatewayError::new(
+            ErrorKind::NoHealthyUpstream,
+            format!("upstream `{}` has no available target", up.name),
+        ))
+    })
+}
+
+/// The answer when the breaker refused the request: the configured fallback, or the
+/// 503 `circuit_open` error with `Retry-After` (whole seconds, rounded up).
+fn circuit_refused(
+    up: &Upstream,
+    circuit: &Circuit,
+    r: Rejected,
+) -> Result<Response<Body>, GatewayError> {
+    if let Some(fb) = &circuit.fallback {
+        let mut resp = Response::new(if fb.body.is_empty() {
+            Body::Empty
+        } else {
+            Body::full(fb.body.clone())
+        });
+        *resp.status_mut() = fb.status;
+        *resp.headers_mut() = fb.headers.clone();
+        return Ok(resp);
+    }
+    let secs = r.retry_after.as_millis().div_ceil(1000);
+    Err(GatewayError::new(
+        ErrorKind::CircuitOpen,
+        format!(
+            "the circuit breaker of upstream `{}` is {}; the request was not sent",
+            up.name, r.state
+        ),
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from(secs as u64)))
+}
+
+/// The length of a request body, when known in advance.
+fn known_length(b: &Body, h: &HeaderMap) -> Option<u64> {
+    b.size_hint().exact().or_else(|| {
+        h.get(header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Read a whole request body (of a known, bounded length) so it can be sent again.
+/// Trailers are not kept.
+async fn read_body(mut b: Body) -> Result<Bytes, GatewayError> {
+    use http_body_util::BodyExt;
+    let mut buf = BytesMut::new();
+    while let Some(frame) = b.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                }
+            }
+            Err(e) => {
+                return Err(map_source(Some(&*e)).map_or_else(
+                    || {
+                        let mut err = GatewayError::new(
+                            ErrorKind::BadRequest,
+                            format!("the request body could not be read: {e}"),
+                        );
+                        err.close = true;
+                        err
+                    },
+                    |(err, _)| err,
+                ))
             }
         }
     }
-    Err(last_err.unwrap_or_else(|| {
-        GatewayError::new(
-            ErrorKind::NoHealthyUpstream,
-            format!("upstream `{}` has no available target", up.name),
-        )
-    }))
+    Ok(buf.freeze())
 }
 
 /// `X-Forwarded-For` is appended to only when the peer is a trusted proxy; otherwise it
@@ -332,25 +544,10 @@ fn map_client_error(e: &SendError, connect_timeout: Duration) -> (GatewayError, 
                 true,
             );
         }
-        if let Some(b) = s.downcast_ref::<BodyTooLarge>() {
-            let mut err = GatewayError::new(ErrorKind::PayloadTooLarge, b.to_string());
-            err.close = true;
-            return (err, false);
-        }
-        if let Some(b) = s.downcast_ref::<crate::h1server::BadBody>() {
-            let mut err = GatewayError::new(ErrorKind::BadRequest, b.to_string());
-            err.close = true;
-            return (err, false);
-        }
-        if s.is::<IdleTimeout>() {
-            let mut err = GatewayError::new(
-                ErrorKind::BadRequest,
-                "the request body stalled (idle timeout)",
-            );
-            err.close = true;
-            return (err, false);
-        }
         src = s.source();
+    }
+    if let Some(mapped) = map_source(Some(e)) {
+        return mapped;
     }
     if e.is_connect() {
         return (
@@ -368,6 +565,33 @@ fn map_client_error(e: &SendError, connect_timeout: Duration) -> (GatewayError, 
         ),
         false,
     )
+}
+
+/// A client-side body error (too large, badly framed, stalled) somewhere in the chain
+/// of `src`.
+fn map_source(mut src: Option<&(dyn std::error::Error + 'static)>) -> Option<(GatewayError, bool)> {
+    while let Some(s) = src {
+        if let Some(b) = s.downcast_ref::<BodyTooLarge>() {
+            let mut err = GatewayError::new(ErrorKind::PayloadTooLarge, b.to_string());
+            err.close = true;
+            return Some((err, false));
+        }
+        if let Some(b) = s.downcast_ref::<crate::h1server::BadBody>() {
+            let mut err = GatewayError::new(ErrorKind::BadRequest, b.to_string());
+            err.close = true;
+            return Some((err, false));
+        }
+        if s.is::<IdleTimeout>() {
+            let mut err = GatewayError::new(
+                ErrorKind::BadRequest,
+                "the request body stalled (idle timeout)",
+            );
+            err.close = true;
+            return Some((err, false));
+        }
+        src = s.source();
+    }
+    None
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

@@ -39,21 +39,14 @@
 //! whose outcome says nothing about the upstream, e.g. the client went away); a dropped
 //! half-open trial permit gives its trial slot back so another request can probe.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use portico_config::model::Scalar;
+pub use portico_config::resilience::{
+    CircuitBreakerConfig, Fallback, Ratio, MAX_HALF_OPEN_REQUESTS, MAX_WINDOW,
+};
 use portico_config::units::Dur;
-use portico_config::{Diagnostic, KeyPath};
-use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
-use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
-
-/// Largest sliding window (requests).
-pub const MAX_WINDOW: u32 = 1000;
-/// Largest number of half-open trial requests.
-pub const MAX_HALF_OPEN_REQUESTS: u32 = 1000;
 /// What a request refused in half-open (all trials in flight) is told to wait: the
 /// trials' outcome is not known in advance, and `Retry-After` counts whole seconds.
 pub const HALF_OPEN_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -188,6 +181,22 @@ impl Default for BreakerSettings {
             open_for: Duration::from_secs(30),
             max_open_for: Duration::from_secs(30),
             half_open_requests: 3,
+        }
+    }
+}
+
+impl From<&CircuitBreakerConfig> for BreakerSettings {
+    /// The runtime settings of a configured breaker (validate first; out-of-range
+    /// values are clamped by [`CircuitBreaker::new`]).
+    fn from(c: &CircuitBreakerConfig) -> Self {
+        BreakerSettings {
+            window: c.window,
+            failure_rate: c.failure_rate.0,
+            min_requests: c.min_requests,
+            consecutive_failures: (c.consecutive_failures > 0).then_some(c.consecutive_failures),
+            open_for: c.open_for.0,
+            max_open_for: c.max_open_for.map_or(c.open_for.0, |d| d.0),
+            half_open_requests: c.half_open_requests,
         }
     }
 }
@@ -607,264 +616,6 @@ impl Drop for Permit<'_> {
     }
 }
 
-// ---------------------------------------------------------------------------------
-// Configuration (the file form)
-// ---------------------------------------------------------------------------------
-
-/// A share: a number between 0 and 1 (`0.5`) or a percentage (`50%`).
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Default)]
-pub struct Ratio(pub f64);
-
-impl Ratio {
-    /// Whether the share is within 0..=1.
-    pub fn is_share(self) -> bool {
-        (0.0..=1.0).contains(&self.0)
-    }
-
-    /// A problem for a share out of range, worded for `key`.
-    pub(crate) fn check(self, path: KeyPath, key: &str, out: &mut Vec<Diagnostic>) {
-        if self.is_share() {
-            return;
-        }
-        let mut d = Diagnostic::new(
-            path,
-            format!("{key} must be between 0 and 1 (got {})", self.0),
-        );
-        if self.0 > 1.0 && self.0 <= 100.0 {
-            d = d.hint(format!("for a percentage write `{}%`", self.0));
-        }
-        out.push(d);
-    }
-}
-
-impl<'de> Deserialize<'de> for Ratio {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = Ratio;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(
-                    "a share: a number between 0 and 1 (e.g. 0.5) or a percentage (e.g. `50%`)",
-                )
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Ratio, E> {
-                Ok(Ratio(v))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Ratio, E> {
-                Ok(Ratio(v as f64))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Ratio, E> {
-                Ok(Ratio(v as f64))
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Ratio, E> {
-                let t = s.trim();
-                let (num, scale) = match t.strip_suffix('%') {
-                    Some(n) => (n.trim_end(), 100.0),
-                    None => (t, 1.0),
-                };
-                match num.parse::<f64>() {
-                    Ok(v) if v.is_finite() => Ok(Ratio(v / scale)),
-                    _ => Err(E::custom(format!(
-                        "`{s}` is not a share; write a number between 0 and 1 (e.g. 0.5) or a percentage (e.g. `50%`)"
-                    ))),
-                }
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl Serialize for Ratio {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(self.0)
-    }
-}
-
-impl JsonSchema for Ratio {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Ratio".into()
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "A share: a number between 0 and 1 (e.g. `0.5`) or a percentage (e.g. `50%`).",
-            "anyOf": [
-                {"type": "number"},
-                {"type": "string", "pattern": "^ *[0-9]+(\\.[0-9]+)? *%? *$"}
-            ]
-        })
-    }
-}
-
-/// `circuit_breaker:` of an upstream.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct CircuitBreakerConfig {
-    /// One breaker per target instead of one for the whole upstream.
-    pub per_target: bool,
-    /// Requests in the sliding window (1-1000).
-    pub window: u32,
-    /// Share of failed requests in the window that opens the breaker: `0.5` or `50%`.
-    pub failure_rate: Ratio,
-    /// Requests the window must hold before the failure rate is considered.
-    pub min_requests: u32,
-    /// Failures in a row that open the breaker regardless of the rate (0: off).
-    pub consecutive_failures: u32,
-    /// How long the breaker stays open.
-    pub open_for: Dur,
-    /// When set, each reopening after a failed trial doubles the open time, up to this.
-    pub max_open_for: Option<Dur>,
-    /// Trial requests let through when the open period is over; all must succeed to close.
-    pub half_open_requests: u32,
-    /// The answer while open, instead of the JSON 503 error with `Retry-After`.
-    pub fallback: Option<Fallback>,
-}
-
-impl Default for CircuitBreakerConfig {
-    fn default() -> Self {
-        let s = BreakerSettings::default();
-        CircuitBreakerConfig {
-            per_target: false,
-            window: s.window,
-            failure_rate: Ratio(s.failure_rate),
-            min_requests: s.min_requests,
-            consecutive_failures: s.consecutive_failures.unwrap_or(0),
-            open_for: Dur(s.open_for),
-            max_open_for: None,
-            half_open_requests: s.half_open_requests,
-            fallback: None,
-        }
-    }
-}
-
-/// A fixed answer given while the breaker is open.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct Fallback {
-    /// Status of the answer (200-599, default 503).
-    pub status: u16,
-    /// Headers of the answer.
-    pub headers: BTreeMap<String, Scalar>,
-    /// Body of the answer.
-    pub body: String,
-}
-
-impl Default for Fallback {
-    fn default() -> Self {
-        Fallback {
-            status: 503,
-            headers: BTreeMap::new(),
-            body: String::new(),
-        }
-    }
-}
-
-impl CircuitBreakerConfig {
-    /// Problems with these settings, located below `at` (the `circuit_breaker` key).
-    pub fn validate(&self, at: &KeyPath) -> Vec<Diagnostic> {
-        let mut out = Vec::new();
-        if !(1..=MAX_WINDOW).contains(&self.window) {
-            out.push(Diagnostic::new(
-                at.key("window"),
-                format!(
-                    "window must be between 1 and {MAX_WINDOW} requests (got {})",
-                    self.window
-                ),
-            ));
-        }
-        self.failure_rate
-            .check(at.key("failure_rate"), "failure_rate", &mut out);
-        if self.failure_rate.0 == 0.0 {
-            out.push(
-                Diagnostic::new(
-                    at.key("failure_rate"),
-                    "failure_rate must be more than 0 (0 would open on the first failure)",
-                )
-                .hint("to open on failures in a row, use `consecutive_failures`"),
-            );
-        }
-        if self.min_requests == 0 {
-            out.push(Diagnostic::new(
-                at.key("min_requests"),
-                "min_requests must be at least 1",
-            ));
-        } else if self.min_requests > self.window {
-            out.push(Diagnostic::new(
-                at.key("min_requests"),
-                format!(
-                    "min_requests ({}) must not exceed window ({}): the failure rate could never be reached",
-                    self.min_requests, self.window
-                ),
-            ));
-        }
-        if self.open_for.0 < Duration::from_millis(1) {
-            out.push(Diagnostic::new(
-                at.key("open_for"),
-                "open_for must be at least 1ms",
-            ));
-        }
-        if let Some(max) = self.max_open_for {
-            if max < self.open_for {
-                out.push(Diagnostic::new(
-                    at.key("max_open_for"),
-                    format!(
-                        "max_open_for ({max}) must not be shorter than open_for ({})",
-                        self.open_for
-                    ),
-                ));
-            }
-        }
-        if !(1..=MAX_HALF_OPEN_REQUESTS).contains(&self.half_open_requests) {
-            out.push(Diagnostic::new(
-                at.key("half_open_requests"),
-                format!(
-                    "half_open_requests must be between 1 and {MAX_HALF_OPEN_REQUESTS} (got {})",
-                    self.half_open_requests
-                ),
-            ));
-        }
-        if let Some(fb) = &self.fallback {
-            let p = at.key("fallback");
-            if !(200..=599).contains(&fb.status) {
-                out.push(Diagnostic::new(
-                    p.key("status"),
-                    format!(
-                        "status must be a final status between 200 and 599 (got {})",
-                        fb.status
-                    ),
-                ));
-            }
-            for (name, value) in &fb.headers {
-                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    out.push(Diagnostic::new(
-                        p.key("headers").key(name),
-                        format!("`{name}` is not a valid header name"),
-                    ));
-                } else if http::HeaderValue::from_str(&value.0).is_err() {
-                    out.push(Diagnostic::new(
-                        p.key("headers").key(name),
-                        format!("the value of `{name}` is not a valid header value"),
-                    ));
-                }
-            }
-        }
-        out
-    }
-
-    /// The runtime settings (validate first; out-of-range values are clamped).
-    pub fn settings(&self) -> BreakerSettings {
-        BreakerSettings {
-            window: self.window,
-            failure_rate: self.failure_rate.0,
-            min_requests: self.min_requests,
-            consecutive_failures: (self.consecutive_failures > 0)
-                .then_some(self.consecutive_failures),
-            open_for: self.open_for.0,
-            max_open_for: self.max_open_for.map_or(self.open_for.0, |d| d.0),
-            half_open_requests: self.half_open_requests,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1257,78 +1008,19 @@ mod tests {
         assert_eq!(b.state(PAYLOAD_MASK), State::HalfOpen);
     }
 
-    fn parse(yaml: &str) -> Result<CircuitBreakerConfig, String> {
-        let (v, _) = portico_config::yaml::parse(yaml).map_err(|d| d.to_string())?;
-        CircuitBreakerConfig::deserialize(v).map_err(|e| e.to_string())
-    }
-
     #[test]
-    fn breaker_config_defaults_and_full_form() {
-        let c = parse("{}").unwrap();
-        assert_eq!(c, CircuitBreakerConfig::default());
-        assert_eq!(c.settings(), BreakerSettings::default());
-        assert!(c.validate(&KeyPath::root()).is_empty());
-
-        let c = parse(
-            "window: 50\nfailure_rate: 25%\nmin_requests: 20\nconsecutive_failures: 0\n\
-             open_for: 10s\nmax_open_for: 5m\nhalf_open_requests: 5\nper_target: true\n\
-             fallback:\n  status: 200\n  headers: {content-type: application/json, x-n: 1}\n  body: '{\"items\":[]}'\n",
-        )
-        .unwrap();
-        assert!(c.validate(&KeyPath::root()).is_empty());
-        let s = c.settings();
+    fn breaker_settings_from_config() {
+        let c = CircuitBreakerConfig::default();
+        assert_eq!(BreakerSettings::from(&c), BreakerSettings::default());
+        let c = CircuitBreakerConfig {
+            consecutive_failures: 0,
+            max_open_for: Some(Dur(Duration::from_secs(300))),
+            failure_rate: Ratio(0.25),
+            ..c
+        };
+        let s = BreakerSettings::from(&c);
         assert_eq!(s.failure_rate, 0.25);
         assert_eq!(s.consecutive_failures, None);
         assert_eq!(s.max_open_for, Duration::from_secs(300));
-        assert!(c.per_target);
-        let fb = c.fallback.unwrap();
-        assert_eq!(fb.status, 200);
-        assert_eq!(fb.headers["x-n"].0, "1");
-        assert_eq!(fb.body, "{\"items\":[]}");
-
-        assert_eq!(parse("failure_rate: 0.5").unwrap().failure_rate, Ratio(0.5));
-        assert!(parse("failure_rate: half")
-            .unwrap_err()
-            .contains("not a share"));
-        assert!(parse("windw: 3").unwrap_err().contains("unknown field"));
-        assert!(parse("open_for: 3").is_err());
-    }
-
-    #[test]
-    fn breaker_config_validate_reports_key_paths() {
-        let c = parse(
-            "window: 5\nfailure_rate: 50\nmin_requests: 6\nopen_for: 1m\nmax_open_for: 30s\n\
-             half_open_requests: 0\nfallback: {status: 99, headers: {'bad name': x}}\n",
-        )
-        .unwrap();
-        let at = KeyPath::parse("upstreams.api.circuit_breaker");
-        let d: Vec<String> = c.validate(&at).iter().map(|d| d.to_string()).collect();
-        assert_eq!(
-            d,
-            [
-                "upstreams.api.circuit_breaker.failure_rate: failure_rate must be between 0 and 1 (got 50) (for a percentage write `50%`)",
-                "upstreams.api.circuit_breaker.min_requests: min_requests (6) must not exceed window (5): the failure rate could never be reached",
-                "upstreams.api.circuit_breaker.max_open_for: max_open_for (30s) must not be shorter than open_for (60s)",
-                "upstreams.api.circuit_breaker.half_open_requests: half_open_requests must be between 1 and 1000 (got 0)",
-                "upstreams.api.circuit_breaker.fallback.status: status must be a final status between 200 and 599 (got 99)",
-                "upstreams.api.circuit_breaker.fallback.headers[\"bad name\"]: `bad name` is not a valid header name",
-            ]
-        );
-        let c = parse("window: 0\nfailure_rate: 0\nmin_requests: 0\nopen_for: 0ms").unwrap();
-        let d: Vec<String> = c
-            .validate(&KeyPath::root())
-            .iter()
-            .map(|d| d.message.clone())
-            .collect();
-        assert_eq!(d.len(), 4, "{d:?}");
-    }
-
-    #[test]
-    fn breaker_config_schema() {
-        let schema = schemars::schema_for!(CircuitBreakerConfig);
-        let s = schema.as_value();
-        assert_eq!(s["additionalProperties"], false);
-        assert!(s["properties"]["failure_rate"].is_object());
-        assert!(s["properties"]["fallback"].is_object());
     }
 }

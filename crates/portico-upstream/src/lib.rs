@@ -19,16 +19,20 @@ pub mod overlay;
 pub mod pool;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use parking_lot::Mutex;
 use portico_config::grammar::KeySpec;
 use portico_config::model::{Passive, Protocol, Timeouts, Upstream as UpstreamConfig, UpstreamTls};
 use tokio::time::Instant;
 
 pub use balance::{Balancer, Schedule};
+pub use breaker::{BreakerSettings, CircuitBreaker, Permit, Rejected, State, Transition};
+pub use budget::{BudgetSettings, RetriesConfig, RetryBudget, RetryOn};
 pub use client::{ClientError, ConnectTimeout};
 pub use health::{ms_at, now_ms, TargetHealth};
 pub use overlay::{Field, Overlay};
@@ -57,6 +61,76 @@ pub struct Upstream {
     pub hash_key: Option<KeySpec>,
     pub timeouts: Timeouts,
     pub passive: Passive,
+    /// The circuit breaker(s), when `circuit_breaker` is configured.
+    pub circuit: Option<Circuit>,
+    /// The upstream's `retries` (a route's own replace them).
+    pub retries: Option<RetriesConfig>,
+    /// The retry budget, shared by every route to this upstream (settings from the
+    /// upstream's `retries.budget`, the defaults without one).
+    pub budget: Arc<RetryBudget>,
+}
+
+/// The circuit breaker(s) of an upstream.
+pub struct Circuit {
+    /// One breaker per target (`per_target: true`) or one for the upstream.
+    pub per_target: bool,
+    /// One breaker, or one per target (in target order).
+    pub breakers: Vec<Arc<CircuitBreaker>>,
+    /// The answer while open, instead of the 503 error.
+    pub fallback: Option<FallbackResponse>,
+    /// Transitions counted by the state entered (closed, open, half-open), kept
+    /// across reloads.
+    pub transitions: Arc<TransitionCounts>,
+}
+
+/// A compiled `circuit_breaker.fallback`.
+#[derive(Debug, Clone)]
+pub struct FallbackResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Breaker transitions of an upstream, by the state entered.
+#[derive(Debug, Default)]
+pub struct TransitionCounts([AtomicU64; 3]);
+
+impl TransitionCounts {
+    fn slot(s: State) -> usize {
+        match s {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+        }
+    }
+
+    /// Count a transition into `to`.
+    pub fn count(&self, to: State) {
+        self.0[Self::slot(to)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Transitions into `to` so far.
+    pub fn get(&self, to: State) -> u64 {
+        self.0[Self::slot(to)].load(Ordering::Relaxed)
+    }
+}
+
+impl Circuit {
+    /// The breaker that governs target `i`.
+    pub fn breaker(&self, i: usize) -> Option<&CircuitBreaker> {
+        let at = if self.per_target { i } else { 0 };
+        self.breakers.get(at).map(|b| &**b)
+    }
+
+    /// Log (at warn) and count a transition of the breaker of target `i`.
+    pub fn note(&self, upstream: &str, target: &str, t: Transition) {
+        self.transitions.count(t.to);
+        if self.per_target {
+            tracing::warn!(upstream = %upstream, target = %target, from = %t.from, to = %t.to, "{t}");
+        } else {
+            tracing::warn!(upstream = %upstream, from = %t.from, to = %t.to, "{t}");
+        }
+    }
 }
 
 impl Upstream {
@@ -141,12 +215,20 @@ fn counts_as_failure(status: StatusCode) -> bool {
 #[derive(Clone, PartialEq)]
 struct ConnectorKey(Protocol, UpstreamTls, usize, Vec<Option<Vec<u8>>>);
 
+/// A breaker kept across reloads, with the settings it was built with.
+type KeptBreaker = (BreakerSettings, Arc<CircuitBreaker>);
+
 /// State that outlives snapshots: connectors, connection pools and target health.
 #[derive(Default)]
 pub struct UpstreamState {
     connectors: Mutex<HashMap<String, (ConnectorKey, Arc<Connector>)>>,
     pools: Mutex<HashMap<(String, String), Arc<TargetPool>>>,
     health: Mutex<HashMap<(String, String), Arc<TargetHealth>>>,
+    /// Breakers by upstream and target URL (`""` for an upstream-wide one), kept while
+    /// their settings are unchanged.
+    breakers: Mutex<HashMap<(String, String), KeptBreaker>>,
+    transitions: Mutex<HashMap<String, Arc<TransitionCounts>>>,
+    budgets: Mutex<HashMap<String, (BudgetSettings, Arc<RetryBudget>)>>,
 }
 
 /// A problem compiling an upstream, with the config keys below `upstreams.NAME` it concerns.
@@ -201,6 +283,26 @@ impl UpstreamState {
         let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
         let names: Vec<&str> = targets.iter().map(|t| &*t.url).collect();
         let balancer = Balancer::new(cfg.balance, &weights, &names);
+        let circuit = match &cfg.circuit_breaker {
+            Some(cb) => Some(self.circuit_for(name, cb, &names)?),
+            None => None,
+        };
+        let budget_settings = cfg
+            .retries
+            .as_ref()
+            .map(|r| BudgetSettings::from(&r.budget))
+            .unwrap_or_default();
+        let budget = {
+            let mut budgets = self.budgets.lock();
+            match budgets.get(name) {
+                Some((s, b)) if *s == budget_settings => b.clone(),
+                _ => {
+                    let b = Arc::new(RetryBudget::new(budget_settings));
+                    budgets.insert(name.to_string(), (budget_settings, b.clone()));
+                    b
+                }
+            }
+        };
         Ok(Upstream {
             name: name.into(),
             hash_key: cfg.hash_key.clone(),
@@ -208,6 +310,89 @@ impl UpstreamState {
             balancer,
             timeouts: cfg.timeouts,
             passive: cfg.health.passive,
+            circuit,
+            retries: cfg.retries.clone(),
+            budget,
+        })
+    }
+
+    /// The breakers of an upstream, reusing the existing ones while their settings are
+    /// unchanged (a reload keeps an open breaker open).
+    fn circuit_for(
+        &self,
+        name: &str,
+        cfg: &breaker::CircuitBreakerConfig,
+        targets: &[&str],
+    ) -> Result<Circuit, CompileError> {
+        let settings = BreakerSettings::from(cfg);
+        let keys: Vec<&str> = if cfg.per_target {
+            targets.to_vec()
+        } else {
+            vec![""]
+        };
+        let mut map = self.breakers.lock();
+        let breakers = keys
+            .iter()
+            .map(|t| {
+                let key = (name.to_string(), t.to_string());
+                match map.get(&key) {
+                    Some((s, b)) if *s == settings => b.clone(),
+                    _ => {
+                        let b = Arc::new(CircuitBreaker::new(settings));
+                        map.insert(key, (settings, b.clone()));
+                        b
+                    }
+                }
+            })
+            .collect();
+        drop(map);
+        let fallback = match &cfg.fallback {
+            None => None,
+            Some(fb) => {
+                let bad = |k: Vec<String>, m: String| CompileError {
+                    key: [vec!["circuit_breaker".into(), "fallback".into()], k].concat(),
+                    message: m,
+                };
+                let status = StatusCode::from_u16(fb.status).map_err(|_| {
+                    bad(
+                        vec!["status".into()],
+                        format!("{} is not a status", fb.status),
+                    )
+                })?;
+                let mut headers = HeaderMap::new();
+                for (n, v) in &fb.headers {
+                    let hn = HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+                        bad(
+                            vec!["headers".into(), n.clone()],
+                            format!("`{n}` is not a valid header name"),
+                        )
+                    })?;
+                    let hv = HeaderValue::from_str(&v.0).map_err(|_| {
+                        bad(
+                            vec!["headers".into(), n.clone()],
+                            format!("the value of `{n}` is not a valid header value"),
+                        )
+                    })?;
+                    headers.append(hn, hv);
+                }
+                Some(FallbackResponse {
+                    status,
+                    headers,
+                    body: Bytes::from(fb.body.clone()),
+                })
+            }
+        };
+        let transitions = self
+            .transitions
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        Ok(Circuit {
+            per_target: cfg.per_target,
+            breakers,
+            fallback,
+            transitions,
         })
     }
 
@@ -289,5 +474,15 @@ impl UpstreamState {
             live.iter()
                 .any(|(lu, ts)| lu == u && ts.iter().any(|x| x == t))
         });
+        self.breakers.lock().retain(|(u, t), _| {
+            live.iter()
+                .any(|(lu, ts)| lu == u && (t.is_empty() || ts.iter().any(|x| x == t)))
+        });
+        self.transitions
+            .lock()
+            .retain(|n, _| live.iter().any(|(u, _)| u == n));
+        self.budgets
+            .lock()
+            .retain(|n, _| live.iter().any(|(u, _)| u == n));
     }
 }
