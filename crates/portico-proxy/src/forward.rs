@@ -229,7 +229,8 @@ pub async fn forward(
     // own breaker (`per_target`) refused.
     let mut excluded = [usize::MAX; MAX_EXCLUDED];
     let mut n_excluded = 0;
-    let mut last: Option<Result<Response<Body>, GatewayError>> = None;
+    // Boxed: only set when a try is retried, and kept out of the future's state.
+    let mut last: Option<Box<Result<Response<Body>, GatewayError>>> = None;
     for attempt in 0..max_tries {
         let request_body = match (&replay, body.take()) {
             (Some(b), _) if b.is_empty() => Body::Empty,
@@ -331,6 +332,10 @@ pub async fn forward(
                 strip_hop_by_hop(resp.headers_mut());
                 // The client gets the gateway's protocol version, not the upstream's.
                 *resp.version_mut() = Version::HTTP_11;
+                // Nothing to record or retry: the common case returns at once.
+                if retries.is_none() && permit.is_none() {
+                    return Ok(resp);
+                }
                 let status = resp.status();
                 (
                     Ok(resp),
@@ -397,12 +402,12 @@ pub async fn forward(
         tracing::debug!(upstream = %up.name, target = %target.url, condition = %cond.map(|c| c.to_string()).unwrap_or_default(), attempt = attempt + 1, "retrying the request");
         // The previous answer (its body unread) is what the client gets if no target
         // can be tried.
-        last = Some(outcome);
+        last = Some(Box::new(outcome));
         if let Some(r) = retries {
             tokio::time::sleep(r.backoff(attempt as u32, fastrand::f64())).await;
         }
     }
-    last.unwrap_or_else(|| {
+    last.map(|b| *b).unwrap_or_else(|| {
         Err(GatewayError::new(
             ErrorKind::NoHealthyUpstream,
             format!("upstream `{}` has no available target", up.name),
