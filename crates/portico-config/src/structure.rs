@@ -206,6 +206,15 @@ pub(crate) fn value_problem(
         };
         return Diagnostic::new(path, msg);
     }
+    // The request-key grammar (`ip`, `header:NAME`, ...): say what a key may be rather
+    // than print its pattern.
+    if let ValidationErrorKind::Pattern { pattern } = err.kind() {
+        if pattern.starts_with("^(ip|consumer|") {
+            if let Some(Err(msg)) = inst.as_str().map(crate::grammar::KeyPart::parse) {
+                return Diagnostic::new(path, msg);
+            }
+        }
+    }
     if sp.starts_with("/$defs/ScalarSchema/") {
         return Diagnostic::new(
             path,

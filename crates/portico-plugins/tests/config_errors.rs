@@ -173,6 +173,15 @@ fn unknown_keys_at_every_depth() {
             message: "unknown policy `request-transfomer`",
             hint: Some("did you mean `request-transformer`?"),
         },
+        Case {
+            what: "a request key outside the grammar",
+            yaml: "upstreams:\n  u:\n    targets: [{url: \"http://a\"}]\n    balance: consistent_hash\n    hash_key: \"headr:x-user\"\n",
+            path: "upstreams.u.hash_key",
+            line: 5,
+            col: 15,
+            message: "`headr:x-user` is not a key; use ip, consumer, route, path, header:NAME",
+            hint: None,
+        },
     ]);
 }
 
