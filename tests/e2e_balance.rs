@@ -364,7 +364,7 @@ fn validate_checks_hash_key() {
     ));
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains(":5:15: upstreams.u.hash_key: \"headr:x-user\" does not match"),
+        err.contains(":5:15: upstreams.u.hash_key: `headr:x-user` is not a key; use ip, consumer"),
         "{err}"
     );
     assert!(!err.contains("needs a `hash_key`"), "{err}");
@@ -373,7 +373,7 @@ fn validate_checks_hash_key() {
     ));
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("upstreams.u.hash_key[1]: \"jwt:sub\" does not match"),
+        err.contains("upstreams.u.hash_key[1]: `jwt:sub` is not a key"),
         "{err}"
     );
     // Valid: one key or a list of parts.
