@@ -211,3 +211,86 @@ pub fn drain_in_background(body: Body) {
         .await;
     });
 }
+
+/// Why [`read_limited`] stopped: the body is larger than allowed (the caller says
+/// what the limit is for), or reading it failed (the answer to give).
+pub struct ReadStopped(Option<crate::error::GatewayError>);
+
+impl ReadStopped {
+    /// The answer: the read failure, or `too_large()` when the body was too large.
+    pub fn or_else(
+        self,
+        too_large: impl FnOnce() -> crate::error::GatewayError,
+    ) -> crate::error::GatewayError {
+        self.0.unwrap_or_else(too_large)
+    }
+}
+
+/// The whole body of a request, at most `max` bytes (a policy that must see it all:
+/// validation, digests). `declared` (Content-Length) sizes the buffer. A body of one
+/// frame is returned without a copy. Trailers are dropped. On a body too large the
+/// rest stays in `body`, for the pipeline to discard (so the client gets the answer).
+pub async fn read_limited(
+    body: &mut Body,
+    declared: Option<u64>,
+    max: u64,
+) -> Result<Bytes, ReadStopped> {
+    use http_body_util::BodyExt;
+    let mut first: Option<Bytes> = None;
+    let mut buf = bytes::BytesMut::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadStopped(Some(read_error(&e))))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        total += data.len() as u64;
+        if total > max {
+            return Err(ReadStopped(None));
+        }
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(f) = earlier {
+                    let want = usize::try_from(declared.unwrap_or(0).min(max)).unwrap_or(0);
+                    buf.reserve(want.max(f.len() + data.len()));
+                    buf.extend_from_slice(&f);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// The answer to a request body that could not be read: 413 when a limit stopped it,
+/// 400 when it stalled or broke off; the connection is closed either way.
+pub fn read_error(e: &BoxError) -> crate::error::GatewayError {
+    use crate::error::{ErrorKind, GatewayError};
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(s) = src {
+        if let Some(b) = s.downcast_ref::<BodyTooLarge>() {
+            let mut err = GatewayError::new(ErrorKind::PayloadTooLarge, b.to_string());
+            err.close = true;
+            return err;
+        }
+        if s.is::<IdleTimeout>() {
+            let mut err = GatewayError::new(
+                ErrorKind::BadRequest,
+                "the request body stalled (idle timeout)",
+            );
+            err.close = true;
+            return err;
+        }
+        src = s.source();
+    }
+    let mut err = GatewayError::new(
+        ErrorKind::BadRequest,
+        format!("the request body could not be read: {e}"),
+    );
+    err.close = true;
+    err
+}

@@ -44,6 +44,44 @@ pub fn claim_header(name: &str) -> Result<http::HeaderName, String> {
     }
 }
 
+/// The consumer a verified token names: its `consumer_claim` (a string or a number)
+/// matched against the consumers' `jwt` credentials, those naming the token's `iss`
+/// first. Shared by `jwt`, `oauth2-introspection` and `oidc`.
+pub fn token_consumer(
+    identity: &portico_store::Identity,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    consumer_claim: &str,
+) -> Option<Arc<portico_store::Consumer>> {
+    use serde_json::Value;
+    let iss = claims.get("iss").and_then(Value::as_str);
+    let ix = identity.index();
+    match claims.get(consumer_claim) {
+        Some(Value::String(s)) => ix.jwt_consumer(iss, s).cloned(),
+        Some(Value::Number(n)) => ix.jwt_consumer(iss, &n.to_string()).cloned(),
+        _ => None,
+    }
+}
+
+/// Send the configured claims upstream as headers (strings as they are, other JSON
+/// values serialized; absent and null claims send nothing).
+pub fn set_claim_headers(
+    h: &mut http::HeaderMap,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    list: &[(String, http::HeaderName)],
+) {
+    use serde_json::Value;
+    for (claim, name) in list {
+        let value = match claims.get(claim) {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(s)) => HeaderValue::from_bytes(s.as_bytes()),
+            Some(other) => HeaderValue::from_str(&other.to_string()),
+        };
+        if let Ok(v) = value {
+            h.insert(name.clone(), v);
+        }
+    }
+}
+
 /// A 401 with this policy's challenge.
 pub fn refusal(challenge: &HeaderValue, message: &'static str) -> GatewayError {
     GatewayError::new(ErrorKind::Unauthorized, message)

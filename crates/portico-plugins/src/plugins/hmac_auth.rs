@@ -38,10 +38,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use aws_lc_rs::{digest, hmac};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Version};
-use http_body_util::BodyExt;
 use parking_lot::Mutex;
 use portico_config::units::{ByteSize, Dur};
 use portico_config::KeyPath;
@@ -51,7 +50,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::auth::{info, REALM};
-use crate::body::{Body, BodyTooLarge, BoxError, IdleTimeout};
+use crate::body::Body;
 use crate::ctx::Ctx;
 use crate::error::{ErrorKind, GatewayError};
 use crate::policy::{AuthInfo, Flow, Policy, Step};
@@ -1007,60 +1006,10 @@ impl HmacAuth {
     /// The whole body (at most `max_body`), or the error to answer. On 413 the rest
     /// of the body stays in `body`, for the pipeline to discard.
     async fn read_body(&self, body: &mut Body) -> Result<Bytes, GatewayError> {
-        let mut first: Option<Bytes> = None;
-        let mut buf = BytesMut::new();
-        let mut total: u64 = 0;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| read_error(&e))?;
-            let Ok(data) = frame.into_data() else {
-                // Trailers are not part of the content the digest is of.
-                continue;
-            };
-            if data.is_empty() {
-                continue;
-            }
-            total += data.len() as u64;
-            if total > self.max_body {
-                return Err(self.too_large(None));
-            }
-            match first.take() {
-                None if buf.is_empty() => first = Some(data),
-                earlier => {
-                    if let Some(f) = earlier {
-                        buf.extend_from_slice(&f);
-                    }
-                    buf.extend_from_slice(&data);
-                }
-            }
-        }
-        Ok(first.unwrap_or_else(|| buf.freeze()))
+        crate::body::read_limited(body, None, self.max_body)
+            .await
+            .map_err(|e| e.or_else(|| self.too_large(None)))
     }
-}
-
-fn read_error(e: &BoxError) -> GatewayError {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
-    while let Some(s) = src {
-        if let Some(b) = s.downcast_ref::<BodyTooLarge>() {
-            let mut err = GatewayError::new(ErrorKind::PayloadTooLarge, b.to_string());
-            err.close = true;
-            return err;
-        }
-        if s.is::<IdleTimeout>() {
-            let mut err = GatewayError::new(
-                ErrorKind::BadRequest,
-                "the request body stalled (idle timeout)",
-            );
-            err.close = true;
-            return err;
-        }
-        src = s.source();
-    }
-    let mut err = GatewayError::new(
-        ErrorKind::BadRequest,
-        format!("the request body could not be read: {e}"),
-    );
-    err.close = true;
-    err
 }
 
 /// `Accept-Signature` (RFC 9421 §5.1): the components required, `alg` and `created`.
@@ -1496,6 +1445,7 @@ mod tests {
     use super::*;
     use crate::registry::parse;
     use base64::Engine as _;
+    use http_body_util::BodyExt;
     use portico_config::model::Secret;
     use portico_config::{ConsumerDecl, CredentialDecl};
     use serde_json::{json, Value};

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use portico_config::units::Dur;
 use portico_config::{KeyPath, Secret};
 use portico_store::secret::{key_digest, KeyDigest};
-use portico_store::{now_secs, Consumer, Identity};
+use portico_store::{now_secs, Identity};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
@@ -340,29 +340,17 @@ impl Introspection {
         req: &mut Request<Body>,
         claims: Arc<Value>,
     ) -> Result<(), GatewayError> {
-        let consumer: Option<Arc<Consumer>> = match claims.get(&self.consumer_claim) {
-            Some(Value::String(s)) => self
-                .identity
-                .index()
-                .jwt_consumer(claims.get("iss").and_then(Value::as_str), s)
-                .cloned(),
-            _ => None,
-        };
+        let consumer = claims
+            .as_object()
+            .and_then(|c| super::auth::token_consumer(&self.identity, c, &self.consumer_claim));
         if consumer.is_none() && self.require_consumer {
             return Err(refusal(
                 &self.invalid(),
                 "the token belongs to no known consumer",
             ));
         }
-        for (claim, name) in &self.claims_to_headers {
-            let value = match claims.get(claim) {
-                None | Some(Value::Null) => continue,
-                Some(Value::String(s)) => HeaderValue::from_bytes(s.as_bytes()),
-                Some(other) => HeaderValue::from_str(&other.to_string()),
-            };
-            if let Ok(v) = value {
-                req.headers_mut().insert(name.clone(), v);
-            }
+        if let Some(c) = claims.as_object() {
+            super::auth::set_claim_headers(req.headers_mut(), c, &self.claims_to_headers);
         }
         if !self.forward {
             req.headers_mut().remove(AUTHORIZATION);

@@ -39,7 +39,7 @@ use parking_lot::Mutex;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use portico_config::units::Dur;
 use portico_config::{KeyPath, Secret};
-use portico_store::{now_secs, Consumer, Identity};
+use portico_store::{now_secs, Identity};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -950,24 +950,10 @@ impl Oidc {
 
     /// A valid session: the context, the claim headers.
     fn accept(&self, ctx: &mut Ctx, req: &mut Request<Body>, s: &Session) {
-        for (claim, name) in &self.claims_to_headers {
-            let value = match s.c.get(claim) {
-                None | Some(Value::Null) => continue,
-                Some(Value::String(v)) => HeaderValue::from_bytes(v.as_bytes()),
-                Some(other) => HeaderValue::from_str(&other.to_string()),
-            };
-            if let Ok(v) = value {
-                req.headers_mut().insert(name.clone(), v);
-            }
-        }
+        super::auth::set_claim_headers(req.headers_mut(), &s.c, &self.claims_to_headers);
         if ctx.auth.is_none() {
-            let consumer: Option<Arc<Consumer>> = match s.c.get(&self.consumer_claim) {
-                Some(Value::String(v)) => self.identity.index().jwt_subject(v).cloned(),
-                Some(Value::Number(n)) => {
-                    self.identity.index().jwt_subject(&n.to_string()).cloned()
-                }
-                _ => None,
-            };
+            // Issuer-scoped `jwt` credentials apply to OIDC logins too.
+            let consumer = super::auth::token_consumer(&self.identity, &s.c, &self.consumer_claim);
             ctx.auth = Some("oidc");
             ctx.consumer = consumer;
         }

@@ -19,10 +19,9 @@
 
 use std::collections::HashMap;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Request};
-use http_body_util::BodyExt;
 use jsonschema::{Draft, PatternOptions, Validator};
 use portico_config::units::ByteSize;
 use portico_config::KeyPath;
@@ -30,7 +29,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Number, Value};
 
-use crate::body::{Body, BodyTooLarge, BoxError, IdleTimeout};
+use crate::body::Body;
 use crate::ctx::Ctx;
 use crate::error::{ErrorKind, GatewayError};
 use crate::policy::{Flow, Policy, Step};
@@ -324,36 +323,9 @@ pub(crate) async fn read_limited(
     declared: Option<u64>,
     max: u64,
 ) -> Result<Bytes, GatewayError> {
-    let mut first: Option<Bytes> = None;
-    let mut buf = BytesMut::new();
-    let mut total: u64 = 0;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| read_error(&e))?;
-        let Ok(data) = frame.into_data() else {
-            // Trailers: not part of the JSON; dropped.
-            continue;
-        };
-        if data.is_empty() {
-            continue;
-        }
-        total += data.len() as u64;
-        if total > max {
-            return Err(too_large(None, max));
-        }
-        match first.take() {
-            None if buf.is_empty() => first = Some(data),
-            earlier => {
-                if let Some(f) = earlier {
-                    let want = declared.unwrap_or(0).min(max);
-                    let want = usize::try_from(want).unwrap_or(0);
-                    buf.reserve(want.max(f.len() + data.len()));
-                    buf.extend_from_slice(&f);
-                }
-                buf.extend_from_slice(&data);
-            }
-        }
-    }
-    Ok(first.unwrap_or_else(|| buf.freeze()))
+    crate::body::read_limited(body, declared, max)
+        .await
+        .map_err(|e| e.or_else(|| too_large(None, max)))
 }
 
 impl Policy for RequestValidation {
@@ -692,32 +664,6 @@ fn malformed(e: &serde_json::Error) -> GatewayError {
     .with_detail("column", e.column().into())
 }
 
-fn read_error(e: &BoxError) -> GatewayError {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
-    while let Some(s) = src {
-        if let Some(b) = s.downcast_ref::<BodyTooLarge>() {
-            let mut err = GatewayError::new(ErrorKind::PayloadTooLarge, b.to_string());
-            err.close = true;
-            return err;
-        }
-        if s.is::<IdleTimeout>() {
-            let mut err = GatewayError::new(
-                ErrorKind::BadRequest,
-                "the request body stalled (idle timeout)",
-            );
-            err.close = true;
-            return err;
-        }
-        src = s.source();
-    }
-    let mut err = GatewayError::new(
-        ErrorKind::BadRequest,
-        format!("the request body could not be read: {e}"),
-    );
-    err.close = true;
-    err
-}
-
 /// `s` cut to at most `max` bytes (at a character boundary), with `…` when cut.
 pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
@@ -735,6 +681,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::registry::parse;
+    use http_body_util::BodyExt;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::Arc;
 
