@@ -103,7 +103,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     text.push_str("# HELP portico_upstream_target_healthy 1 when the target may receive traffic.\n# TYPE portico_upstream_target_healthy gauge\n");
     let now = portico_upstream::now_ms();
     for (name, up) in &snap.upstreams {
-        for t in &up.targets {
+        for t in &up.live.current().targets {
             text.push_str(&format!(
                 "portico_upstream_target_healthy{{upstream=\"{name}\",target=\"{}\"}} {}\n",
                 t.url,
@@ -111,11 +111,28 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
             ));
         }
     }
+    text.push_str("# HELP portico_discovery_updates_total Answers from an upstream's discovery source.\n# TYPE portico_discovery_updates_total counter\n");
+    let mut errors = String::from("# HELP portico_discovery_errors_total Failed attempts to reach an upstream's discovery source (the last known targets stay in use).\n# TYPE portico_discovery_errors_total counter\n");
+    for (name, up) in &snap.upstreams {
+        let Some(source) = up.discovery.as_ref().and_then(|d| d.source()) else {
+            continue;
+        };
+        let st = &up.live.discovery;
+        text.push_str(&format!(
+            "portico_discovery_updates_total{{upstream=\"{name}\",source=\"{source}\"}} {}\n",
+            st.updates.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+        errors.push_str(&format!(
+            "portico_discovery_errors_total{{upstream=\"{name}\",source=\"{source}\"}} {}\n",
+            st.errors.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+    }
+    text.push_str(&errors);
     text.push_str("# HELP portico_upstream_circuit_state State of the circuit breaker governing the target: 0 closed, 1 open, 2 half-open.\n# TYPE portico_upstream_circuit_state gauge\n");
     for (name, up) in &snap.upstreams {
         let Some(c) = &up.circuit else { continue };
-        for (i, t) in up.targets.iter().enumerate() {
-            if let Some(b) = c.breaker(i) {
+        for t in &up.live.current().targets {
+            if let Some(b) = c.breaker(t) {
                 let code = match b.state(now) {
                     portico_upstream::State::Closed => 0,
                     portico_upstream::State::Open => 1,
@@ -255,15 +272,15 @@ async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
         .filter_map(|n| snap.upstreams.get(n).map(|u| (n, u)))
         .map(|(n, u)| {
             let cfg = snap.loaded.config.upstreams.get(n);
-            let targets: Vec<Value> = u
+            let set = u.live.current();
+            let targets: Vec<Value> = set
                 .targets
                 .iter()
-                .enumerate()
-                .map(|(i, t)| {
+                .map(|t| {
                     let circuit = u
                         .circuit
                         .as_ref()
-                        .and_then(|c| c.breaker(i))
+                        .and_then(|c| c.breaker(t))
                         .map(|b| b.state(now).as_str());
                     json!({
                         "url": &*t.url,
@@ -283,15 +300,25 @@ async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
                     .collect();
                 json!({
                     "per_target": c.per_target,
-                    "state": (!c.per_target)
-                        .then(|| c.breaker(0).map(|b| b.state(now).as_str()))
-                        .flatten(),
+                    "state": c.upstream_wide.as_ref().map(|b| b.state(now).as_str()),
                     "transitions": transitions,
+                })
+            });
+            let discovery = u.discovery.as_ref().map(|d| {
+                let st = &u.live.discovery;
+                let last_ok = st.last_ok_ms.load(std::sync::atomic::Ordering::Relaxed);
+                json!({
+                    "source": d.source(),
+                    "updates": st.updates.load(std::sync::atomic::Ordering::Relaxed),
+                    "errors": st.errors.load(std::sync::atomic::Ordering::Relaxed),
+                    "last_error": st.last_error.lock().clone(),
+                    "last_success_ms_ago": (last_ok > 0).then(|| now.saturating_sub(last_ok)),
                 })
             });
             json!({
                 "name": n,
                 "balance": cfg.map(|c| c.balance),
+                "discovery": discovery,
                 "protocol": cfg.map(|c| c.protocol),
                 "timeouts": {"connect": u.timeouts.connect, "request": u.timeouts.request, "idle": u.timeouts.idle},
                 "targets": targets,

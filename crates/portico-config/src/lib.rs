@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod diag;
+pub mod discovery;
 pub mod grammar;
 pub mod identity;
 pub mod load;

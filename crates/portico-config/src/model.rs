@@ -350,8 +350,14 @@ impl Default for Shutdown {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
-    /// Target servers: `http://` or `https://` URLs with an optional weight.
+    /// Target servers: `http://` or `https://` URLs with an optional weight (may be
+    /// empty when `discovery` supplies them).
+    #[serde(default)]
     pub targets: Vec<Target>,
+    /// Targets found by a discovery source, used beside `targets` and kept current
+    /// without a reload.
+    #[serde(default)]
+    pub discovery: Option<crate::discovery::Discovery>,
     /// How a target is chosen: `weighted` (smooth weighted round robin, the default),
     /// `round_robin`, `least_connections`, `p2c_ewma`, `consistent_hash` or `random`.
     #[serde(default)]
@@ -370,7 +376,8 @@ pub struct Upstream {
     /// TLS towards `https://` targets.
     #[serde(default)]
     pub tls: UpstreamTls,
-    /// Passive health: targets that fail to connect repeatedly are taken out for a while.
+    /// Health: active checks, passive outlier detection, and what happens when no
+    /// target is healthy.
     #[serde(default)]
     pub health: Health,
     /// Idle keep-alive connections kept per target.
@@ -533,23 +540,55 @@ pub struct ClientCert {
 }
 
 /// Health settings of an upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
+    /// Probes sent to every target on a timer (off when absent).
+    #[serde(default)]
+    pub active: Option<crate::discovery::ActiveCheck>,
+    /// Outlier detection from live traffic.
     #[serde(default)]
     pub passive: Passive,
+    /// When no target is healthy: `fail` (503 at once, the default) or `panic`
+    /// (spread over every target regardless of health).
+    #[serde(default)]
+    pub when_all_unhealthy: crate::discovery::AllUnhealthy,
 }
 
-/// Passive health: consecutive connect failures eject a target for `ejection_time`.
+/// Passive health (outlier detection): a target that fails repeatedly on live traffic
+/// is ejected for `ejection_time` × the number of times it was ejected (at most
+/// `max_ejection_time`); at most `max_ejected_percent` of the targets at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Passive {
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Consecutive connect failures (refused, reset before an answer) that eject.
     #[serde(default = "default_failures")]
     pub consecutive_failures: u32,
+    /// Consecutive 5xx answers that eject (0: off, the default).
+    #[serde(default)]
+    pub consecutive_5xx: u32,
+    /// Consecutive timeouts (connect or answer) that eject (0: off, the default).
+    #[serde(default)]
+    pub consecutive_timeouts: u32,
+    /// The first ejection's length; each further one is longer by as much.
     #[serde(default = "default_ejection")]
     pub ejection_time: Dur,
+    /// The longest ejection (default 5m).
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection_time: Dur,
+    /// At most this share of the targets is ejected at once (default 50; one target
+    /// may always be ejected).
+    #[serde(default = "default_max_ejected")]
+    pub max_ejected_percent: u32,
+}
+
+fn default_max_ejection() -> Dur {
+    Dur::secs(300)
+}
+fn default_max_ejected() -> u32 {
+    50
 }
 
 fn default_failures() -> u32 {
@@ -564,7 +603,11 @@ impl Default for Passive {
         Passive {
             enabled: true,
             consecutive_failures: default_failures(),
+            consecutive_5xx: 0,
+            consecutive_timeouts: 0,
             ejection_time: default_ejection(),
+            max_ejection_time: default_max_ejection(),
+            max_ejected_percent: default_max_ejected(),
         }
     }
 }

@@ -61,11 +61,32 @@ pub(crate) fn semantic_check(
     }
     for (name, up) in &c.upstreams {
         let p = root.key("upstreams").key(name);
-        if up.targets.is_empty() {
+        if let Some(d) = &up.discovery {
+            diags.extend(d.validate(&p.key("discovery")));
+        }
+        if let Some(a) = &up.health.active {
+            diags.extend(a.validate(&p.key("health").key("active")));
+        }
+        let pv = &up.health.passive;
+        if pv.max_ejected_percent > 100 {
             diags.push(Diagnostic::new(
-                p.key("targets"),
-                "an upstream needs at least one target",
+                p.key("health").key("passive").key("max_ejected_percent"),
+                "a percentage is at most 100",
             ));
+        }
+        if pv.ejection_time.0 > pv.max_ejection_time.0 {
+            diags.push(Diagnostic::new(
+                p.key("health").key("passive").key("ejection_time"),
+                "`ejection_time` is above `max_ejection_time`",
+            ));
+        }
+        if up.targets.is_empty() {
+            if up.discovery.is_none() {
+                diags.push(Diagnostic::new(
+                    p.key("targets"),
+                    "an upstream needs at least one target (or a `discovery` source)",
+                ));
+            }
         } else if up.targets.iter().all(|t| t.weight == 0) {
             diags.push(Diagnostic::new(
                 p.key("targets"),

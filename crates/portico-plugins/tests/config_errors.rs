@@ -245,10 +245,10 @@ fn types_and_required_keys() {
         Case {
             what: "upstream without targets",
             yaml: "upstreams:\n  u:\n    balance: weighted\n",
-            path: "upstreams.u",
+            path: "upstreams.u.targets",
             line: 3,
             col: 5,
-            message: "missing required key `targets`",
+            message: "an upstream needs at least one target (or a `discovery` source)",
             hint: None,
         },
         Case {

@@ -231,6 +231,9 @@ pub async fn forward(
     let mut n_excluded = 0;
     // Boxed: only set when a try is retried, and kept out of the future's state.
     let mut last: Option<Box<Result<Response<Body>, GatewayError>>> = None;
+    // The targets as they are now: indexes stay valid for this request even if
+    // discovery changes the set meanwhile.
+    let set = up.live.current();
     for attempt in 0..max_tries {
         let request_body = match (&replay, body.take()) {
             (Some(b), _) if b.is_empty() => Body::Empty,
@@ -242,17 +245,17 @@ pub async fn forward(
         let mut refused: Option<Rejected> = None;
         let mut chosen = None;
         loop {
-            let idx = match up.pick(&excluded[..n_excluded], key_hash) {
+            let idx = match up.pick(&set, &excluded[..n_excluded], key_hash) {
                 Some(i) => Some(i),
                 // Every target tried: a retry goes to one of them again.
-                None if retries.is_some() && attempt > 0 => up.pick(&[], key_hash),
+                None if retries.is_some() && attempt > 0 => up.pick(&set, &[], key_hash),
                 None => None,
             };
             let Some(idx) = idx else { break };
             let Some((circuit, breaker)) = up
                 .circuit
                 .as_ref()
-                .and_then(|c| c.breaker(idx).map(|b| (c, b)))
+                .and_then(|c| c.breaker(&set.targets[idx]).map(|b| (c, b)))
             else {
                 chosen = Some((idx, None));
                 break;
@@ -260,7 +263,7 @@ pub async fn forward(
             match breaker.try_acquire(now_ms()) {
                 Ok(permit) => {
                     if let Some(t) = permit.transition() {
-                        circuit.note(&up.name, &up.targets[idx].url, t);
+                        circuit.note(&up.name, &set.targets[idx].url, t);
                     }
                     chosen = Some((idx, Some(permit)));
                     break;
@@ -293,7 +296,7 @@ pub async fn forward(
             excluded[n_excluded] = idx;
             n_excluded += 1;
         }
-        let target = &up.targets[idx];
+        let target = &set.targets[idx];
         fin.target = Some(target.url.clone());
         overlay.host = if !route.preserve_host {
             Field::Set(target.host_header.clone())
@@ -328,7 +331,7 @@ pub async fn forward(
         let (outcome, cond, failure) = match result {
             Ok(Ok(mut resp)) => {
                 target.health.success();
-                up.answered(idx, sent, resp.status());
+                up.answered(&set, idx, sent, resp.status());
                 strip_hop_by_hop(resp.headers_mut());
                 // The client gets the gateway's protocol version, not the upstream's.
                 *resp.version_mut() = Version::HTTP_11;
@@ -348,14 +351,14 @@ pub async fn forward(
                 let (err, connect) = map_client_error(e, route.timeouts.connect.0);
                 tracing::debug!(target = %target.url, error = %e, source = ?e.source(), "upstream request failed");
                 if connect {
-                    up.connect_failed(idx);
+                    up.connect_failed(&set, idx);
                 }
                 let upstream_side = matches!(
                     err.kind,
                     ErrorKind::UpstreamUnavailable | ErrorKind::UpstreamTimeout
                 );
                 if upstream_side {
-                    up.failed(idx, sent);
+                    up.failed(&set, idx, sent);
                 }
                 let cond = if connect {
                     if let Some(back) = failed.body {
@@ -370,7 +373,7 @@ pub async fn forward(
                 (Err(err), cond, upstream_side.then_some(true))
             }
             Err(timeout) => {
-                up.failed(idx, sent);
+                up.failed(&set, idx, sent);
                 (Err(timeout), Some(RetryOn::Timeout), Some(true))
             }
         };

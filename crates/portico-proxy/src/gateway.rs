@@ -11,6 +11,8 @@ use arc_swap::ArcSwap;
 use portico_config::{Diagnostic, Diagnostics, KeyPath, Loaded};
 use portico_plugins::Catalog;
 use portico_store::{Declared, Identity};
+use portico_upstream::discovery::SourceCtx;
+use portico_upstream::supervise::Supervisor;
 use portico_upstream::UpstreamState;
 
 use crate::access_log::AccessLog;
@@ -24,6 +26,10 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
     pub upstreams: UpstreamState,
+    /// Discovery and active health check tasks.
+    supervisor: Supervisor,
+    /// What discovery sources share (the service registry).
+    pub sources: SourceCtx,
     /// Route name used for requests no route took.
     pub no_route_name: Arc<str>,
     generation: AtomicU64,
@@ -88,11 +94,17 @@ impl Gateway {
         let identity = Arc::new(identity);
         identity.watch(STORE_POLL);
         let snap = compile(loaded, &upstreams, &metrics, 1, &identity)?;
+        let sources = SourceCtx {
+            base_dir: Some(snap.loaded.base_dir.clone()),
+            ..SourceCtx::default()
+        };
         let gw = Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snap),
             access_log: AccessLog::start(log_path, metrics.clone()),
             metrics,
             upstreams,
+            supervisor: Supervisor::default(),
+            sources,
             no_route_name: Arc::from(""),
             generation: AtomicU64::new(1),
             config_path,
@@ -107,6 +119,7 @@ impl Gateway {
                 .map_err(|(k, e)| bind_error(&gw.snapshot(), k, e))?;
             l.start(&gw, bound);
         }
+        gw.supervisor.sync(&gw.snapshot().upstreams, &gw.sources);
         gw.ready.store(true, Ordering::Release);
         Ok(gw)
     }
@@ -191,22 +204,17 @@ impl Gateway {
         let bound = listeners
             .bind_missing(&wanted)
             .map_err(|(k, e)| bind_error(&snap, k, e))?;
-        let live: Vec<(String, Vec<String>)> = snap
-            .loaded
-            .config
-            .upstreams
-            .iter()
-            .map(|(n, u)| (n.clone(), u.targets.iter().map(|t| t.url.clone()).collect()))
-            .collect();
         if let Err(e) = self.identity.set_declared(declared) {
             tracing::error!(error = %e, "cannot re-read the store; consumers from the file apply once it reads");
         }
-        self.snapshot.store(Arc::new(snap));
+        let snap = Arc::new(snap);
+        self.snapshot.store(snap.clone());
         self.generation.store(generation, Ordering::Relaxed);
         listeners.start(self, bound);
         listeners.stop_unwanted(&wanted);
         self.access_log.set_target(log_path);
-        self.upstreams.retain(&live);
+        self.upstreams.retain(&snap.upstreams);
+        self.supervisor.sync(&snap.upstreams, &self.sources);
         Ok(generation)
     }
 
@@ -219,6 +227,7 @@ impl Gateway {
             "shutting down: no new connections; finishing in-flight requests"
         );
         self.listeners.lock().await.shutdown(grace).await;
+        self.supervisor.stop();
     }
 
     /// Watch the configuration file and reload when it changes (polling every 250 ms:

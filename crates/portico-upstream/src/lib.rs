@@ -1,22 +1,26 @@
 //! Portico's upstreams.
 //!
-//! Owns: compiled upstreams (targets, balancing algorithm, timeouts), passive health,
-//! and pooled HTTP/1.1 + HTTP/2 clients (plain and TLS). The state that must outlive a
-//! configuration snapshot (clients and connection pools, target health) lives in
-//! [`UpstreamState`], keyed by upstream name and target URL.
+//! Owns: compiled upstreams (the live target set with its balancing algorithm,
+//! timeouts, breakers, retries), health (passive and active), service discovery, and
+//! pooled HTTP/1.1 + HTTP/2 clients (plain and TLS). The state that must outlive a
+//! configuration snapshot (clients and connection pools, target health, breakers, live
+//! target sets) lives in [`UpstreamState`], keyed by upstream name and target URL.
 //!
-//! Does not own: sending a request through the pipeline (`portico-proxy`) or active
-//! health checks and discovery (planned, see docs/design.md).
+//! Does not own: sending a request through the pipeline (`portico-proxy`).
 #![forbid(unsafe_code)]
 
 pub mod balance;
 pub mod breaker;
 pub mod budget;
+pub mod check;
 pub mod client;
+pub mod discovery;
 pub mod h1;
 pub mod health;
+pub mod live;
 pub mod overlay;
 pub mod pool;
+pub mod supervise;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +30,7 @@ use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use parking_lot::Mutex;
+use portico_config::discovery::AllUnhealthy;
 use portico_config::grammar::KeySpec;
 use portico_config::model::{Passive, Protocol, Timeouts, Upstream as UpstreamConfig, UpstreamTls};
 use tokio::time::Instant;
@@ -35,6 +40,7 @@ pub use breaker::{BreakerSettings, CircuitBreaker, Permit, Rejected, State, Tran
 pub use budget::{BudgetSettings, RetriesConfig, RetryBudget, RetryOn};
 pub use client::{ClientError, ConnectTimeout};
 pub use health::{ms_at, now_ms, TargetHealth};
+pub use live::{Endpoint, Live, TargetSet};
 pub use overlay::{Field, Overlay};
 pub use pool::{Connector, Failed, SendError, TargetPool};
 
@@ -50,17 +56,26 @@ pub struct Target {
     pub health: Arc<TargetHealth>,
     /// Connections to this target.
     pub pool: Arc<TargetPool>,
+    /// Its own circuit breaker (`circuit_breaker.per_target`).
+    pub breaker: Option<Arc<CircuitBreaker>>,
 }
 
 /// A compiled upstream, part of a snapshot.
 pub struct Upstream {
     pub name: Arc<str>,
-    pub targets: Vec<Target>,
-    pub balancer: Balancer,
+    /// The targets (static and discovered) and their balancer, current without a
+    /// reload. A request loads it once ([`Live::current`]).
+    pub live: Arc<Live>,
     /// The request key hashed by `consistent_hash`.
     pub hash_key: Option<KeySpec>,
     pub timeouts: Timeouts,
     pub passive: Passive,
+    /// What happens when no target is healthy.
+    pub when_all_unhealthy: AllUnhealthy,
+    /// The discovery source (its task runs beside the snapshot).
+    pub discovery: Option<portico_config::discovery::Discovery>,
+    /// Active health checks (their task runs beside the snapshot).
+    pub active: Option<portico_config::discovery::ActiveCheck>,
     /// The circuit breaker(s), when `circuit_breaker` is configured.
     pub circuit: Option<Circuit>,
     /// The upstream's `retries` (a route's own replace them).
@@ -72,10 +87,11 @@ pub struct Upstream {
 
 /// The circuit breaker(s) of an upstream.
 pub struct Circuit {
-    /// One breaker per target (`per_target: true`) or one for the upstream.
+    /// One breaker per target (`per_target: true`, each [`Target::breaker`]) or one
+    /// for the upstream.
     pub per_target: bool,
-    /// One breaker, or one per target (in target order).
-    pub breakers: Vec<Arc<CircuitBreaker>>,
+    /// The upstream's breaker (not `per_target`).
+    pub upstream_wide: Option<Arc<CircuitBreaker>>,
     /// The answer while open, instead of the 503 error.
     pub fallback: Option<FallbackResponse>,
     /// Transitions counted by the state entered (closed, open, half-open), kept
@@ -116,10 +132,13 @@ impl TransitionCounts {
 }
 
 impl Circuit {
-    /// The breaker that governs target `i`.
-    pub fn breaker(&self, i: usize) -> Option<&CircuitBreaker> {
-        let at = if self.per_target { i } else { 0 };
-        self.breakers.get(at).map(|b| &**b)
+    /// The breaker that governs target `t`.
+    pub fn breaker<'a>(&'a self, t: &'a Target) -> Option<&'a CircuitBreaker> {
+        if self.per_target {
+            t.breaker.as_deref()
+        } else {
+            self.upstream_wide.as_deref()
+        }
     }
 
     /// Log (at warn) and count a transition of the breaker of target `i`.
@@ -134,13 +153,23 @@ impl Circuit {
 }
 
 impl Upstream {
-    /// Pick the next available target, skipping `exclude` (already tried) and ejected
-    /// ones. `key` is the request's [`Upstream::key_hash`] (`consistent_hash`).
-    pub fn pick(&self, exclude: &[usize], key: Option<u64>) -> Option<usize> {
+    /// Pick the next available target of `set`, skipping `exclude` (already tried)
+    /// and unhealthy ones. `key` is the request's [`Upstream::key_hash`]
+    /// (`consistent_hash`). When no target at all is healthy and the upstream says
+    /// `when_all_unhealthy: panic`, health is ignored.
+    pub fn pick(&self, set: &TargetSet, exclude: &[usize], key: Option<u64>) -> Option<usize> {
         let now = now_ms();
-        self.balancer.pick(&self.targets, key, |i| {
-            !exclude.contains(&i) && self.targets[i].health.available(now)
-        })
+        let t = &set.targets;
+        let picked = set.balancer.pick(t, key, |i| {
+            !exclude.contains(&i) && t[i].health.available(now)
+        });
+        if picked.is_none()
+            && self.when_all_unhealthy == AllUnhealthy::Panic
+            && !t.iter().any(|x| x.health.available(now))
+        {
+            return set.balancer.pick(t, key, |i| !exclude.contains(&i));
+        }
+        picked
     }
 
     /// The hash of the request key for `consistent_hash`: `value` evaluates the key
@@ -155,11 +184,11 @@ impl Upstream {
     /// Feeds the latency estimate of `p2c_ewma` (nothing to do for other algorithms):
     /// the time to the response head, or a failure for a 502, 503 or 504 answer (an
     /// upstream that fails fast must not look fast).
-    pub fn answered(&self, i: usize, sent: Instant, status: StatusCode) {
-        if !self.balancer.uses_latency() {
+    pub fn answered(&self, set: &TargetSet, i: usize, sent: Instant, status: StatusCode) {
+        if !set.balancer.uses_latency() {
             return;
         }
-        if let Some(t) = self.targets.get(i) {
+        if let Some(t) = set.targets.get(i) {
             let now = Instant::now();
             let elapsed = now.saturating_duration_since(sent);
             if counts_as_failure(status) {
@@ -173,11 +202,11 @@ impl Upstream {
     /// The exchange with target `i` failed on the upstream's side (no connection, the
     /// connection lost, a timeout): for `p2c_ewma`, a penalty latency
     /// ([`health::FAILURE_PENALTY`] at least).
-    pub fn failed(&self, i: usize, sent: Instant) {
-        if !self.balancer.uses_latency() {
+    pub fn failed(&self, set: &TargetSet, i: usize, sent: Instant) {
+        if !set.balancer.uses_latency() {
             return;
         }
-        if let Some(t) = self.targets.get(i) {
+        if let Some(t) = set.targets.get(i) {
             let now = Instant::now();
             t.health
                 .observe_failure(now.saturating_duration_since(sent), ms_at(now));
@@ -185,17 +214,18 @@ impl Upstream {
     }
 
     /// Record a connect failure on target `i` (passive health).
-    pub fn connect_failed(&self, i: usize) {
+    pub fn connect_failed(&self, set: &TargetSet, i: usize) {
         let p = &self.passive;
+        let Some(t) = set.targets.get(i) else { return };
         if !p.enabled {
             return;
         }
-        if self.targets[i].health.failure(
+        if t.health.failure(
             now_ms(),
             p.consecutive_failures,
             p.ejection_time.0.as_millis() as u64,
         ) {
-            tracing::warn!(upstream = %self.name, target = %self.targets[i].url, ejection = %p.ejection_time, "target ejected after consecutive connect failures");
+            tracing::warn!(upstream = %self.name, target = %t.url, ejection = %p.ejection_time, "target ejected after consecutive connect failures");
         }
     }
 }
@@ -215,20 +245,15 @@ fn counts_as_failure(status: StatusCode) -> bool {
 #[derive(Clone, PartialEq)]
 struct ConnectorKey(Protocol, UpstreamTls, usize, Vec<Option<Vec<u8>>>);
 
-/// A breaker kept across reloads, with the settings it was built with.
-type KeptBreaker = (BreakerSettings, Arc<CircuitBreaker>);
-
-/// State that outlives snapshots: connectors, connection pools and target health.
+/// State that outlives snapshots: connectors, connection pools, target health,
+/// breakers, retry budgets and live target sets.
 #[derive(Default)]
 pub struct UpstreamState {
     connectors: Mutex<HashMap<String, (ConnectorKey, Arc<Connector>)>>,
-    pools: Mutex<HashMap<(String, String), Arc<TargetPool>>>,
-    health: Mutex<HashMap<(String, String), Arc<TargetHealth>>>,
-    /// Breakers by upstream and target URL (`""` for an upstream-wide one), kept while
-    /// their settings are unchanged.
-    breakers: Mutex<HashMap<(String, String), KeptBreaker>>,
+    maps: Arc<live::Maps>,
     transitions: Mutex<HashMap<String, Arc<TransitionCounts>>>,
     budgets: Mutex<HashMap<String, (BudgetSettings, Arc<RetryBudget>)>>,
+    lives: Mutex<HashMap<String, Arc<Live>>>,
 }
 
 /// A problem compiling an upstream, with the config keys below `upstreams.NAME` it concerns.
@@ -239,52 +264,66 @@ pub struct CompileError {
 }
 
 impl UpstreamState {
-    /// Compile an upstream, reusing its client and target health when unchanged.
+    /// Compile an upstream, reusing its client, target health and live target set
+    /// when unchanged.
     pub fn compile(
         &self,
         name: &str,
         cfg: &UpstreamConfig,
         resolve: &dyn Fn(&str) -> std::path::PathBuf,
     ) -> Result<Upstream, CompileError> {
+        if let Some(source) = cfg.discovery.as_ref().and_then(discovery::unavailable) {
+            return Err(CompileError {
+                key: vec!["discovery".into(), source.into()],
+                message: format!("discovery source `{source}` is not available in this build yet"),
+            });
+        }
         let connector = self.connector_for(name, cfg, resolve)?;
-        let mut targets = Vec::with_capacity(cfg.targets.len());
-        for (i, t) in cfg.targets.iter().enumerate() {
-            let uri = portico_config::load::check_target_url(&t.url).map_err(|m| CompileError {
+        let statics: Vec<Endpoint> = cfg
+            .targets
+            .iter()
+            .map(|t| Endpoint {
+                url: t.url.clone(),
+                weight: t.weight,
+                host: None,
+            })
+            .collect();
+        let spec = live::Spec {
+            statics,
+            balance: cfg.balance,
+            connector,
+            per_target: cfg
+                .circuit_breaker
+                .as_ref()
+                .filter(|cb| cb.per_target)
+                .map(BreakerSettings::from),
+            discovery: cfg.discovery.clone(),
+        };
+        // Static targets are checked here so that a bad one is a compile error with
+        // its key (a discovered one is only skipped).
+        for (i, e) in spec.statics.iter().enumerate() {
+            live::target(name, e, &spec, &self.maps).map_err(|m| CompileError {
                 key: vec!["targets".into(), i.to_string(), "url".into()],
                 message: m,
             })?;
-            let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-            let authority = uri.authority().cloned().ok_or_else(|| CompileError {
-                key: vec!["targets".into(), i.to_string(), "url".into()],
-                message: format!("`{}` has no host", t.url),
-            })?;
-            let host_header =
-                HeaderValue::from_str(authority.as_str()).map_err(|_| CompileError {
-                    key: vec!["targets".into(), i.to_string(), "url".into()],
-                    message: format!("`{}` is not a valid host", t.url),
-                })?;
-            let health = self
-                .health
-                .lock()
-                .entry((name.to_string(), t.url.clone()))
-                .or_default()
-                .clone();
-            let pool = self.pool_for(name, &t.url, &uri, &connector);
-            targets.push(Target {
-                pool,
-                url: t.url.as_str().into(),
-                scheme,
-                authority,
-                host_header,
-                weight: t.weight,
-                health,
-            });
         }
-        let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
-        let names: Vec<&str> = targets.iter().map(|t| &*t.url).collect();
-        let balancer = Balancer::new(cfg.balance, &weights, &names);
+        let live = {
+            let mut lives = self.lives.lock();
+            match lives.get(name) {
+                Some(l) if l.built_from(&spec) => l.clone(),
+                old => {
+                    // Same source: what it found stays until it reports again.
+                    let seed = old
+                        .filter(|o| o.built_from_discovery(&spec))
+                        .and_then(|o| o.discovered());
+                    let l = Live::new(name, spec, seed, self.maps.clone());
+                    lives.insert(name.to_string(), l.clone());
+                    l
+                }
+            }
+        };
         let circuit = match &cfg.circuit_breaker {
-            Some(cb) => Some(self.circuit_for(name, cb, &names)?),
+            Some(cb) => Some(self.circuit_for(name, cb)?),
             None => None,
         };
         let budget_settings = cfg
@@ -306,10 +345,12 @@ impl UpstreamState {
         Ok(Upstream {
             name: name.into(),
             hash_key: cfg.hash_key.clone(),
-            targets,
-            balancer,
+            live,
             timeouts: cfg.timeouts,
             passive: cfg.health.passive,
+            when_all_unhealthy: cfg.health.when_all_unhealthy,
+            discovery: cfg.discovery.clone(),
+            active: cfg.health.active.clone(),
             circuit,
             retries: cfg.retries.clone(),
             budget,
@@ -317,35 +358,15 @@ impl UpstreamState {
     }
 
     /// The breakers of an upstream, reusing the existing ones while their settings are
-    /// unchanged (a reload keeps an open breaker open).
+    /// unchanged (a reload keeps an open breaker open). Per-target breakers are made
+    /// with the targets ([`live`]).
     fn circuit_for(
         &self,
         name: &str,
         cfg: &breaker::CircuitBreakerConfig,
-        targets: &[&str],
     ) -> Result<Circuit, CompileError> {
         let settings = BreakerSettings::from(cfg);
-        let keys: Vec<&str> = if cfg.per_target {
-            targets.to_vec()
-        } else {
-            vec![""]
-        };
-        let mut map = self.breakers.lock();
-        let breakers = keys
-            .iter()
-            .map(|t| {
-                let key = (name.to_string(), t.to_string());
-                match map.get(&key) {
-                    Some((s, b)) if *s == settings => b.clone(),
-                    _ => {
-                        let b = Arc::new(CircuitBreaker::new(settings));
-                        map.insert(key, (settings, b.clone()));
-                        b
-                    }
-                }
-            })
-            .collect();
-        drop(map);
+        let upstream_wide = (!cfg.per_target).then(|| self.maps.breaker(name, "", settings));
         let fallback = match &cfg.fallback {
             None => None,
             Some(fb) => {
@@ -390,7 +411,7 @@ impl UpstreamState {
             .clone();
         Ok(Circuit {
             per_target: cfg.per_target,
-            breakers,
+            upstream_wide,
             fallback,
             transitions,
         })
@@ -432,57 +453,37 @@ impl UpstreamState {
         Ok(c)
     }
 
-    /// The pool of a target, kept while its connector is the same.
-    fn pool_for(
-        &self,
-        name: &str,
-        url: &str,
-        uri: &http::Uri,
-        connector: &Arc<Connector>,
-    ) -> Arc<TargetPool> {
-        let mut pools = self.pools.lock();
-        let key = (name.to_string(), url.to_string());
-        if let Some(p) = pools.get(&key) {
-            if Arc::ptr_eq(p.connector(), connector) {
-                return p.clone();
-            }
-        }
-        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-        let host = uri.host().unwrap_or_default().to_string();
-        let port = uri
-            .port_u16()
-            .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
-        let authority = uri
-            .authority()
-            .cloned()
-            .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
-        let p = TargetPool::new(scheme, authority, host, port, connector.clone());
-        pools.insert(key, p.clone());
-        p
-    }
-
-    /// Forget state of upstreams and targets that are no longer configured.
-    pub fn retain(&self, live: &[(String, Vec<String>)]) {
+    /// Forget the state of upstreams and targets that the current snapshot (its
+    /// `upstreams`) no longer uses: what is not in any live target set.
+    pub fn retain(&self, current: &HashMap<String, Arc<Upstream>>) {
+        let live: HashMap<&str, Vec<Arc<str>>> = current
+            .iter()
+            .map(|(n, u)| {
+                let set = u.live.current();
+                (
+                    n.as_str(),
+                    set.targets.iter().map(|t| t.url.clone()).collect(),
+                )
+            })
+            .collect();
+        let has = |u: &str, t: &str| live.get(u).is_some_and(|ts| ts.iter().any(|x| &**x == t));
         self.connectors
             .lock()
-            .retain(|n, _| live.iter().any(|(u, _)| u == n));
-        self.pools.lock().retain(|(u, t), _| {
-            live.iter()
-                .any(|(lu, ts)| lu == u && ts.iter().any(|x| x == t))
-        });
-        self.health.lock().retain(|(u, t), _| {
-            live.iter()
-                .any(|(lu, ts)| lu == u && ts.iter().any(|x| x == t))
-        });
-        self.breakers.lock().retain(|(u, t), _| {
-            live.iter()
-                .any(|(lu, ts)| lu == u && (t.is_empty() || ts.iter().any(|x| x == t)))
-        });
+            .retain(|n, _| live.contains_key(n.as_str()));
+        self.maps.pools.lock().retain(|(u, t), _| has(u, t));
+        self.maps.health.lock().retain(|(u, t), _| has(u, t));
+        self.maps
+            .breakers
+            .lock()
+            .retain(|(u, t), _| (t.is_empty() && live.contains_key(u.as_str())) || has(u, t));
         self.transitions
             .lock()
-            .retain(|n, _| live.iter().any(|(u, _)| u == n));
+            .retain(|n, _| live.contains_key(n.as_str()));
         self.budgets
             .lock()
-            .retain(|n, _| live.iter().any(|(u, _)| u == n));
+            .retain(|n, _| live.contains_key(n.as_str()));
+        self.lives
+            .lock()
+            .retain(|n, l| current.get(n).is_some_and(|u| Arc::ptr_eq(&u.live, l)));
     }
 }
