@@ -330,7 +330,7 @@ pub async fn forward(
         // (`None`: the outcome says nothing about the upstream).
         let (outcome, cond, failure) = match result {
             Ok(Ok(mut resp)) => {
-                target.health.success();
+                up.responded(&set, idx, resp.status());
                 up.answered(&set, idx, sent, resp.status());
                 strip_hop_by_hop(resp.headers_mut());
                 // The client gets the gateway's protocol version, not the upstream's.
@@ -374,6 +374,7 @@ pub async fn forward(
             }
             Err(timeout) => {
                 up.failed(&set, idx, sent);
+                up.timed_out(&set, idx);
                 (Err(timeout), Some(RetryOn::Timeout), Some(true))
             }
         };

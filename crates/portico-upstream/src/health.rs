@@ -1,8 +1,10 @@
-//! Passive health: consecutive connect failures eject a target for a while. Also the
-//! load signals balancers read: requests in flight and (for `p2c_ewma`) a latency
-//! estimate. This state outlives snapshots (keyed by upstream name and target URL).
+//! Target health: passive (outlier detection: consecutive connect failures, 5xx
+//! answers or timeouts eject a target for a time that grows with repeated ejections)
+//! and active (the verdict of the health checker, [`crate::check`]). Also the load
+//! signals balancers read: requests in flight and (for `p2c_ewma`) a latency estimate.
+//! This state outlives snapshots (keyed by upstream name and target URL).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -31,12 +33,58 @@ pub const LATENCY_DECAY_MS: u64 = 10_000;
 /// or 504 answer) counts as in the latency estimate.
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
+/// What passive health counts in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streak {
+    /// No connection (refused, reset, TLS failure) before an answer.
+    Connect,
+    /// A 5xx answer.
+    Status5xx,
+    /// No answer in time (connect or response timeout).
+    Timeout,
+}
+
+impl Streak {
+    fn slot(self) -> usize {
+        match self {
+            Streak::Connect => 0,
+            Streak::Status5xx => 1,
+            Streak::Timeout => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Streak::Connect => "connect failures",
+            Streak::Status5xx => "5xx answers",
+            Streak::Timeout => "timeouts",
+        }
+    }
+}
+
+/// How long passive ejections last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// The first ejection's length, and the step each further one adds.
+    pub base_ms: u64,
+    /// The longest ejection.
+    pub max_ms: u64,
+}
+
 /// Health of one target.
 #[derive(Debug, Default)]
 pub struct TargetHealth {
-    failures: AtomicU32,
+    /// Consecutive failures by kind ([`Streak`]).
+    streaks: [AtomicU32; 3],
     ejected_until: AtomicU64,
     ejections: AtomicU64,
+    /// The multiplier of the next ejection's length, minus one; it decays by one per
+    /// `base` of time the target spends in rotation.
+    level: AtomicU32,
+    /// Active checks say the target is down.
+    active_down: AtomicBool,
+    /// Active check results in a row: > 0 successes, < 0 failures.
+    active_streak: AtomicI32,
     in_flight: AtomicU32,
     /// The latency estimate in log form (see [`TargetHealth::observe`]): the bits of
     /// `1 + ln(latency in ns) + t / LATENCY_DECAY_MS` for the sample that dominates;
@@ -52,37 +100,114 @@ fn latency_key(latency: Duration, now: u64) -> f64 {
 }
 
 impl TargetHealth {
-    /// Whether the target may be tried now.
+    /// Whether the target may be tried now: not ejected, not down by active checks.
+    #[inline]
     pub fn available(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) <= now
+            && !self.active_down.load(Ordering::Relaxed)
     }
 
-    /// A response arrived: the failure streak ends.
-    pub fn success(&self) {
-        if self.failures.load(Ordering::Relaxed) != 0 {
-            self.failures.store(0, Ordering::Relaxed);
+    /// Whether passive health has the target ejected at `now`.
+    pub fn ejected(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    /// When the current (or last) ejection ends (ms; 0: never ejected).
+    pub fn ejected_until(&self) -> u64 {
+        self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    /// Whether active checks have the target down.
+    pub fn active_down(&self) -> bool {
+        self.active_down.load(Ordering::Relaxed)
+    }
+
+    /// A response arrived: the connect and timeout streaks end, and so does the 5xx
+    /// streak unless `status_5xx`.
+    #[inline]
+    pub fn success(&self, status_5xx: bool) {
+        for (i, s) in self.streaks.iter().enumerate() {
+            if (i != Streak::Status5xx.slot() || !status_5xx) && s.load(Ordering::Relaxed) != 0 {
+                s.store(0, Ordering::Relaxed);
+            }
         }
     }
 
-    /// A connect failure; returns true when this failure ejected the target.
-    pub fn failure(&self, now: u64, threshold: u32, ejection_ms: u64) -> bool {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if threshold > 0 && n >= threshold {
-            self.failures.store(0, Ordering::Relaxed);
-            self.ejected_until
-                .store(now + ejection_ms, Ordering::Relaxed);
-            self.ejections.fetch_add(1, Ordering::Relaxed);
-            return true;
+    /// One more failure of `kind` at `now`. Returns true when it ejected the target:
+    /// the streak reached `threshold` (0: never) and `may_eject` allowed it (the cap
+    /// on ejected targets). The ejection lasts `base` × (1 + level), at most `max`,
+    /// where the level counts recent ejections: it drops by one per `base` the target
+    /// has spent in rotation since its last ejection ended.
+    pub fn failure(
+        &self,
+        kind: Streak,
+        now: u64,
+        threshold: u32,
+        ej: Ejection,
+        may_eject: impl FnOnce() -> bool,
+    ) -> bool {
+        let n = self.streaks[kind.slot()].fetch_add(1, Ordering::Relaxed) + 1;
+        if threshold == 0 || n < threshold || self.ejected(now) || !may_eject() {
+            return false;
         }
-        false
+        for s in &self.streaks {
+            s.store(0, Ordering::Relaxed);
+        }
+        let last_end = self.ejected_until.load(Ordering::Relaxed);
+        let level = u64::from(self.level.load(Ordering::Relaxed));
+        let decayed = if last_end == 0 {
+            0
+        } else {
+            level.saturating_sub(now.saturating_sub(last_end) / ej.base_ms.max(1))
+        };
+        let length = ej
+            .base_ms
+            .saturating_mul(decayed + 1)
+            .min(ej.max_ms.max(ej.base_ms));
+        self.level.store(
+            u32::try_from(decayed + 1).unwrap_or(u32::MAX),
+            Ordering::Relaxed,
+        );
+        self.ejected_until.store(now + length, Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The record of one active check at `now`; returns `Some(healthy)` when the
+    /// target's active state changed.
+    pub fn checked(&self, ok: bool, healthy_after: u32, unhealthy_after: u32) -> Option<bool> {
+        let prev = self.active_streak.load(Ordering::Relaxed);
+        let streak = match (ok, prev) {
+            (true, p) if p > 0 => p.saturating_add(1),
+            (true, _) => 1,
+            (false, p) if p < 0 => p.saturating_sub(1),
+            (false, _) => -1,
+        };
+        self.active_streak.store(streak, Ordering::Relaxed);
+        let down = self.active_down.load(Ordering::Relaxed);
+        let flip = if down {
+            ok && streak >= i32::try_from(healthy_after).unwrap_or(i32::MAX)
+        } else {
+            !ok && -streak >= i32::try_from(unhealthy_after).unwrap_or(i32::MAX)
+        };
+        if flip {
+            self.active_down.store(!down, Ordering::Relaxed);
+            return Some(down);
+        }
+        None
     }
 
     pub fn ejections(&self) -> u64 {
         self.ejections.load(Ordering::Relaxed)
     }
 
+    /// Consecutive failures of the kind with the longest current streak.
     pub fn consecutive_failures(&self) -> u32 {
-        self.failures.load(Ordering::Relaxed)
+        self.streaks
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Requests currently in flight to this target.
@@ -141,18 +266,85 @@ impl TargetHealth {
 mod tests {
     use super::*;
 
+    const EJ: Ejection = Ejection {
+        base_ms: 1000,
+        max_ms: 3500,
+    };
+
+    fn fail(h: &TargetHealth, now: u64) -> bool {
+        h.failure(Streak::Connect, now, 3, EJ, || true)
+    }
+
     #[test]
     fn ejects_after_threshold_and_recovers() {
         let h = TargetHealth::default();
         assert!(h.available(100));
-        assert!(!h.failure(100, 3, 1000));
-        h.success();
-        assert!(!h.failure(100, 3, 1000));
-        assert!(!h.failure(100, 3, 1000));
-        assert!(h.failure(100, 3, 1000));
+        assert!(!fail(&h, 100));
+        h.success(false);
+        assert!(!fail(&h, 100));
+        assert!(!fail(&h, 100));
+        assert!(fail(&h, 100));
         assert!(!h.available(500));
         assert!(h.available(1100));
         assert_eq!(h.ejections(), 1);
+    }
+
+    #[test]
+    fn ejections_grow_then_decay() {
+        let h = TargetHealth::default();
+        let eject = |now| {
+            for _ in 0..2 {
+                assert!(!fail(&h, now));
+            }
+            assert!(fail(&h, now));
+            h.ejected_until() - now
+        };
+        // Back-to-back ejections: 1 s, 2 s, 3 s, then the 3.5 s cap.
+        assert_eq!(eject(0), 1000);
+        assert_eq!(eject(1000), 2000);
+        assert_eq!(eject(3000), 3000);
+        assert_eq!(eject(6000), 3500);
+        // In rotation for 2 × base since the last ejection ended (at 9500): the level
+        // drops by 2 (4 -> 2), so the next ejection is 3 × base.
+        assert_eq!(eject(11_500), 3000);
+        // A long healthy spell forgets every past ejection.
+        assert_eq!(eject(100_000), 1000);
+    }
+
+    #[test]
+    fn streaks_are_counted_apart_and_capped() {
+        let h = TargetHealth::default();
+        // 5xx answers do not end a 5xx streak; other answers do.
+        assert!(!h.failure(Streak::Status5xx, 0, 2, EJ, || true));
+        h.success(true);
+        assert!(h.failure(Streak::Status5xx, 0, 2, EJ, || true));
+        let h = TargetHealth::default();
+        assert!(!h.failure(Streak::Timeout, 0, 2, EJ, || true));
+        h.success(false);
+        assert!(!h.failure(Streak::Timeout, 0, 2, EJ, || true));
+        // The cap refuses: no ejection, the target stays available.
+        assert!(!h.failure(Streak::Timeout, 0, 2, EJ, || false));
+        assert!(h.available(1));
+        // Threshold 0: never.
+        for _ in 0..10 {
+            assert!(!h.failure(Streak::Connect, 0, 0, EJ, || true));
+        }
+    }
+
+    #[test]
+    fn active_checks_flip_after_thresholds() {
+        let h = TargetHealth::default();
+        assert_eq!(h.checked(false, 2, 3), None);
+        assert_eq!(h.checked(false, 2, 3), None);
+        assert_eq!(h.checked(false, 2, 3), Some(false));
+        assert!(!h.available(1));
+        assert_eq!(h.checked(false, 2, 3), None);
+        assert_eq!(h.checked(true, 2, 3), None);
+        assert_eq!(h.checked(false, 2, 3), None);
+        assert_eq!(h.checked(true, 2, 3), None);
+        assert_eq!(h.checked(true, 2, 3), Some(true));
+        assert!(h.available(1));
+        assert_eq!(h.checked(true, 2, 3), None);
     }
 
     fn ms(d: Option<Duration>) -> f64 {

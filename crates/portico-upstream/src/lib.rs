@@ -39,7 +39,7 @@ pub use balance::{Balancer, Schedule};
 pub use breaker::{BreakerSettings, CircuitBreaker, Permit, Rejected, State, Transition};
 pub use budget::{BudgetSettings, RetriesConfig, RetryBudget, RetryOn};
 pub use client::{ClientError, ConnectTimeout};
-pub use health::{ms_at, now_ms, TargetHealth};
+pub use health::{ms_at, now_ms, Ejection, Streak, TargetHealth};
 pub use live::{Endpoint, Live, TargetSet};
 pub use overlay::{Field, Overlay};
 pub use pool::{Connector, Failed, SendError, TargetPool};
@@ -213,19 +213,54 @@ impl Upstream {
         }
     }
 
-    /// Record a connect failure on target `i` (passive health).
+    /// Target `i` answered with `status` (passive health): a 5xx continues its 5xx
+    /// streak, anything else ends it; every answer ends the connect and timeout streaks.
+    #[inline]
+    pub fn responded(&self, set: &TargetSet, i: usize, status: StatusCode) {
+        let Some(t) = set.targets.get(i) else { return };
+        let is_5xx = status.is_server_error();
+        t.health.success(is_5xx);
+        if is_5xx {
+            self.streak(set, i, Streak::Status5xx);
+        }
+    }
+
+    /// Target `i` could not be reached (passive health).
     pub fn connect_failed(&self, set: &TargetSet, i: usize) {
+        self.streak(set, i, Streak::Connect);
+    }
+
+    /// Target `i` did not answer in time (passive health).
+    pub fn timed_out(&self, set: &TargetSet, i: usize) {
+        self.streak(set, i, Streak::Timeout);
+    }
+
+    /// One more failure of `kind` on target `i`: eject it when its streak reaches the
+    /// threshold, unless `max_ejected_percent` of the targets already are (one target
+    /// may always be).
+    fn streak(&self, set: &TargetSet, i: usize, kind: Streak) {
         let p = &self.passive;
         let Some(t) = set.targets.get(i) else { return };
-        if !p.enabled {
+        let threshold = match kind {
+            Streak::Connect => p.consecutive_failures,
+            Streak::Status5xx => p.consecutive_5xx,
+            Streak::Timeout => p.consecutive_timeouts,
+        };
+        if !p.enabled || threshold == 0 {
             return;
         }
-        if t.health.failure(
-            now_ms(),
-            p.consecutive_failures,
-            p.ejection_time.0.as_millis() as u64,
-        ) {
-            tracing::warn!(upstream = %self.name, target = %t.url, ejection = %p.ejection_time, "target ejected after consecutive connect failures");
+        let now = now_ms();
+        let ej = Ejection {
+            base_ms: p.ejection_time.0.as_millis() as u64,
+            max_ms: p.max_ejection_time.0.as_millis() as u64,
+        };
+        let may_eject = || {
+            let cap = (set.targets.len() * p.max_ejected_percent as usize / 100).max(1);
+            set.targets.iter().filter(|t| t.health.ejected(now)).count() < cap
+        };
+        if t.health.failure(kind, now, threshold, ej, may_eject) {
+            let secs = (t.health.ejected_until().saturating_sub(now)) as f64 / 1000.0;
+            tracing::warn!(upstream = %self.name, target = %t.url, ejection_secs = secs, "target ejected after {threshold} consecutive {}", kind.as_str());
         }
     }
 }

@@ -206,6 +206,15 @@ impl TargetPool {
     }
 
     /// The connector this pool makes connections with.
+    /// The host connected to (a name or an IP address, IPv6 in brackets as in URLs).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn connector(&self) -> &Arc<Connector> {
         &self.connector
     }
