@@ -19,6 +19,7 @@ pub mod model;
 pub mod pattern;
 pub mod resilience;
 mod semantic;
+pub mod split;
 mod structure;
 pub mod units;
 pub mod yaml;

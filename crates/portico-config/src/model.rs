@@ -632,6 +632,16 @@ pub struct Route {
     /// The upstream to proxy to.
     #[serde(default)]
     pub upstream: Option<String>,
+    /// Instead of `upstream`: several upstreams sharing the route's requests by weight
+    /// (canary releases, A/B tests).
+    #[serde(default)]
+    pub upstreams: Vec<crate::split::WeightedUpstream>,
+    /// How `upstreams` are assigned: sticky key, override header or cookie.
+    #[serde(default)]
+    pub split: Option<crate::split::Split>,
+    /// Send copies of requests to another upstream (and optionally compare answers).
+    #[serde(default)]
+    pub mirror: Option<crate::split::Mirror>,
     /// For `/*` paths: drop the matched prefix before proxying.
     #[serde(default)]
     pub strip_prefix: bool,

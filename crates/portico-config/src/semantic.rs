@@ -207,19 +207,61 @@ pub(crate) fn semantic_check(
             || c.plugins.iter().any(|(k, v)| {
                 !is_disabled(v) && !r.plugins.contains_key(k) && catalog.answers_itself(k)
             });
+        let undefined = |key: KeyPath, u: &str| {
+            Diagnostic::new(key, format!("upstream `{u}` is not defined in `upstreams`"))
+                .suggest(u, upstream_names.iter().copied())
+        };
         match &r.upstream {
-            Some(u) if !c.upstreams.contains_key(u) => diags.push(
-                Diagnostic::new(
-                    p.key("upstream"),
-                    format!("upstream `{u}` is not defined in `upstreams`"),
-                )
-                .suggest(u, upstream_names.iter().copied()),
-            ),
-            None if !has_terminator => diags.push(Diagnostic::new(
+            Some(u) if !c.upstreams.contains_key(u) => diags.push(undefined(p.key("upstream"), u)),
+            Some(_) if !r.upstreams.is_empty() => diags.push(Diagnostic::new(
+                p.key("upstreams"),
+                "a route has either `upstream` or `upstreams` (a weighted split), not both",
+            )),
+            None if r.upstreams.is_empty() && !has_terminator => diags.push(Diagnostic::new(
                 p.clone(),
                 "a route needs an `upstream` (or a policy that answers itself, like `echo`)",
             )),
             _ => {}
+        }
+        let mut in_split = HashSet::new();
+        for (j, w) in r.upstreams.iter().enumerate() {
+            let q = p.key("upstreams").index(j);
+            if !c.upstreams.contains_key(&w.name) {
+                diags.push(undefined(q.key("name"), &w.name));
+            }
+            if !in_split.insert(w.name.as_str()) {
+                diags.push(Diagnostic::new(
+                    q.key("name"),
+                    format!("upstream `{}` is listed twice", w.name),
+                ));
+            }
+        }
+        if !r.upstreams.is_empty() && r.upstreams.iter().all(|w| w.weight == 0) {
+            diags.push(Diagnostic::new(
+                p.key("upstreams"),
+                "every upstream of the split has weight 0; at least one must take traffic",
+            ));
+        }
+        if let Some(sp) = &r.split {
+            if r.upstreams.is_empty() {
+                diags.push(Diagnostic::new(
+                    p.key("split"),
+                    "`split` applies to `upstreams` (a weighted split), which this route does not have",
+                ));
+            }
+            diags.extend(sp.validate(&p.key("split")));
+        }
+        if let Some(m) = &r.mirror {
+            if !c.upstreams.contains_key(&m.upstream) {
+                diags.push(undefined(p.key("mirror").key("upstream"), &m.upstream));
+            }
+            if r.upstream.is_none() && r.upstreams.is_empty() {
+                diags.push(Diagnostic::new(
+                    p.key("mirror"),
+                    "`mirror` copies requests that go to an upstream; this route has none",
+                ));
+            }
+            diags.extend(m.validate(&p.key("mirror")));
         }
         if let Some(rw) = &r.rewrite {
             match Template::parse_path(rw) {

@@ -18,6 +18,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
+use portico_config::model::Timeouts;
 use portico_plugins::body::{BodyTooLarge, IdleTimeout};
 use portico_plugins::{Body, ErrorKind, GatewayError};
 use portico_upstream::{
@@ -124,7 +125,7 @@ fn upstream_path(
 pub async fn forward(
     snap: &Snapshot,
     route: &CompiledRoute,
-    up: &Upstream,
+    (up, timeouts): (&Upstream, &Timeouts),
     fin: &mut Finish,
     req: Request<Body>,
     conn: &ConnInfo,
@@ -192,6 +193,16 @@ pub async fn forward(
     );
     let replayable = idempotent && body.is_end_stream();
     parts.uri = Uri::from(pq);
+    // A copy for the route's mirror (sampled), taken as the request goes upstream.
+    let body = match &route.mirror {
+        Some(m) => {
+            let len = known_length(&body, &parts.headers);
+            let (b, pending) = m.begin(&parts, &overlay, body, len);
+            fin.mirror = pending;
+            b
+        }
+        None => body,
+    };
     let retries = route
         .config
         .retries
@@ -312,14 +323,14 @@ pub async fn forward(
                 &mut parts,
                 request_body,
                 &overlay,
-                route.timeouts.connect.0,
-                Some(route.timeouts.idle.0),
+                timeouts.connect.0,
+                Some(timeouts.idle.0),
                 replayable,
             )),
             clock.as_deref(),
             sent,
-            route.timeouts.request.0,
-            route.timeouts.idle.0,
+            timeouts.request.0,
+            timeouts.idle.0,
         )
         .await;
         target.health.finish();
@@ -348,7 +359,7 @@ pub async fn forward(
             }
             Ok(Err(failed)) => {
                 let e = &failed.error;
-                let (err, connect) = map_client_error(e, route.timeouts.connect.0);
+                let (err, connect) = map_client_error(e, timeouts.connect.0);
                 tracing::debug!(target = %target.url, error = %e, source = ?e.source(), "upstream request failed");
                 if connect {
                     up.connect_failed(&set, idx);

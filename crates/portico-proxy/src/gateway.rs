@@ -215,6 +215,13 @@ impl Gateway {
         self.access_log.set_target(log_path);
         self.upstreams.retain(&snap.upstreams);
         self.supervisor.sync(&snap.upstreams, &self.sources);
+        let mirrored: Vec<&str> = snap
+            .routes
+            .iter()
+            .filter(|r| r.mirror.is_some())
+            .map(|r| &*r.name)
+            .collect();
+        self.metrics.retain_mirrors(&mirrored);
         Ok(generation)
     }
 

@@ -17,9 +17,11 @@ pub mod gateway;
 pub mod h1server;
 pub mod logbody;
 pub mod metrics;
+pub mod mirror;
 pub mod pipeline;
 pub mod server;
 pub mod snapshot;
+pub mod split;
 pub mod tls;
 
 pub use gateway::Gateway;

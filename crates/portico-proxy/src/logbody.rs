@@ -39,6 +39,8 @@ pub struct Finish {
     pub error: Option<&'static str>,
     /// The request id as a header value, made once and sent both ways.
     pub request_id_hv: Option<HeaderValue>,
+    /// A mirrored request's link to its copy (the primary's answer goes there).
+    pub mirror: Option<crate::mirror::Pending>,
     /// Counts this exchange as in progress on its client connection until dropped.
     pub conn: InFlight,
 }
@@ -106,6 +108,7 @@ impl Finish {
             status: 0,
             error: None,
             request_id_hv,
+            mirror: None,
             conn: InFlight::start(conn),
         })
     }

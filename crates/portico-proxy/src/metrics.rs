@@ -80,6 +80,7 @@ impl RouteMetrics {
 #[derive(Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteMetrics>>>,
+    mirrors: Mutex<BTreeMap<String, Arc<crate::mirror::MirrorStats>>>,
     pub open_connections: AtomicI64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
@@ -94,6 +95,78 @@ impl Metrics {
             .entry((route.to_string(), upstream.to_string()))
             .or_insert_with(|| Arc::new(RouteMetrics::new()))
             .clone()
+    }
+
+    /// The mirror counters of a route; the same across reloads.
+    pub fn mirror(&self, route: &str) -> Arc<crate::mirror::MirrorStats> {
+        self.mirrors
+            .lock()
+            .entry(route.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forget routes no longer configured (mirror counters).
+    pub fn retain_mirrors(&self, routes: &[&str]) {
+        self.mirrors
+            .lock()
+            .retain(|r, _| routes.contains(&r.as_str()));
+    }
+
+    fn render_mirrors(&self, out: &mut String) {
+        let mirrors: Vec<(String, Arc<crate::mirror::MirrorStats>)> = self
+            .mirrors
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if mirrors.is_empty() {
+            return;
+        }
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        out.push_str("# HELP portico_mirror_requests_total Mirrored copies, by what became of them.\n# TYPE portico_mirror_requests_total counter\n");
+        for (route, s) in &mirrors {
+            for (result, n) in [
+                ("sent", get(&s.sent)),
+                ("failed", get(&s.failed)),
+                ("skipped_busy", get(&s.skipped_busy)),
+                ("skipped_body", get(&s.skipped_body)),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "portico_mirror_requests_total{{route=\"{}\",result=\"{result}\"}} {n}",
+                    esc(route)
+                );
+            }
+        }
+        out.push_str("# HELP portico_mirror_comparisons_total Comparisons of the mirror's answer with the primary's.\n# TYPE portico_mirror_comparisons_total counter\n");
+        for (route, s) in &mirrors {
+            for (result, n) in [
+                ("match", get(&s.matched)),
+                ("mismatch", get(&s.mismatched)),
+                ("incomplete", get(&s.incomplete)),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "portico_mirror_comparisons_total{{route=\"{}\",result=\"{result}\"}} {n}",
+                    esc(route)
+                );
+            }
+        }
+        out.push_str("# HELP portico_mirror_mismatches_total Mismatched comparisons, by the part that differed.\n# TYPE portico_mirror_mismatches_total counter\n");
+        for (route, s) in &mirrors {
+            for (part, n) in [
+                ("status", get(&s.mismatch_status)),
+                ("headers", get(&s.mismatch_headers)),
+                ("body", get(&s.mismatch_body)),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "portico_mirror_mismatches_total{{route=\"{}\",part=\"{part}\"}} {n}",
+                    esc(route)
+                );
+            }
+        }
     }
 
     /// Prometheus text exposition.
@@ -194,6 +267,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
+        self.render_mirrors(&mut out);
         out
     }
 }

@@ -199,17 +199,47 @@ pub async fn handle(
         }
         return Ok(respond_error(&route, fin, e));
     }
-    let Some(upstream) = route.upstream.clone() else {
-        return Ok(respond_error(
-            &route,
-            fin,
-            GatewayError::new(
-                ErrorKind::Internal,
-                "the route has no upstream and no policy answered",
-            ),
-        ));
+    let (upstream, timeouts) = match (&route.split, &route.upstream) {
+        (Some(split), _) => {
+            let (parts, body) = req.into_parts();
+            let share = split.pick(&fin.ctx, &parts);
+            req = Request::from_parts(parts, body);
+            (&share.upstream, &share.timeouts)
+        }
+        (None, Some(u)) => (u, &route.timeouts),
+        (None, None) => {
+            return Ok(respond_error(
+                &route,
+                fin,
+                GatewayError::new(
+                    ErrorKind::Internal,
+                    "the route has no upstream and no policy answered",
+                ),
+            ))
+        }
     };
-    match forward::forward(&snap, &route, &upstream, &mut fin, req, &conn, prefix_len).await {
+    match forward::forward(
+        &snap,
+        &route,
+        (upstream, timeouts),
+        &mut fin,
+        req,
+        &conn,
+        prefix_len,
+    )
+    .await
+    {
+        Ok(resp) if fin.mirror.is_some() => {
+            let resp = match fin.mirror.take() {
+                Some(p) => p.primary(resp),
+                None => resp,
+            };
+            if route.response_body {
+                Ok(Box::pin(respond_upstream(&route, fin, resp)).await)
+            } else {
+                Ok(respond(&route, fin, resp))
+            }
+        }
         // Boxed: only routes with a policy that reads response bodies take this step.
         Ok(resp) if route.response_body => Ok(Box::pin(respond_upstream(&route, fin, resp)).await),
         Ok(resp) => Ok(respond(&route, fin, resp)),

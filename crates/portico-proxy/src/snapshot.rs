@@ -23,6 +23,10 @@ use crate::tls;
 pub struct CompiledRoute {
     pub name: Arc<str>,
     pub upstream: Option<Arc<Upstream>>,
+    /// A weighted split between upstreams (`upstreams:`), instead of `upstream`.
+    pub split: Option<crate::split::Split>,
+    /// Copies of requests to another upstream (`mirror:`).
+    pub mirror: Option<crate::mirror::Mirror>,
     pub strip_prefix: bool,
     pub rewrite: Option<Template>,
     pub preserve_host: bool,
@@ -146,12 +150,56 @@ pub fn compile(
         let response_body = chain.iter().any(|e| e.policy.wants_response_body());
         let auth_gate = auth_gate(&chain);
         let upstream = r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned());
-        let base = upstream.as_ref().map(|u| u.timeouts).unwrap_or_default();
-        let timeouts = Timeouts {
+        let with_overrides = |base: Timeouts| Timeouts {
             connect: r.timeouts.connect.unwrap_or(base.connect),
             request: r.timeouts.request.unwrap_or(base.request),
             idle: r.timeouts.idle.unwrap_or(base.idle),
         };
+        let split = (!r.upstreams.is_empty()).then(|| {
+            let shares = r
+                .upstreams
+                .iter()
+                .filter_map(|w| {
+                    let u = upstreams.get(&w.name)?.clone();
+                    Some(crate::split::Share {
+                        timeouts: with_overrides(u.timeouts),
+                        upstream: u,
+                        weight: w.weight,
+                    })
+                })
+                .collect();
+            let sp = r.split.clone().unwrap_or_default();
+            crate::split::Split::new(
+                shares,
+                sp.sticky,
+                sp.override_header
+                    .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+                sp.override_cookie,
+            )
+        });
+        // The route's own timeouts (the client body's idle time): its upstream's, or
+        // the first of its split's.
+        let base = upstream
+            .as_ref()
+            .or_else(|| {
+                split
+                    .as_ref()
+                    .and_then(|s| s.shares.first())
+                    .map(|s| &s.upstream)
+            })
+            .map(|u| u.timeouts)
+            .unwrap_or_default();
+        let timeouts = with_overrides(base);
+        let mirror = r.mirror.as_ref().and_then(|m| {
+            let u = upstreams.get(&m.upstream)?.clone();
+            Some(crate::mirror::Mirror::new(
+                m,
+                u.clone(),
+                u.timeouts,
+                r.name.as_str().into(),
+                metrics.mirror(&r.name),
+            ))
+        });
         let rewrite = r
             .rewrite
             .as_ref()
@@ -186,8 +234,10 @@ pub fn compile(
         });
         routes.push(Arc::new(CompiledRoute {
             name: r.name.as_str().into(),
-            metrics: metrics.route(&r.name, r.upstream.as_deref().unwrap_or("")),
+            metrics: metrics.route(&r.name, &route_upstream_label(r)),
             upstream,
+            split,
+            mirror,
             strip_prefix: r.strip_prefix,
             rewrite,
             preserve_host: r.preserve_host,
@@ -290,4 +340,18 @@ fn consumer_headers(c: &portico_config::ConsumerHeaders) -> [HeaderName; 2] {
     let groups = HeaderName::from_bytes(c.groups.as_bytes())
         .unwrap_or(HeaderName::from_static("x-consumer-groups"));
     [name, groups]
+}
+
+/// The `upstream` label of a route's metrics: its upstream, or its split's upstreams
+/// joined by `,`.
+fn route_upstream_label(r: &Route) -> String {
+    match &r.upstream {
+        Some(u) => u.clone(),
+        None => r
+            .upstreams
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    }
 }
