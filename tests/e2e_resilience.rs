@@ -370,3 +370,63 @@ fn validate_reports_bad_resilience_settings() {
     );
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn total_timeout_bounds_every_try_together() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let env = start(&format!(
+        "upstreams:\n  u:\n    targets: [{{url: \"{}\"}}, {{url: \"{}\"}}]\n    timeouts: {{request: 400ms, total: 1s}}\n    retries: {{attempts: 5, on: [timeout], backoff: {{base: 10ms, max: 10ms}}}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let client = http_client();
+    // Every try takes 5 s: tries of 400 ms each fit in 1 s at most three times.
+    let (code, _, body) = get(&client, format!("http://{}/sleep/5000", env.addr)).await;
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("total timeout (1s"), "{body}");
+    let tries = a.hits() + b.hits();
+    assert!((2..=3).contains(&tries), "{tries} tries within a 1s total");
+    // A route may override it.
+    let env2 = start(&format!(
+        "upstreams:\n  u:\n    targets: [{{url: \"{}\"}}]\n    timeouts: {{request: 10s, total: 10s}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u, timeouts: {{total: 300ms}}}}\n",
+        a.url()
+    ))
+    .await;
+    let (code, _, body) = get(&client, format!("http://{}/sleep/5000", env2.addr)).await;
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("total timeout (300ms"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keepalive_closes_unused_pooled_connections() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let env = start(&format!(
+        "upstreams:\n  short:\n    targets: [{{url: \"{}\"}}]\n    timeouts: {{keepalive: 100ms}}\n  long:\n    targets: [{{url: \"{}\"}}]\nroutes:\n  - {{name: s, paths: [\"/s\"], upstream: short}}\n  - {{name: l, paths: [\"/l\"], upstream: long}}\n",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let client = http_client();
+    for path in ["/s", "/l"] {
+        assert_eq!(
+            get(&client, format!("http://{}{path}", env.addr)).await.0,
+            200
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for path in ["/s", "/l"] {
+        assert_eq!(
+            get(&client, format!("http://{}{path}", env.addr)).await.0,
+            200
+        );
+    }
+    assert_eq!(
+        a.connections(),
+        2,
+        "past its keepalive, the pooled connection is not reused"
+    );
+    assert_eq!(b.connections(), 1, "within the default 90s it is");
+}

@@ -459,16 +459,31 @@ pub enum Protocol {
     H2c,
 }
 
-/// Timeouts: `connect` for TCP+TLS, `request` until response headers, `idle` between body bytes.
+/// Timeouts: `connect` for TCP+TLS, `request` per try until response headers,
+/// `total` over every try, `idle` between body bytes, `keepalive` for unused pooled
+/// connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     #[serde(default = "default_connect")]
     pub connect: Dur,
+    /// Per try: from the end of the request body until the response headers.
     #[serde(default = "default_request")]
     pub request: Dur,
+    /// Over all tries (retries, backoff, hedges) until the response headers; none by
+    /// default.
+    #[serde(default)]
+    pub total: Option<Dur>,
     #[serde(default = "default_idle")]
     pub idle: Dur,
+    /// How long an unused keep-alive connection stays pooled (default 90s; upstream
+    /// only).
+    #[serde(default = "default_keepalive")]
+    pub keepalive: Dur,
+}
+
+fn default_keepalive() -> Dur {
+    Dur::secs(90)
 }
 
 fn default_connect() -> Dur {
@@ -486,7 +501,9 @@ impl Default for Timeouts {
         Timeouts {
             connect: default_connect(),
             request: default_request(),
+            total: None,
             idle: default_idle(),
+            keepalive: default_keepalive(),
         }
     }
 }
@@ -499,6 +516,8 @@ pub struct TimeoutOverrides {
     pub connect: Option<Dur>,
     #[serde(default)]
     pub request: Option<Dur>,
+    #[serde(default)]
+    pub total: Option<Dur>,
     #[serde(default)]
     pub idle: Option<Dur>,
 }

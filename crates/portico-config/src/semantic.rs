@@ -61,6 +61,12 @@ pub(crate) fn semantic_check(
     }
     for (name, up) in &c.upstreams {
         let p = root.key("upstreams").key(name);
+        if up.timeouts.total.is_some_and(|t| t.0.is_zero()) {
+            diags.push(Diagnostic::new(
+                p.key("timeouts").key("total"),
+                "`total` must be above 0 (leave it out for no total timeout)",
+            ));
+        }
         if let Some(d) = &up.discovery {
             diags.extend(d.validate(&p.key("discovery")));
         }
@@ -140,6 +146,12 @@ pub(crate) fn semantic_check(
         let p = root.key("routes").index(i);
         if let Some(rt) = &r.retries {
             diags.extend(rt.validate(&p.key("retries")));
+        }
+        if r.timeouts.total.is_some_and(|t| t.0.is_zero()) {
+            diags.push(Diagnostic::new(
+                p.key("timeouts").key("total"),
+                "`total` must be above 0 (leave it out for no total timeout)",
+            ));
         }
         if r.name.is_empty() {
             diags.push(Diagnostic::new(

@@ -245,7 +245,25 @@ pub async fn forward(
     // The targets as they are now: indexes stay valid for this request even if
     // discovery changes the set meanwhile.
     let set = up.live.current();
+    // `total`: every try, and the pauses between them, end by this.
+    let deadline = timeouts.total.map(|t| Instant::now() + t.0);
     for attempt in 0..max_tries {
+        let per_try = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(GatewayError::new(
+                        ErrorKind::UpstreamTimeout,
+                        format!(
+                            "the upstream did not answer within the total timeout ({}, {attempt} tries)",
+                            timeouts.total.unwrap_or_default()
+                        ),
+                    ));
+                }
+                timeouts.request.0.min(left)
+            }
+            None => timeouts.request.0,
+        };
         let request_body = match (&replay, body.take()) {
             (Some(b), _) if b.is_empty() => Body::Empty,
             (Some(b), _) => Body::full(b.clone()),
@@ -329,7 +347,7 @@ pub async fn forward(
             )),
             clock.as_deref(),
             sent,
-            timeouts.request.0,
+            per_try,
             timeouts.idle.0,
         )
         .await;
@@ -383,9 +401,18 @@ pub async fn forward(
                 };
                 (Err(err), cond, upstream_side.then_some(true))
             }
-            Err(timeout) => {
+            Err(mut timeout) => {
                 up.failed(&set, idx, sent);
                 up.timed_out(&set, idx);
+                if let (Some(d), Some(t)) = (deadline, timeouts.total) {
+                    if Instant::now() >= d {
+                        timeout.message = format!(
+                            "the upstream did not answer within the total timeout ({t}, {} tries)",
+                            attempt + 1
+                        )
+                        .into();
+                    }
+                }
                 (Err(timeout), Some(RetryOn::Timeout), Some(true))
             }
         };
@@ -401,6 +428,7 @@ pub async fn forward(
             }
         }
         let again = attempt + 1 < max_tries
+            && deadline.is_none_or(|d| Instant::now() < d)
             && match (retries, cond) {
                 (_, None) => false,
                 (None, Some(c)) => c == RetryOn::ConnectError && body.is_some(),
@@ -419,7 +447,11 @@ pub async fn forward(
         // can be tried.
         last = Some(Box::new(outcome));
         if let Some(r) = retries {
-            tokio::time::sleep(r.backoff(attempt as u32, fastrand::f64())).await;
+            let pause = r.backoff(attempt as u32, fastrand::f64());
+            match deadline {
+                Some(d) => tokio::time::sleep_until((Instant::now() + pause).min(d)).await,
+                None => tokio::time::sleep(pause).await,
+            }
         }
     }
     last.map(|b| *b).unwrap_or_else(|| {

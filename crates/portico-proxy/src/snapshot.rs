@@ -153,7 +153,9 @@ pub fn compile(
         let with_overrides = |base: Timeouts| Timeouts {
             connect: r.timeouts.connect.unwrap_or(base.connect),
             request: r.timeouts.request.unwrap_or(base.request),
+            total: r.timeouts.total.or(base.total),
             idle: r.timeouts.idle.unwrap_or(base.idle),
+            keepalive: base.keepalive,
         };
         let split = (!r.upstreams.is_empty()).then(|| {
             let shares = r

@@ -133,6 +133,7 @@ pub fn build(
         sni,
         protocol: cfg.protocol,
         max_idle: cfg.max_idle_connections,
+        keepalive: cfg.timeouts.keepalive.0,
     })
 }
 

@@ -278,7 +278,13 @@ fn counts_as_failure(status: StatusCode) -> bool {
 /// files they name (CA bundle, client certificate and key), so that a reload after
 /// replacing a file builds a new connector (and new connections).
 #[derive(Clone, PartialEq)]
-struct ConnectorKey(Protocol, UpstreamTls, usize, Vec<Option<Vec<u8>>>);
+struct ConnectorKey(
+    Protocol,
+    UpstreamTls,
+    usize,
+    std::time::Duration,
+    Vec<Option<Vec<u8>>>,
+);
 
 /// State that outlives snapshots: connectors, connection pools, target health,
 /// breakers, retry budgets and live target sets.
@@ -472,6 +478,7 @@ impl UpstreamState {
             cfg.protocol,
             cfg.tls.clone(),
             cfg.max_idle_connections,
+            cfg.timeouts.keepalive.0,
             files,
         );
         let mut connectors = self.connectors.lock();

@@ -28,9 +28,6 @@ use tokio::time::Instant;
 use crate::h1::{self, ReqFraming, ResponseBody, Sending, Stream};
 use crate::overlay::Overlay;
 
-/// How long an idle pooled connection is kept.
-const IDLE_KEEP: Duration = Duration::from_secs(90);
-
 /// A failed exchange; `body` is given back when nothing of the request was sent (the
 /// request head stays with the caller), so it can go to another target.
 pub struct Failed {
@@ -60,6 +57,8 @@ pub struct Connector {
     pub sni: Option<ServerName<'static>>,
     pub protocol: Protocol,
     pub max_idle: usize,
+    /// How long an unused connection stays pooled (`timeouts.keepalive`).
+    pub keepalive: Duration,
 }
 
 /// Why a request could not be exchanged with a target.
@@ -181,7 +180,7 @@ impl TargetPool {
         // otherwise hold its descriptor and buffer until the next quiet checkout).
         let expired = idle
             .iter()
-            .take_while(|c| now.saturating_duration_since(c.since) >= IDLE_KEEP)
+            .take_while(|c| now.saturating_duration_since(c.since) >= self.connector.keepalive)
             .count();
         if expired > 0 {
             idle.drain(..expired);
@@ -237,7 +236,7 @@ impl TargetPool {
         loop {
             let c = self.idle.lock().pop()?;
             let mut conn = c.conn;
-            if c.since.elapsed() < IDLE_KEEP && conn.usable() {
+            if c.since.elapsed() < self.connector.keepalive && conn.usable() {
                 return Some(Conn::H1(conn));
             }
         }
