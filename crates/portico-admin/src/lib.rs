@@ -128,6 +128,34 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         ));
     }
     text.push_str(&errors);
+    let mut shed = String::from("# HELP portico_upstream_concurrency_shed_total Requests refused at the adaptive concurrency limit.\n# TYPE portico_upstream_concurrency_shed_total counter\n");
+    let mut hedges = String::from("# HELP portico_upstream_hedges_total Hedged tries sent, and those whose answer was used.\n# TYPE portico_upstream_hedges_total counter\n");
+    text.push_str("# HELP portico_upstream_concurrency_limit The adaptive concurrency limit.\n# TYPE portico_upstream_concurrency_limit gauge\n");
+    for (name, up) in &snap.upstreams {
+        if let Some(a) = &up.adaptive {
+            text.push_str(&format!(
+                "portico_upstream_concurrency_limit{{upstream=\"{name}\"}} {}\n",
+                a.limit()
+            ));
+            shed.push_str(&format!(
+                "portico_upstream_concurrency_shed_total{{upstream=\"{name}\"}} {}\n",
+                a.shed.load(std::sync::atomic::Ordering::Relaxed)
+            ));
+        }
+        if up.hedging.is_some() {
+            for (result, n) in [
+                ("sent", &up.recent.hedges_sent),
+                ("won", &up.recent.hedges_won),
+            ] {
+                hedges.push_str(&format!(
+                    "portico_upstream_hedges_total{{upstream=\"{name}\",result=\"{result}\"}} {}\n",
+                    n.load(std::sync::atomic::Ordering::Relaxed)
+                ));
+            }
+        }
+    }
+    text.push_str(&shed);
+    text.push_str(&hedges);
     text.push_str("# HELP portico_upstream_circuit_state State of the circuit breaker governing the target: 0 closed, 1 open, 2 half-open.\n# TYPE portico_upstream_circuit_state gauge\n");
     for (name, up) in &snap.upstreams {
         let Some(c) = &up.circuit else { continue };
@@ -322,6 +350,15 @@ async fn upstreams(State(gw): State<Arc<Gateway>>) -> Response {
                 "balance": cfg.map(|c| c.balance),
                 "discovery": discovery,
                 "when_all_unhealthy": u.when_all_unhealthy,
+                "adaptive_concurrency": u.adaptive.as_ref().map(|a| json!({
+                    "limit": a.limit(),
+                    "in_flight": a.in_flight(),
+                    "shed": a.shed.load(std::sync::atomic::Ordering::Relaxed),
+                })),
+                "hedges": u.hedging.as_ref().map(|_| json!({
+                    "sent": u.recent.hedges_sent.load(std::sync::atomic::Ordering::Relaxed),
+                    "won": u.recent.hedges_won.load(std::sync::atomic::Ordering::Relaxed),
+                })),
                 "protocol": cfg.map(|c| c.protocol),
                 "timeouts": {"connect": u.timeouts.connect, "request": u.timeouts.request, "idle": u.timeouts.idle},
                 "targets": targets,

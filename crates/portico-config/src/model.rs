@@ -390,6 +390,14 @@ pub struct Upstream {
     /// only connect failures are tried on another target, at most 3 tries).
     #[serde(default)]
     pub retries: Option<crate::resilience::RetriesConfig>,
+    /// Limit requests in flight to what the upstream handles without slowing down,
+    /// learnt from latency; the excess is answered 503 (off when absent).
+    #[serde(default)]
+    pub adaptive_concurrency: Option<crate::resilience::AdaptiveConcurrency>,
+    /// Send a second try to another target when the first is slow (idempotent
+    /// requests only; off when absent).
+    #[serde(default)]
+    pub hedging: Option<crate::resilience::Hedging>,
 }
 
 /// The schema of `hash_key`: the shared key grammar's (`Key`) as one schema instead of

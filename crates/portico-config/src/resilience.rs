@@ -713,3 +713,189 @@ mod tests {
         assert!(s["properties"]["budget"].is_object());
     }
 }
+
+/// `adaptive_concurrency:` — an in-flight limit per upstream that follows latency
+/// (docs/upstreams.md, "Adaptive concurrency").
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConcurrency {
+    /// The limit to start from (default 20).
+    #[serde(default = "default_initial_limit")]
+    pub initial_limit: u32,
+    /// The limit never goes below this, and is this while the no-load latency is
+    /// measured (default 3).
+    #[serde(default = "default_min_limit")]
+    pub min_limit: u32,
+    /// The limit never goes above this (default 1000).
+    #[serde(default = "default_max_limit")]
+    pub max_limit: u32,
+    /// How often the limit is recomputed from the latencies seen (default 1s).
+    #[serde(default = "default_adaptive_window")]
+    pub window: Dur,
+    /// Fewer samples than this in a window: it is merged into the next (default 10).
+    #[serde(default = "default_min_samples")]
+    pub min_samples: u32,
+    /// How much slower than usual answers may get before the limit falls (default 1.5:
+    /// 50 % slower).
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+    /// The share of the computed change applied per window, 0–1 (default 0.2).
+    #[serde(default = "default_smoothing")]
+    pub smoothing: f64,
+    /// How often the no-load latency is measured again (default 30s).
+    #[serde(default = "default_min_rtt_interval")]
+    pub min_rtt_interval: Dur,
+}
+
+fn default_min_rtt_interval() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+fn default_initial_limit() -> u32 {
+    20
+}
+fn default_min_limit() -> u32 {
+    3
+}
+fn default_max_limit() -> u32 {
+    1000
+}
+fn default_adaptive_window() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_min_samples() -> u32 {
+    10
+}
+fn default_tolerance() -> f64 {
+    1.5
+}
+fn default_smoothing() -> f64 {
+    0.2
+}
+
+impl AdaptiveConcurrency {
+    pub fn validate(&self, p: &KeyPath) -> Vec<Diagnostic> {
+        let mut d = Vec::new();
+        if self.min_limit == 0 {
+            d.push(Diagnostic::new(
+                p.key("min_limit"),
+                "`min_limit` must be at least 1",
+            ));
+        }
+        if self.min_limit > self.max_limit {
+            d.push(Diagnostic::new(
+                p.key("min_limit"),
+                "`min_limit` is above `max_limit`",
+            ));
+        }
+        if self.min_rtt_interval.0 < self.window.0 {
+            d.push(Diagnostic::new(
+                p.key("min_rtt_interval"),
+                "`min_rtt_interval` must be at least `window`",
+            ));
+        }
+        if self.window.0.as_millis() < 10 {
+            d.push(Diagnostic::new(
+                p.key("window"),
+                "`window` must be at least 10ms",
+            ));
+        }
+        if !(self.tolerance >= 1.0 && self.tolerance <= 10.0) {
+            d.push(Diagnostic::new(
+                p.key("tolerance"),
+                format!(
+                    "`tolerance` must be between 1 and 10, not {}",
+                    self.tolerance
+                ),
+            ));
+        }
+        if !(self.smoothing > 0.0 && self.smoothing <= 1.0) {
+            d.push(Diagnostic::new(
+                p.key("smoothing"),
+                format!(
+                    "`smoothing` must be above 0 and at most 1, not {}",
+                    self.smoothing
+                ),
+            ));
+        }
+        d
+    }
+}
+
+/// `hedging:` — a second try to another target when the first is slow.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Hedging {
+    /// How long the first try may go unanswered before the hedge is sent: a duration,
+    /// or `p95` (the upstream's recent 95th percentile latency; default).
+    #[serde(default)]
+    pub delay: HedgeDelay,
+    /// The least delay when it comes from `p95` (default 10ms).
+    #[serde(default = "default_min_hedge_delay")]
+    pub min_delay: Dur,
+}
+
+fn default_min_hedge_delay() -> Dur {
+    Dur(Duration::from_millis(10))
+}
+
+/// When to hedge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HedgeDelay {
+    /// The upstream's observed 95th percentile latency.
+    #[default]
+    P95,
+    /// A fixed time.
+    Fixed(Dur),
+}
+
+impl Serialize for HedgeDelay {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HedgeDelay::P95 => s.serialize_str("p95"),
+            HedgeDelay::Fixed(d) => d.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HedgeDelay {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "p95" {
+            return Ok(HedgeDelay::P95);
+        }
+        let dur = crate::units::parse_duration(&s).map_err(|e| {
+            de::Error::custom(format!("`{s}` is neither `p95` nor a duration: {e}"))
+        })?;
+        Ok(HedgeDelay::Fixed(Dur(dur)))
+    }
+}
+
+impl JsonSchema for HedgeDelay {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HedgeDelay".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "`p95` or a duration such as `50ms`",
+            "type": "string",
+            "pattern": "^(p95|[0-9]+(\\.[0-9]+)?(ms|s|m|h))$"
+        })
+    }
+}
+
+impl Hedging {
+    pub fn validate(&self, p: &KeyPath) -> Vec<Diagnostic> {
+        let mut d = Vec::new();
+        if let HedgeDelay::Fixed(t) = self.delay {
+            if t.0.is_zero() {
+                d.push(Diagnostic::new(
+                    p.key("delay"),
+                    "a hedging `delay` of 0 would double every request; give a time or `p95`",
+                ));
+            }
+        }
+        d
+    }
+}

@@ -110,6 +110,12 @@ pub(crate) fn semantic_check(
         if let Some(r) = &up.retries {
             diags.extend(r.validate(&p.key("retries")));
         }
+        if let Some(a) = &up.adaptive_concurrency {
+            diags.extend(a.validate(&p.key("adaptive_concurrency")));
+        }
+        if let Some(h) = &up.hedging {
+            diags.extend(h.validate(&p.key("hedging")));
+        }
         match (up.balance, &up.hash_key) {
             // Reported at `hash_key` (located at the upstream): a `hash_key` the schema
             // refused is then not reported twice.

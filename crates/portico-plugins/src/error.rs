@@ -36,6 +36,8 @@ pub enum ErrorKind {
     AuthUnavailable,
     /// The upstream's circuit breaker is open: the request was not sent.
     CircuitOpen,
+    /// The upstream's adaptive concurrency limit is reached: the request was not sent.
+    UpstreamOverloaded,
 }
 
 impl ErrorKind {
@@ -57,7 +59,9 @@ impl ErrorKind {
             }
             ErrorKind::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::AuthUnavailable | ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::AuthUnavailable | ErrorKind::CircuitOpen | ErrorKind::UpstreamOverloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -83,6 +87,7 @@ impl ErrorKind {
             ErrorKind::ResponseContractViolation => "response_contract_violation",
             ErrorKind::AuthUnavailable => "auth_unavailable",
             ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::UpstreamOverloaded => "upstream_overloaded",
         }
     }
 }
@@ -119,7 +124,8 @@ impl GatewayError {
             | ErrorKind::UpstreamTimeout
             | ErrorKind::ResponseContractViolation
             | ErrorKind::AuthUnavailable
-            | ErrorKind::CircuitOpen => Side::Upstream,
+            | ErrorKind::CircuitOpen
+            | ErrorKind::UpstreamOverloaded => Side::Upstream,
             ErrorKind::Internal => Side::Internal,
             _ => Side::Downstream,
         };

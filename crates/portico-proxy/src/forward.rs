@@ -19,10 +19,12 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use portico_config::model::Timeouts;
+use portico_config::resilience::{HedgeDelay, Hedging};
 use portico_plugins::body::{BodyTooLarge, IdleTimeout};
 use portico_plugins::{Body, ErrorKind, GatewayError};
 use portico_upstream::{
-    now_ms, Circuit, ConnectTimeout, Field, Overlay, Rejected, RetryOn, SendError, Upstream,
+    now_ms, Circuit, ConnectTimeout, Field, Overlay, Permit, Rejected, RetryOn, SendError, Target,
+    TargetSet, Upstream,
 };
 use tokio::time::Instant;
 
@@ -193,6 +195,24 @@ pub async fn forward(
     );
     let replayable = idempotent && body.is_end_stream();
     parts.uri = Uri::from(pq);
+    // Adaptive concurrency: above the learnt limit, the request is not sent.
+    let admitted = match &up.adaptive {
+        Some(a) => match a.try_acquire() {
+            Some(adm) => Some(adm),
+            None => {
+                return Err(GatewayError::new(
+                    ErrorKind::UpstreamOverloaded,
+                    format!(
+                        "upstream `{}` is at its adaptive concurrency limit ({} in flight); the request was not sent",
+                        up.name,
+                        a.limit()
+                    ),
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")))
+            }
+        },
+        None => None,
+    };
     // A copy for the route's mirror (sampled), taken as the request goes upstream.
     let body = match &route.mirror {
         Some(m) => {
@@ -225,7 +245,16 @@ pub async fn forward(
             }
         }
         up.budget.deposit(now_ms());
+    } else if up.hedging.is_some() {
+        up.budget.deposit(now_ms());
     }
+    // Hedging needs a body it can send twice: none, or the kept one.
+    let hedge_body: Option<Bytes> = match (&up.hedging, &replay) {
+        (None, _) => None,
+        (Some(_), Some(b)) if idempotent => Some(b.clone()),
+        (Some(_), None) if replayable => Some(Bytes::new()),
+        _ => None,
+    };
     // `request` counts from the end of the request body; `idle` while it streams. A
     // kept body is sent at once: each try has its own `request` deadline.
     let (mut body, clock) = match body {
@@ -315,7 +344,7 @@ pub async fn forward(
                 }
             }
         }
-        let Some((idx, permit)) = chosen else {
+        let Some((mut idx, mut permit)) = chosen else {
             if let (Some(r), Some(circuit)) = (refused, &up.circuit) {
                 return circuit_refused(up, circuit, r);
             }
@@ -325,19 +354,26 @@ pub async fn forward(
             excluded[n_excluded] = idx;
             n_excluded += 1;
         }
-        let target = &set.targets[idx];
-        fin.target = Some(target.url.clone());
-        overlay.host = if !route.preserve_host {
-            Field::Set(target.host_header.clone())
-        } else {
-            client_host.clone().map_or(Field::Keep, Field::Set)
+        let first = &set.targets[idx];
+        overlay.host = host_for(route, first, client_host.as_ref());
+        // Hedging (first try only): the delay after which a second try may start.
+        let hedge = match (&up.hedging, &hedge_body) {
+            (Some(h), Some(b)) if attempt == 0 => hedge_delay(up, h).map(|d| (d, b.clone())),
+            _ => None,
         };
-        let sent = Instant::now();
-        target.health.start();
+        let hedge_head = hedge.as_ref().map(|_| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
+        let mut sent = Instant::now();
+        first.health.start();
         // Boxed: the exchange's state is large and would otherwise be copied each time
         // the futures around it move (measured: ~1k instructions per request).
-        let result = bodyclock::send(
-            Box::pin(target.pool.send(
+        let primary = bodyclock::send(
+            Box::pin(first.pool.send(
                 &mut parts,
                 request_body,
                 &overlay,
@@ -349,9 +385,70 @@ pub async fn forward(
             sent,
             per_try,
             timeouts.idle.0,
-        )
-        .await;
-        target.health.finish();
+        );
+        let result = match (hedge, hedge_head) {
+            (Some((delay, hbody)), Some(head)) => {
+                let mut primary = std::pin::pin!(primary);
+                tokio::select! {
+                    biased;
+                    r = &mut primary => r,
+                    () = tokio::time::sleep(delay) => {
+                        match pick_hedge(up, &set, idx, &excluded[..n_excluded], key_hash) {
+                            None => primary.await,
+                            Some((i2, permit2)) => {
+                                let t2 = &set.targets[i2];
+                                let (mut p2, ()) = Request::new(()).into_parts();
+                                (p2.method, p2.uri, p2.headers) = head;
+                                p2.version = Version::HTTP_11;
+                                let mut ov2 = overlay.clone();
+                                ov2.host = host_for(route, t2, client_host.as_ref());
+                                let sent2 = Instant::now();
+                                let per_try2 = deadline.map_or(timeouts.request.0, |d| {
+                                    timeouts.request.0.min(d.saturating_duration_since(sent2))
+                                });
+                                up.recent.hedges_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                t2.health.start();
+                                let second = bodyclock::send(
+                                    Box::pin(t2.pool.send(
+                                        &mut p2,
+                                        if hbody.is_empty() { Body::Empty } else { Body::full(hbody) },
+                                        &ov2,
+                                        timeouts.connect.0,
+                                        Some(timeouts.idle.0),
+                                        true,
+                                    )),
+                                    None,
+                                    sent2,
+                                    per_try2,
+                                    timeouts.idle.0,
+                                );
+                                let (r, hedge_won) = race(primary, second).await;
+                                t2.health.finish();
+                                if hedge_won {
+                                    up.recent.hedges_won.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    idx = i2;
+                                    sent = sent2;
+                                    // A breaker of its own: its permit; else the
+                                    // upstream's, which the first try holds.
+                                    if permit2.is_some() {
+                                        permit = permit2;
+                                    }
+                                    if n_excluded < MAX_EXCLUDED {
+                                        excluded[n_excluded] = i2;
+                                        n_excluded += 1;
+                                    }
+                                }
+                                r
+                            }
+                        }
+                    }
+                }
+            }
+            _ => primary.await,
+        };
+        first.health.finish();
+        let target = &set.targets[idx];
+        fin.target = Some(target.url.clone());
         if snap.access_log {
             fin.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
         }
@@ -361,6 +458,13 @@ pub async fn forward(
             Ok(Ok(mut resp)) => {
                 up.responded(&set, idx, resp.status());
                 up.answered(&set, idx, sent, resp.status());
+                if admitted.is_some() || up.hedging.is_some() {
+                    let took = sent.elapsed();
+                    if let Some(a) = &admitted {
+                        a.sample(took, now_ms());
+                    }
+                    up.recent.record(took);
+                }
                 strip_hop_by_hop(resp.headers_mut());
                 // The client gets the gateway's protocol version, not the upstream's.
                 *resp.version_mut() = Version::HTTP_11;
@@ -404,6 +508,9 @@ pub async fn forward(
             Err(mut timeout) => {
                 up.failed(&set, idx, sent);
                 up.timed_out(&set, idx);
+                if let Some(a) = &admitted {
+                    a.sample(sent.elapsed(), now_ms());
+                }
                 if let (Some(d), Some(t)) = (deadline, timeouts.total) {
                     if Instant::now() >= d {
                         timeout.message = format!(
@@ -460,6 +567,74 @@ pub async fn forward(
             format!("upstream `{}` has no available target", up.name),
         ))
     })
+}
+
+/// The `Host` sent to target `t`: its own, or the client's with `preserve_host`.
+fn host_for(route: &CompiledRoute, t: &Target, client_host: Option<&HeaderValue>) -> Field {
+    if !route.preserve_host {
+        Field::Set(t.host_header.clone())
+    } else {
+        client_host.cloned().map_or(Field::Keep, Field::Set)
+    }
+}
+
+/// How long the first try may go unanswered before a hedge: the fixed delay, or the
+/// upstream's recent 95th percentile (not before 20 samples: until then, no hedging).
+fn hedge_delay(up: &Upstream, h: &Hedging) -> Option<Duration> {
+    match h.delay {
+        HedgeDelay::Fixed(d) => Some(d.0),
+        HedgeDelay::P95 => up.recent.quantile(0.95, 20).map(|d| d.max(h.min_delay.0)),
+    }
+}
+
+/// A target for the hedge: another one than `first` and those already excluded, with
+/// its breaker's permit when it has its own, and within the retry budget.
+fn pick_hedge<'s>(
+    up: &'s Upstream,
+    set: &'s TargetSet,
+    first: usize,
+    excluded: &[usize],
+    key: Option<u64>,
+) -> Option<(usize, Option<Permit<'s>>)> {
+    let mut skip = [usize::MAX; MAX_EXCLUDED + 1];
+    let n = excluded.len().min(MAX_EXCLUDED);
+    skip[..n].copy_from_slice(&excluded[..n]);
+    skip[n] = first;
+    let i = up.pick(set, &skip[..=n], key).filter(|&i| i != first)?;
+    let permit = match up.circuit.as_ref() {
+        Some(c) if c.per_target => Some(c.breaker(&set.targets[i])?.try_acquire(now_ms()).ok()?),
+        _ => None,
+    };
+    up.budget.try_withdraw(now_ms()).then_some((i, permit))
+}
+
+type TryResult = Result<Result<Response<Body>, portico_upstream::Failed>, GatewayError>;
+
+/// The first good answer of two tries in flight: an answer (any status) wins; a
+/// failure waits for the other, and if both fail the first try's failure is kept. The
+/// loser is dropped (its exchange cancelled). Returns whether the second try won.
+async fn race(
+    first: impl std::future::Future<Output = TryResult>,
+    second: impl std::future::Future<Output = TryResult>,
+) -> (TryResult, bool) {
+    let mut first = std::pin::pin!(first);
+    let mut second = std::pin::pin!(second);
+    let answered = |r: &TryResult| matches!(r, Ok(Ok(_)));
+    tokio::select! {
+        r = &mut first => {
+            if answered(&r) {
+                return (r, false);
+            }
+            let r2 = second.await;
+            if answered(&r2) { (r2, true) } else { (r, false) }
+        }
+        r = &mut second => {
+            if answered(&r) {
+                return (r, true);
+            }
+            (first.await, false)
+        }
+    }
 }
 
 /// The answer when the breaker refused the request: the configured fallback, or the

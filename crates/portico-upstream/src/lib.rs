@@ -9,6 +9,7 @@
 //! Does not own: sending a request through the pipeline (`portico-proxy`).
 #![forbid(unsafe_code)]
 
+pub mod adaptive;
 pub mod balance;
 pub mod breaker;
 pub mod budget;
@@ -76,6 +77,12 @@ pub struct Upstream {
     pub discovery: Option<portico_config::discovery::Discovery>,
     /// Active health checks (their task runs beside the snapshot).
     pub active: Option<portico_config::discovery::ActiveCheck>,
+    /// The adaptive concurrency limit (kept across reloads while its settings are).
+    pub adaptive: Option<Arc<adaptive::AdaptiveLimit>>,
+    /// Hedging settings.
+    pub hedging: Option<portico_config::resilience::Hedging>,
+    /// Recent response-head latencies (hedging's `p95`), kept across reloads.
+    pub recent: Arc<adaptive::RecentLatency>,
     /// The circuit breaker(s), when `circuit_breaker` is configured.
     pub circuit: Option<Circuit>,
     /// The upstream's `retries` (a route's own replace them).
@@ -295,6 +302,8 @@ pub struct UpstreamState {
     transitions: Mutex<HashMap<String, Arc<TransitionCounts>>>,
     budgets: Mutex<HashMap<String, (BudgetSettings, Arc<RetryBudget>)>>,
     lives: Mutex<HashMap<String, Arc<Live>>>,
+    adaptive: Mutex<HashMap<String, Arc<adaptive::AdaptiveLimit>>>,
+    recent: Mutex<HashMap<String, Arc<adaptive::RecentLatency>>>,
 }
 
 /// A problem compiling an upstream, with the config keys below `upstreams.NAME` it concerns.
@@ -383,7 +392,27 @@ impl UpstreamState {
                 }
             }
         };
+        let adaptive = cfg.adaptive_concurrency.map(|s| {
+            let mut map = self.adaptive.lock();
+            match map.get(name) {
+                Some(a) if *a.settings() == s => a.clone(),
+                _ => {
+                    let a = Arc::new(adaptive::AdaptiveLimit::new(s, now_ms()));
+                    map.insert(name.to_string(), a.clone());
+                    a
+                }
+            }
+        });
+        let recent = self
+            .recent
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone();
         Ok(Upstream {
+            adaptive,
+            hedging: cfg.hedging,
+            recent,
             name: name.into(),
             hash_key: cfg.hash_key.clone(),
             live,
@@ -522,6 +551,12 @@ impl UpstreamState {
             .lock()
             .retain(|n, _| live.contains_key(n.as_str()));
         self.budgets
+            .lock()
+            .retain(|n, _| live.contains_key(n.as_str()));
+        self.adaptive
+            .lock()
+            .retain(|n, _| current.get(n).is_some_and(|u| u.adaptive.is_some()));
+        self.recent
             .lock()
             .retain(|n, _| live.contains_key(n.as_str()));
         self.lives
