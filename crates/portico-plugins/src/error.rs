@@ -36,6 +36,12 @@ pub enum ErrorKind {
     AuthUnavailable,
     /// The upstream's circuit breaker is open: the request was not sent.
     CircuitOpen,
+    /// `concurrency-limit`: too many requests in flight for the key, and the queue
+    /// was full or the wait ran out.
+    ConcurrencyLimited,
+    /// `rate-limit` in cluster mode with `on_store_error: deny`: the shared store
+    /// (Redis) did not answer.
+    RateLimitUnavailable,
 }
 
 impl ErrorKind {
@@ -57,7 +63,10 @@ impl ErrorKind {
             }
             ErrorKind::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::AuthUnavailable | ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::AuthUnavailable
+            | ErrorKind::CircuitOpen
+            | ErrorKind::ConcurrencyLimited
+            | ErrorKind::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -83,6 +92,8 @@ impl ErrorKind {
             ErrorKind::ResponseContractViolation => "response_contract_violation",
             ErrorKind::AuthUnavailable => "auth_unavailable",
             ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::ConcurrencyLimited => "concurrency_limited",
+            ErrorKind::RateLimitUnavailable => "rate_limit_unavailable",
         }
     }
 }
@@ -121,6 +132,8 @@ impl GatewayError {
             | ErrorKind::AuthUnavailable
             | ErrorKind::CircuitOpen => Side::Upstream,
             ErrorKind::Internal => Side::Internal,
+            // `RateLimitUnavailable` is the store's fault, but the policy logs store
+            // failures itself (rate-limited): not one warning per refused request.
             _ => Side::Downstream,
         };
         GatewayError {

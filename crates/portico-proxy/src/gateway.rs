@@ -32,6 +32,8 @@ pub struct Gateway {
     ready: AtomicBool,
     /// Consumers and credentials: the store and the index built from it.
     pub identity: Arc<Identity>,
+    /// Policy state that outlives snapshots (rate-limit counters, in-flight counts).
+    pub policy_state: Arc<portico_plugins::PolicyState>,
 }
 
 /// How often the store file is checked for changes made by another process.
@@ -87,7 +89,8 @@ impl Gateway {
         })?;
         let identity = Arc::new(identity);
         identity.watch(STORE_POLL);
-        let snap = compile(loaded, &upstreams, &metrics, 1, &identity)?;
+        let policy_state = Arc::new(portico_plugins::PolicyState::default());
+        let snap = compile(loaded, &upstreams, &metrics, 1, &identity, &policy_state)?;
         let gw = Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snap),
             access_log: AccessLog::start(log_path, metrics.clone()),
@@ -99,6 +102,7 @@ impl Gateway {
             listeners: tokio::sync::Mutex::new(Listeners::default()),
             ready: AtomicBool::new(false),
             identity,
+            policy_state,
         });
         {
             let mut l = gw.listeners.lock().await;
@@ -187,6 +191,7 @@ impl Gateway {
             &self.metrics,
             generation,
             &self.identity,
+            &self.policy_state,
         )?;
         let bound = listeners
             .bind_missing(&wanted)
