@@ -65,6 +65,8 @@ fn default_wait() -> Dur {
 const SHARDS: usize = 16;
 const DEFAULT_MAX_KEYS: usize = 10_000;
 
+type Shard = Mutex<HashMap<Box<str>, Arc<Slot>>>;
+
 /// One key's permits and waiters.
 struct Slot {
     sem: Arc<Semaphore>,
@@ -74,7 +76,7 @@ struct Slot {
 /// Every key's slot, sharded; kept across reloads.
 struct Slots {
     max: u32,
-    shards: Box<[Mutex<HashMap<Box<str>, Arc<Slot>>>]>,
+    shards: Box<[Shard]>,
     per_shard: usize,
     hasher: std::collections::hash_map::RandomState,
     rejected: AtomicU64,

@@ -12,9 +12,11 @@ use super::algo::{self, Cell, Decision, Params};
 
 const SHARDS: usize = 16;
 
+type Shard = Mutex<HashMap<Box<str>, Cell>>;
+
 pub struct LocalStore {
     params: Params,
-    shards: Box<[Mutex<HashMap<Box<str>, Cell>>]>,
+    shards: Box<[Shard]>,
     per_shard: usize,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -30,7 +32,7 @@ impl LocalStore {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<Box<str>, Cell>> {
+    fn shard(&self, key: &str) -> &Shard {
         let i = (self.hasher.hash_one(key) as usize) % SHARDS;
         &self.shards[i]
     }
@@ -75,7 +77,8 @@ impl LocalStore {
     }
 
     /// Keys held (for tests).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
 }

@@ -176,12 +176,12 @@ static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 /// `1s`, `90s`, `1m`, `1h`, `2d`, `500ms`: the shortest exact spelling.
 fn human(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = ms / 1000;
     for (unit, n) in [("d", 86400), ("h", 3600), ("m", 60)] {
-        if s % n == 0 {
+        if s.is_multiple_of(n) {
             return format!("{}{unit}", s / n);
         }
     }
