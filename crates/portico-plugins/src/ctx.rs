@@ -121,7 +121,21 @@ impl Ctx {
 
     /// The value of a request key; parts are joined by `|`, a missing part is empty.
     pub fn key(&self, req: &Parts, k: &KeySpec) -> String {
+        self.key_in(&req.headers, &req.uri, k).0
+    }
+
+    /// The value of a request key for a whole request (the request phase), or `None`
+    /// when every part of the key is missing (e.g. `consumer` on an anonymous request,
+    /// or an absent `header:`).
+    pub fn key_of<B>(&self, req: &http::Request<B>, k: &KeySpec) -> Option<String> {
+        let (v, any) = self.key_in(req.headers(), req.uri(), k);
+        any.then_some(v)
+    }
+
+    /// The key's value, and whether any part of it was present.
+    fn key_in(&self, headers: &HeaderMap, uri: &http::Uri, k: &KeySpec) -> (String, bool) {
         let mut out = String::new();
+        let mut any = false;
         for (i, part) in k.0.iter().enumerate() {
             if i > 0 {
                 out.push('|');
@@ -134,16 +148,25 @@ impl Ctx {
                     .map(|c| Cow::Borrowed(c.name.as_str())),
                 KeyPart::Route => Some(Cow::Borrowed(&self.route_name)),
                 KeyPart::Path => Some(Cow::Borrowed(&self.path)),
-                KeyPart::Header(n) => header_str(&req.headers, n).map(Cow::Borrowed),
-                KeyPart::Query(n) => query_param(req.uri.query(), n),
-                KeyPart::Cookie(n) => cookie(&req.headers, n).map(Cow::Borrowed),
-                KeyPart::JwtClaim(n) => self.var(Some(req), &Var::JwtClaim(n.clone())),
+                KeyPart::Header(n) => header_str(headers, n).map(Cow::Borrowed),
+                KeyPart::Query(n) => query_param(uri.query(), n),
+                KeyPart::Cookie(n) => cookie(headers, n).map(Cow::Borrowed),
+                KeyPart::JwtClaim(n) => {
+                    self.jwt_claims
+                        .as_ref()
+                        .and_then(|c| c.get(n))
+                        .map(|v| match v {
+                            serde_json::Value::String(s) => Cow::Borrowed(s.as_str()),
+                            other => Cow::Owned(other.to_string()),
+                        })
+                }
             };
             if let Some(v) = v {
+                any = true;
                 out.push_str(&v);
             }
         }
-        out
+        (out, any)
     }
 }
 

@@ -38,6 +38,12 @@ pub enum ErrorKind {
     CircuitOpen,
     /// The upstream's adaptive concurrency limit is reached: the request was not sent.
     UpstreamOverloaded,
+    /// `concurrency-limit`: too many requests in flight for the key, and the queue
+    /// was full or the wait ran out.
+    ConcurrencyLimited,
+    /// `rate-limit` in cluster mode with `on_store_error: deny`: the shared store
+    /// (Redis) did not answer.
+    RateLimitUnavailable,
 }
 
 impl ErrorKind {
@@ -59,9 +65,11 @@ impl ErrorKind {
             }
             ErrorKind::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::AuthUnavailable | ErrorKind::CircuitOpen | ErrorKind::UpstreamOverloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorKind::AuthUnavailable
+            | ErrorKind::CircuitOpen
+            | ErrorKind::UpstreamOverloaded
+            | ErrorKind::ConcurrencyLimited
+            | ErrorKind::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -88,6 +96,8 @@ impl ErrorKind {
             ErrorKind::AuthUnavailable => "auth_unavailable",
             ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::UpstreamOverloaded => "upstream_overloaded",
+            ErrorKind::ConcurrencyLimited => "concurrency_limited",
+            ErrorKind::RateLimitUnavailable => "rate_limit_unavailable",
         }
     }
 }
@@ -127,6 +137,8 @@ impl GatewayError {
             | ErrorKind::CircuitOpen
             | ErrorKind::UpstreamOverloaded => Side::Upstream,
             ErrorKind::Internal => Side::Internal,
+            // `RateLimitUnavailable` is the store's fault, but the policy logs store
+            // failures itself (rate-limited): not one warning per refused request.
             _ => Side::Downstream,
         };
         GatewayError {

@@ -42,6 +42,13 @@ pub struct BuildEnv {
     /// The configuration file's directory, which relative file paths in settings (an
     /// `openapi` spec) resolve against. `None`: the current directory.
     pub config_dir: Option<std::path::PathBuf>,
+    /// State that outlives snapshots (rate-limit counters, in-flight counts), owned by
+    /// the gateway: a policy rebuilt with the same settings in the same scope finds
+    /// its state again.
+    pub state: Arc<crate::state::PolicyState>,
+    /// Where the policy is being built: `global`, or `route:NAME` (see
+    /// [`BuildEnv::for_route`]). Part of the names policies keep their state under.
+    pub scope: Arc<str>,
 }
 
 impl Default for BuildEnv {
@@ -49,12 +56,28 @@ impl Default for BuildEnv {
         BuildEnv {
             identity: Arc::new(portico_store::Identity::detached()),
             config_dir: None,
+            state: Arc::default(),
+            scope: Arc::from("global"),
+        }
+    }
+}
+
+impl BuildEnv {
+    /// The same services, for the policies of one route.
+    pub fn for_route(&self, route: &str) -> BuildEnv {
+        BuildEnv {
+            scope: Arc::from(format!("route:{route}")),
+            ..self.clone()
         }
     }
 }
 
 /// Priorities of authentication policies (between request hygiene and authorization).
 pub const AUTH_PRIORITY: std::ops::Range<i32> = 2000..3000;
+
+/// Priorities of rate limits and quotas (after authorization, before request
+/// validation): they can count per consumer, and refuse before a body is read.
+pub const LIMIT_PRIORITY: std::ops::Range<i32> = 1100..1900;
 
 /// Policies at or above this priority are request hygiene: they also run when the
 /// route's path matched but its method did not (so CORS preflights are not 405).
@@ -246,6 +269,15 @@ mod tests {
                     def.name
                 );
             }
+        }
+        // The limits sit in their band, and only they.
+        for def in all() {
+            assert_eq!(
+                LIMIT_PRIORITY.contains(&def.priority),
+                def.stage == "rate limits and quotas",
+                "{}",
+                def.name
+            );
         }
         // DEFS is listed by descending priority.
         assert!(all().windows(2).all(|w| w[0].priority >= w[1].priority));

@@ -38,6 +38,8 @@ pub struct Gateway {
     ready: AtomicBool,
     /// Consumers and credentials: the store and the index built from it.
     pub identity: Arc<Identity>,
+    /// Policy state that outlives snapshots (rate-limit counters, in-flight counts).
+    pub policy_state: Arc<portico_plugins::PolicyState>,
 }
 
 /// How often the store file is checked for changes made by another process.
@@ -93,7 +95,8 @@ impl Gateway {
         })?;
         let identity = Arc::new(identity);
         identity.watch(STORE_POLL);
-        let snap = compile(loaded, &upstreams, &metrics, 1, &identity)?;
+        let policy_state = Arc::new(portico_plugins::PolicyState::default());
+        let snap = compile(loaded, &upstreams, &metrics, 1, &identity, &policy_state)?;
         let sources = SourceCtx {
             base_dir: Some(snap.loaded.base_dir.clone()),
             ..SourceCtx::default()
@@ -111,6 +114,7 @@ impl Gateway {
             listeners: tokio::sync::Mutex::new(Listeners::default()),
             ready: AtomicBool::new(false),
             identity,
+            policy_state,
         });
         {
             let mut l = gw.listeners.lock().await;
@@ -200,6 +204,7 @@ impl Gateway {
             &self.metrics,
             generation,
             &self.identity,
+            &self.policy_state,
         )?;
         let bound = listeners
             .bind_missing(&wanted)

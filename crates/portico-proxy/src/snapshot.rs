@@ -87,6 +87,7 @@ pub fn compile(
     metrics: &Metrics,
     generation: u64,
     identity: &Arc<Identity>,
+    state: &Arc<portico_plugins::PolicyState>,
 ) -> Result<Snapshot, Diagnostics> {
     let cfg = &loaded.config;
     let mut diags: Vec<Diagnostic> = Vec::new();
@@ -94,6 +95,8 @@ pub fn compile(
     let env = BuildEnv {
         identity: identity.clone(),
         config_dir: Some(loaded.base_dir.clone()),
+        state: state.clone(),
+        scope: Arc::from("global"),
     };
 
     let mut upstreams = HashMap::new();
@@ -131,7 +134,7 @@ pub fn compile(
     let mut specs = Vec::with_capacity(cfg.routes.len());
     for (i, r) in cfg.routes.iter().enumerate() {
         let rp = KeyPath::root().key("routes").index(i);
-        let chain = match build_chain(&global, &r.plugins, &env) {
+        let chain = match build_chain(&global, &r.plugins, &env.for_route(&r.name)) {
             Ok(c) => c,
             Err((name, errs)) => {
                 for (rel, msg) in errs {

@@ -92,7 +92,9 @@ fn check_compiles(loaded: Loaded) -> Result<(), Diagnostics> {
         let state = portico_proxy::UpstreamState::default();
         let metrics = portico_proxy::metrics::Metrics::default();
         let identity = std::sync::Arc::new(portico_proxy::store::Identity::detached());
-        portico_proxy::snapshot::compile(loaded, &state, &metrics, 0, &identity).map(|_| ())
+        let policy_state = std::sync::Arc::new(portico_plugins::PolicyState::default());
+        portico_proxy::snapshot::compile(loaded, &state, &metrics, 0, &identity, &policy_state)
+            .map(|_| ())
     })
 }
 

@@ -9,6 +9,7 @@ pub mod acl;
 pub mod auth;
 pub mod basic_auth;
 pub mod claims;
+pub mod concurrency_limit;
 pub mod cors;
 pub mod echo;
 pub mod headers;
@@ -18,6 +19,7 @@ pub mod ip_restriction;
 pub mod key_auth;
 pub mod mtls;
 pub mod openapi;
+pub mod rate_limit;
 pub mod request_validation;
 pub mod size_limit;
 // `jwt` and what it uses (`fetch` is shared by policies that call identity providers).
@@ -143,6 +145,27 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<claims::Settings>,
         build: |v, _env| Ok(Arc::new(claims::Claims::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "rate-limit",
+        priority: 1500,
+        stage: "rate limits and quotas",
+        terminal: false,
+        schema: schema_of::<rate_limit::Settings>,
+        build: |v, env| Ok(Arc::new(rate_limit::RateLimit::new(parse(v)?, env)?)),
+    },
+    PluginDef {
+        name: "concurrency-limit",
+        priority: 1400,
+        stage: "rate limits and quotas",
+        terminal: false,
+        schema: schema_of::<concurrency_limit::Settings>,
+        build: |v, env| {
+            Ok(Arc::new(concurrency_limit::ConcurrencyLimit::new(
+                parse(v)?,
+                env,
+            )?))
+        },
     },
     PluginDef {
         name: "openapi",
