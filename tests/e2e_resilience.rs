@@ -430,3 +430,124 @@ async fn keepalive_closes_unused_pooled_connections() {
     );
     assert_eq!(b.connections(), 1, "within the default 90s it is");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_breaker_per_target_takes_only_the_failing_target_out() {
+    let bad = status_upstream("bad", Arc::new(AtomicU16::new(500))).await;
+    let good = status_upstream("good", Arc::new(AtomicU16::new(200))).await;
+    let env = start(&format!(
+        "upstreams:\n  u:\n    targets: [{{url: \"{}\"}}, {{url: \"{}\"}}]\n    health: {{passive: {{enabled: false}}}}\n    circuit_breaker: {{per_target: true, consecutive_failures: 3, open_for: 30s}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n",
+        bad.url(),
+        good.url()
+    ))
+    .await;
+    let client = http_client();
+    // Turns alternate: the bad target fails three times within six requests.
+    for _ in 0..6 {
+        get(&client, format!("http://{}/x", env.addr)).await;
+    }
+    assert_eq!(bad.hits(), 3);
+    for _ in 0..10 {
+        let (code, _, body) = get(&client, format!("http://{}/x", env.addr)).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(bad.hits(), 3, "its open breaker keeps the bad target out");
+    let v: serde_json::Value =
+        serde_json::from_str(&admin_text(&env, "/admin/upstreams").await).unwrap();
+    let circuits: Vec<(String, String)> = v["upstreams"][0]["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["url"].as_str().unwrap().to_string(),
+                t["circuit"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(circuits.contains(&(bad.url(), "open".into())), "{v}");
+    assert!(circuits.contains(&(good.url(), "closed".into())), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_breaker_stays_open_across_a_reload() {
+    let up = status_upstream("flaky", Arc::new(AtomicU16::new(500))).await;
+    let upstreams = format!(
+        "upstreams:\n  u:\n    targets: [{{url: \"{}\"}}]\n    circuit_breaker: {{consecutive_failures: 2, open_for: 30s}}\n",
+        up.url()
+    );
+    let env = start(&format!(
+        "{upstreams}routes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n"
+    ))
+    .await;
+    let client = http_client();
+    for _ in 0..2 {
+        assert_eq!(get(&client, format!("http://{}/x", env.addr)).await.0, 500);
+    }
+    assert_eq!(get(&client, format!("http://{}/x", env.addr)).await.0, 503);
+    // A reload that changes something else (a new route) keeps the breaker's state.
+    env.gw.write_config(&format!(
+        "listen: [\"{}\"]\nadmin:\n  listen: \"{}\"\n{upstreams}routes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n  - {{name: other, paths: [\"/other\"], upstream: u}}\n",
+        env.addr, env.admin
+    ));
+    let r = client
+        .post(format!("http://{}/admin/reload", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (code, _, body) = get(&client, format!("http://{}/x", env.addr)).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("circuit_open"), "{body}");
+    assert_eq!(up.hits(), 2);
+}
+
+/// A server that accepts connections, reads the request, and closes without answering.
+async fn resetting_server() -> (std::net::SocketAddr, Arc<AtomicU16>) {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(AtomicU16::new(0));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            s.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            drop(c);
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_is_retried_only_when_configured() {
+    let (reset_addr, resets) = resetting_server().await;
+    let good = Upstream::start("good").await;
+    let config = |on: &str| {
+        format!(
+            "upstreams:\n  u:\n    balance: round_robin\n    targets: [{{url: \"http://{reset_addr}\"}}, {{url: \"{}\"}}]\n    health: {{passive: {{enabled: false}}}}\n    retries: {{attempts: 2, on: [{on}], backoff: {{base: 1ms, max: 1ms}}}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n",
+            good.url()
+        )
+    };
+    let env = start(&config("reset")).await;
+    let client = http_client();
+    for _ in 0..4 {
+        let (code, headers, body) = get(&client, format!("http://{}/x", env.addr)).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(headers["x-upstream"], "good");
+    }
+    assert!(resets.load(Ordering::SeqCst) >= 2);
+    let m = admin_text(&env, "/metrics").await;
+    assert!(
+        !m.contains("portico_upstream_retries_total{upstream=\"u\",result=\"granted\"} 0"),
+        "{m}"
+    );
+    // Without `reset` in `on`, the reset is answered 502.
+    let env2 = start(&config("503")).await;
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(get(&client, format!("http://{}/x", env2.addr)).await.0);
+    }
+    assert!(codes.contains(&502), "{codes:?}");
+}

@@ -155,6 +155,18 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         }
     }
     text.push_str(&shed);
+    text.push_str("# HELP portico_upstream_retries_total Retries and hedges asked of the retry budget, by whether it allowed them.\n# TYPE portico_upstream_retries_total counter\n");
+    for (name, up) in &snap.upstreams {
+        for (result, n) in [
+            ("granted", &up.budget.granted),
+            ("refused", &up.budget.refused),
+        ] {
+            text.push_str(&format!(
+                "portico_upstream_retries_total{{upstream=\"{name}\",result=\"{result}\"}} {}\n",
+                n.load(std::sync::atomic::Ordering::Relaxed)
+            ));
+        }
+    }
     text.push_str(&hedges);
     text.push_str("# HELP portico_upstream_circuit_state State of the circuit breaker governing the target: 0 closed, 1 open, 2 half-open.\n# TYPE portico_upstream_circuit_state gauge\n");
     for (name, up) in &snap.upstreams {

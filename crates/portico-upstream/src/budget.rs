@@ -84,6 +84,9 @@ pub struct RetryBudget {
     secs: u64,
     buckets: Box<[Bucket]>,
     rotate: Mutex<()>,
+    /// Withdrawals granted (retries and hedges sent) and refused (budget spent).
+    pub granted: AtomicU64,
+    pub refused: AtomicU64,
 }
 
 impl fmt::Debug for RetryBudget {
@@ -122,6 +125,8 @@ impl RetryBudget {
                 })
                 .collect(),
             rotate: Mutex::new(()),
+            granted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -179,8 +184,10 @@ impl RetryBudget {
             .is_ok();
         if floor || self.balance_milli(sec) >= TOKEN {
             b.tokens.fetch_sub(TOKEN, Ordering::Relaxed);
+            self.granted.fetch_add(1, Ordering::Relaxed);
             return true;
         }
+        self.refused.fetch_add(1, Ordering::Relaxed);
         false
     }
 
