@@ -10,6 +10,7 @@
 //! [`PluginCatalog`]).
 #![forbid(unsafe_code)]
 
+pub mod aggregate;
 pub mod diag;
 pub mod discovery;
 pub mod grammar;

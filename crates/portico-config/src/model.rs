@@ -669,6 +669,10 @@ pub struct Route {
     /// Send copies of requests to another upstream (and optionally compare answers).
     #[serde(default)]
     pub mirror: Option<crate::split::Mirror>,
+    /// Instead of an upstream: calls to several upstreams combined into one JSON
+    /// answer.
+    #[serde(default)]
+    pub aggregate: Option<crate::aggregate::Aggregate>,
     /// For `/*` paths: drop the matched prefix before proxying.
     #[serde(default)]
     pub strip_prefix: bool,

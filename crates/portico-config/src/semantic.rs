@@ -235,10 +235,15 @@ pub(crate) fn semantic_check(
                 p.key("upstreams"),
                 "a route has either `upstream` or `upstreams` (a weighted split), not both",
             )),
-            None if r.upstreams.is_empty() && !has_terminator => diags.push(Diagnostic::new(
-                p.clone(),
-                "a route needs an `upstream` (or a policy that answers itself, like `echo`)",
+            Some(_) if r.aggregate.is_some() => diags.push(Diagnostic::new(
+                p.key("aggregate"),
+                "a route has either `upstream` or `aggregate`, not both",
             )),
+            None if r.upstreams.is_empty() && r.aggregate.is_none() && !has_terminator => diags
+                .push(Diagnostic::new(
+                    p.clone(),
+                    "a route needs an `upstream` (or a policy that answers itself, like `echo`)",
+                )),
             _ => {}
         }
         let mut in_split = HashSet::new();
@@ -268,6 +273,24 @@ pub(crate) fn semantic_check(
                 ));
             }
             diags.extend(sp.validate(&p.key("split")));
+        }
+        if let Some(a) = &r.aggregate {
+            let q = p.key("aggregate");
+            if !r.upstreams.is_empty() {
+                diags.push(Diagnostic::new(
+                    q.clone(),
+                    "a route has either `upstreams` (a split) or `aggregate`, not both",
+                ));
+            }
+            for (j, call) in a.calls.iter().enumerate() {
+                if !c.upstreams.contains_key(&call.upstream) {
+                    diags.push(undefined(
+                        q.key("calls").index(j).key("upstream"),
+                        &call.upstream,
+                    ));
+                }
+            }
+            diags.extend(a.validate(&q));
         }
         if let Some(m) = &r.mirror {
             if !c.upstreams.contains_key(&m.upstream) {

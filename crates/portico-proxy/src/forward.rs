@@ -569,6 +569,34 @@ pub async fn forward(
     })
 }
 
+/// What the gateway's own requests for this request (an aggregate's calls) carry:
+/// the forwarded headers and request id, and the consumer headers.
+pub(crate) fn own_request_headers(
+    snap: &Snapshot,
+    fin: &Finish,
+    req: &http::request::Parts,
+    conn: &ConnInfo,
+) -> (Overlay, HeaderMap) {
+    let host = req.headers.get(header::HOST).cloned().or_else(|| {
+        req.uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let overlay = Overlay {
+        request_id: fin.request_id_hv.clone().map_or(Field::Keep, Field::Set),
+        ..forwarded_headers(snap, conn, &req.headers, host.as_ref())
+    };
+    let mut identity = HeaderMap::new();
+    if let Some(c) = &fin.ctx.consumer {
+        let [name_h, groups_h] = &snap.consumer_headers;
+        identity.insert(name_h.clone(), c.name_header.clone());
+        if let Some(g) = &c.groups_header {
+            identity.insert(groups_h.clone(), g.clone());
+        }
+    }
+    (overlay, identity)
+}
+
 /// The `Host` sent to target `t`: its own, or the client's with `preserve_host`.
 fn host_for(route: &CompiledRoute, t: &Target, client_host: Option<&HeaderValue>) -> Field {
     if !route.preserve_host {

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod aggregate;
 pub mod bodyclock;
 pub mod forward;
 pub mod gateway;
@@ -22,6 +23,7 @@ pub mod pipeline;
 pub mod server;
 pub mod snapshot;
 pub mod split;
+pub mod subrequest;
 pub mod tls;
 
 pub use gateway::Gateway;

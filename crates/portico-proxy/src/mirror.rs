@@ -13,13 +13,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, Response, StatusCode};
+use http::{HeaderMap, HeaderName, Response};
 use http_body::{Body as _, Frame, SizeHint};
 use portico_config::model::Timeouts;
 use portico_config::split::Mirror as MirrorConfig;
 use portico_plugins::body::BoxError;
 use portico_plugins::Body;
-use portico_upstream::{now_ms, Field, Overlay, Upstream};
+use portico_upstream::{now_ms, Overlay, Upstream};
+
+use crate::subrequest::{send_once, Answer, Sub};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -74,14 +76,6 @@ pub struct Mirror {
 pub struct Pending {
     /// Where the primary's answer goes (with `compare`).
     primary: Option<(oneshot::Sender<Answer>, u64)>,
-}
-
-/// One side's answer, as compared.
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    /// `None`: the body was larger than the bound, or did not end.
-    body: Option<Bytes>,
 }
 
 impl Mirror {
@@ -287,62 +281,34 @@ impl Job {
                 }
             },
         };
-        let up = &self.upstream;
-        let set = up.live.current();
-        let Some(i) = up.pick(&set, &[], None) else {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            return None;
+        let sub = Sub {
+            method: copy.method,
+            uri: copy.uri,
+            headers: copy.headers,
+            overlay: copy.overlay,
+            body,
         };
-        let t = &set.targets[i];
-        let (mut parts, ()) = http::Request::new(()).into_parts();
-        parts.method = copy.method;
-        parts.uri = copy.uri;
-        parts.headers = copy.headers;
-        let mut overlay = copy.overlay;
-        overlay.host = Field::Set(t.host_header.clone());
-        t.health.start();
-        let sent = tokio::time::timeout(
-            self.timeouts.request.0,
-            t.pool.send(
-                &mut parts,
-                body,
-                &overlay,
-                self.timeouts.connect.0,
-                Some(self.timeouts.idle.0),
-                false,
-            ),
-        )
-        .await;
-        t.health.finish();
-        let resp = match sent {
-            Ok(Ok(r)) => r,
-            Ok(Err(f)) => {
-                tracing::debug!(route = %self.route, target = %t.url, error = %f.error, "mirror request failed");
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            Err(_) => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-        };
-        self.stats.sent.fetch_add(1, Ordering::Relaxed);
-        let (parts, mut body) = resp.into_parts();
         // The answer is read (and dropped without `compare`) so the connection is reused.
         let max = self.compare.as_ref().map_or(1 << 20, |c| c.max_body);
-        let read = tokio::time::timeout(
+        match send_once(
+            &self.upstream,
+            sub,
+            self.timeouts.connect.0,
             self.timeouts.request.0,
-            portico_plugins::body::read_limited(&mut body, None, max),
+            max,
         )
-        .await;
-        Some(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: match read {
-                Ok(Ok(b)) => Some(b),
-                _ => None,
-            },
-        })
+        .await
+        {
+            Ok(a) => {
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                Some(a)
+            }
+            Err(e) => {
+                tracing::debug!(route = %self.route, upstream = %self.upstream.name, error = %e, "mirror request failed");
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
     }
 }
 
@@ -576,6 +542,7 @@ impl http_body::Body for Tee {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use http::StatusCode;
     use serde_json::json;
 
     fn cmp(ignore: &[&str]) -> Compare {

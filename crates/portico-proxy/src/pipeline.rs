@@ -207,6 +207,19 @@ pub async fn handle(
             (&share.upstream, &share.timeouts)
         }
         (None, Some(u)) => (u, &route.timeouts),
+        (None, None) if route.aggregate.is_some() => {
+            linger(std::mem::take(req.body_mut()), req.version());
+            let (parts, _) = req.into_parts();
+            let (overlay, identity) = forward::own_request_headers(&snap, &fin, &parts, &conn);
+            let result = match &route.aggregate {
+                Some(a) => Box::pin(a.run(&fin.ctx, &parts, &overlay, &identity)).await,
+                None => Err(GatewayError::new(ErrorKind::Internal, "no aggregate")),
+            };
+            return Ok(match result {
+                Ok(resp) => respond(&route, fin, resp),
+                Err(e) => respond_error(&route, fin, e),
+            });
+        }
         (None, None) => {
             return Ok(respond_error(
                 &route,

@@ -27,6 +27,8 @@ pub struct CompiledRoute {
     pub split: Option<crate::split::Split>,
     /// Copies of requests to another upstream (`mirror:`).
     pub mirror: Option<crate::mirror::Mirror>,
+    /// Calls to several upstreams combined into one answer (`aggregate:`).
+    pub aggregate: Option<crate::aggregate::Aggregate>,
     pub strip_prefix: bool,
     pub rewrite: Option<Template>,
     pub preserve_host: bool,
@@ -243,6 +245,10 @@ pub fn compile(
             upstream,
             split,
             mirror,
+            aggregate: r
+                .aggregate
+                .as_ref()
+                .and_then(|a| crate::aggregate::Aggregate::new(a, &upstreams)),
             strip_prefix: r.strip_prefix,
             rewrite,
             preserve_host: r.preserve_host,
