@@ -187,7 +187,15 @@ impl Source<'_> {
                     Err(e) => return format!("a watch message is not etcd's: {e}"),
                 };
                 let Some(result) = msg.result else {
-                    return format!("etcd reported an error: {}", msg.error.unwrap_or_default());
+                    let e = msg.error.unwrap_or_default();
+                    let m = e
+                        .get("message")
+                        .and_then(|m| m.as_str())
+                        .map(str::to_string);
+                    return format!(
+                        "etcd reported an error: {}",
+                        m.unwrap_or_else(|| e.to_string())
+                    );
                 };
                 if result.canceled {
                     return if result.compact_revision > 0 {
