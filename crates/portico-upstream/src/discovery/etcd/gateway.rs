@@ -97,9 +97,11 @@ pub(super) async fn post(
         .authority()
         .map(|a| a.as_str().to_string())
         .unwrap_or(host);
+    // An endpoint may carry a path (a gateway behind a proxy's prefix).
+    let full = format!("{}{path}", base.path().trim_end_matches('/'));
     let mut req = Request::builder()
         .method(Method::POST)
-        .uri(path)
+        .uri(full)
         .header(header::HOST, authority)
         .header(header::CONTENT_TYPE, "application/json");
     if let Some(t) = token {
