@@ -46,16 +46,23 @@ pub(crate) struct Srv {
 
 /// Run the DNS source of upstream `name` until aborted.
 pub async fn run(name: Arc<str>, cfg: Dns, scheme: DiscoveredScheme, weight: u32, live: Arc<Live>) {
-    let resolver = match build_resolver(&cfg) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(upstream = %name, "dns discovery: cannot set up the resolver: {e}");
-            live.discovery_failed(&format!("cannot set up the resolver: {e}"));
-            return;
-        }
-    };
     let (min, max) = (cfg.min_ttl.0, cfg.max_ttl.0.max(cfg.min_ttl.0));
     let mut backoff = Backoff::default();
+    // The system's settings (/etc/resolv.conf) may be missing for a while.
+    let mut warned = false;
+    let resolver = loop {
+        match build_resolver(&cfg) {
+            Ok(r) => break r,
+            Err(e) => {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::error!(upstream = %name, "dns discovery: cannot set up the resolver: {e}");
+                }
+                live.discovery_failed(&format!("cannot set up the resolver: {e}"));
+                tokio::time::sleep(backoff.next_delay().clamp(min, max)).await;
+            }
+        }
+    };
+    backoff.reset();
     let mut failing = false;
     loop {
         resolver.clear_cache();
