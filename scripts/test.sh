@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# Discovery e2e tests run real servers (they fail, not skip, without them).
+[ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null 2>&1 || need_apt+=(dnsmasq-base)
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> installing ${need_apt[*]}"

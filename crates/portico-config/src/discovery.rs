@@ -233,6 +233,14 @@ impl Discovery {
                     q.key("name"),
                     "the name to resolve is empty",
                 ));
+            } else if !dns_name(&dns.name) {
+                d.push(Diagnostic::new(
+                    q.key("name"),
+                    format!(
+                        "`{}` is not a DNS name like `users.internal` (letters, digits, `-`, `_` and dots)",
+                        dns.name
+                    ),
+                ));
             }
             if dns.record != DnsRecord::Srv && dns.port.is_none() {
                 d.push(Diagnostic::new(
@@ -274,11 +282,16 @@ impl Discovery {
                     "the key prefix is empty (it would take every key in etcd)",
                 ));
             }
-            if e.username.is_some() != e.password.is_some() {
-                d.push(Diagnostic::new(
+            match (&e.username, &e.password) {
+                (Some(_), None) => d.push(Diagnostic::new(
                     q.clone(),
-                    "`username` and `password` go together",
-                ));
+                    "`username` is set but `password` is missing: they go together",
+                )),
+                (None, Some(_)) => d.push(Diagnostic::new(
+                    q.clone(),
+                    "`password` is set but `username` is missing: they go together",
+                )),
+                _ => {}
             }
         }
         if let Some(c) = &self.consul {
@@ -334,6 +347,19 @@ impl Discovery {
 /// Characters of a registry service name.
 pub fn service_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Whether `s` looks like a DNS name: dot-separated labels of letters, digits, `-` and
+/// `_` (SRV names), at most one final dot.
+fn dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
 }
 
 fn parse_socket(s: &str) -> Option<std::net::SocketAddr> {

@@ -906,3 +906,99 @@ fn response_templates_cannot_use_the_request_and_custom_methods_are_checked() {
         "{all}"
     );
 }
+
+#[test]
+fn discovery_sources() {
+    check(&[
+        Case {
+            what: "A records without a port",
+            yaml: "upstreams:\n  u:\n    discovery:\n      dns: {name: api.internal, record: a}\n",
+            path: "upstreams.u.discovery.dns.port",
+            line: 4,
+            col: 12,
+            message: "A/AAAA records carry no port: set `port` (or use `record: srv`)",
+            hint: None,
+        },
+        Case {
+            what: "record type typo",
+            yaml: "upstreams:\n  u:\n    discovery:\n      dns: {name: _http._tcp.api.internal, record: srvv}\n",
+            path: "upstreams.u.discovery.dns.record",
+            line: 4,
+            col: 52,
+            message: "`srvv` is not one of `a`, `aaaa`, `a_aaaa`, `srv`",
+            hint: Some("did you mean `srv`?"),
+        },
+        Case {
+            what: "a URL as the DNS name",
+            yaml: "upstreams:\n  u:\n    discovery:\n      dns: {name: \"http://api.internal\", port: 80}\n",
+            path: "upstreams.u.discovery.dns.name",
+            line: 4,
+            col: 19,
+            message: "`http://api.internal` is not a DNS name",
+            hint: None,
+        },
+        Case {
+            what: "a resolver by name",
+            yaml: "upstreams:\n  u:\n    discovery:\n      dns:\n        name: api.internal\n        port: 8080\n        resolver: \"localhost:53\"\n",
+            path: "upstreams.u.discovery.dns.resolver",
+            line: 7,
+            col: 19,
+            message: "`localhost:53` is not an address like `127.0.0.1:53`",
+            hint: None,
+        },
+        Case {
+            what: "TTL bounds crossed",
+            yaml: "upstreams:\n  u:\n    discovery:\n      dns: {name: api.internal, port: 80, min_ttl: 10m, max_ttl: 1m}\n",
+            path: "upstreams.u.discovery.dns.min_ttl",
+            line: 4,
+            col: 52,
+            message: "`min_ttl` is above `max_ttl`",
+            hint: None,
+        },
+        Case {
+            what: "an etcd endpoint without scheme",
+            yaml: "upstreams:\n  u:\n    discovery:\n      etcd:\n        endpoints: [\"127.0.0.1:2379\"]\n        prefix: /services/u/\n",
+            path: "upstreams.u.discovery.etcd.endpoints[0]",
+            line: 5,
+            col: 21,
+            message: "`127.0.0.1:2379` must start with http:// or https://",
+            hint: None,
+        },
+        Case {
+            what: "an empty etcd prefix",
+            yaml: "upstreams:\n  u:\n    discovery:\n      etcd: {endpoints: [\"http://127.0.0.1:2379\"], prefix: \"\"}\n",
+            path: "upstreams.u.discovery.etcd.prefix",
+            line: 4,
+            col: 60,
+            message: "the key prefix is empty",
+            hint: None,
+        },
+        Case {
+            what: "an etcd username without password",
+            yaml: "upstreams:\n  u:\n    discovery:\n      etcd:\n        endpoints: [\"http://127.0.0.1:2379\"]\n        prefix: /services/u/\n        username: portico\n",
+            path: "upstreams.u.discovery.etcd",
+            line: 5,
+            col: 9,
+            message: "`username` is set but `password` is missing",
+            hint: None,
+        },
+        Case {
+            what: "an etcd key typo",
+            yaml: "upstreams:\n  u:\n    discovery:\n      etcd: {endpoints: [\"http://127.0.0.1:2379\"], prefix: /s/, pasword: x}\n",
+            path: "upstreams.u.discovery.etcd.pasword",
+            line: 4,
+            col: 65,
+            message: "unknown key `pasword`",
+            hint: Some("did you mean `password`?"),
+        },
+        Case {
+            what: "two sources in one upstream",
+            yaml: "upstreams:\n  u:\n    discovery:\n      dns: {name: api.internal, port: 80}\n      etcd: {endpoints: [\"http://127.0.0.1:2379\"], prefix: /s/}\n",
+            path: "upstreams.u.discovery",
+            line: 4,
+            col: 7,
+            message: "`discovery` takes one source, found dns and etcd",
+            hint: None,
+        },
+    ]);
+}

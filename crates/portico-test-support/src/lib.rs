@@ -8,6 +8,8 @@
 //!   rustls config builders using the aws-lc-rs provider.
 //! * [`gateway`]: starts the real `portico` binary in a temporary directory and
 //!   controls it (config rewrite, signals, logs, RSS, exit).
+//! * [`daemon`]: third-party servers (dnsmasq, etcd) as child processes; a missing
+//!   binary fails the test naming its package.
 //! * [`client`]: preconfigured `reqwest` clients and a raw TCP helper.
 //! * [`response`]: [`RawResponse`], a response as plain data, parsed from raw
 //!   HTTP/1.1 text or read from a `reqwest` response.
@@ -24,6 +26,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod daemon;
 pub mod gateway;
 pub mod response;
 pub mod sink;

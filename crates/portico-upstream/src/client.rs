@@ -17,11 +17,11 @@ use crate::pool::Connector;
 #[error("connect timeout after {0:?}")]
 pub struct ConnectTimeout(pub Duration);
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn system_roots() -> Arc<RootCertStore> {
+pub(crate) fn system_roots() -> Arc<RootCertStore> {
     static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
     ROOTS
         .get_or_init(|| {

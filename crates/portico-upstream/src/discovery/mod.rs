@@ -4,6 +4,8 @@
 //! source cannot be reached keeps the last known targets in use
 //! ([`Live::discovery_failed`]), logs, and tries again with backoff.
 
+pub mod dns;
+pub mod etcd;
 pub mod registry;
 
 use std::path::PathBuf;
@@ -41,13 +43,21 @@ pub fn unavailable(d: &Discovery) -> Option<&'static str> {
 }
 
 /// The sources this build runs.
-const AVAILABLE: &[&str] = &[];
+const AVAILABLE: &[&str] = &["dns", "etcd"];
 
 /// Start the discovery task of upstream `name`.
 pub fn spawn(name: Arc<str>, cfg: Discovery, live: Arc<Live>, ctx: SourceCtx) -> JoinHandle<()> {
     tokio::spawn(async move {
         let _ = (&name, &ctx);
         match cfg.source() {
+            Some("dns") => match cfg.dns.clone() {
+                Some(d) => dns::run(name, d, cfg.scheme, cfg.weight, live).await,
+                None => live.discovery_failed("no dns settings"),
+            },
+            Some("etcd") => match cfg.etcd.clone() {
+                Some(e) => etcd::run(name, e, cfg.scheme, cfg.weight, live).await,
+                None => live.discovery_failed("no etcd settings"),
+            },
             Some(s) => {
                 tracing::error!(upstream = %name, source = s, "this discovery source is not available in this build");
                 live.discovery_failed("this discovery source is not available in this build");
