@@ -173,6 +173,20 @@ pub trait Policy: Send + Sync + 'static {
         BodyStep::pass(body)
     }
 
+    /// Whether [`Policy::finish_response`] is implemented.
+    fn finishes_response(&self) -> bool {
+        false
+    }
+
+    /// Last of the response phases, after `upstream_response`, on every answer of the
+    /// route (the upstream's, a policy's, the gateway's own): may change the head and
+    /// wrap the body (e.g. compress it as it streams). Policies that opt in run in
+    /// ascending priority. Default: the body.
+    fn finish_response(&self, ctx: &mut Ctx, resp: &mut http::response::Parts, body: Body) -> Body {
+        let _ = (ctx, resp);
+        body
+    }
+
     /// Phase 4, once the response is finished or failed. Default: nothing.
     fn log(&self, ctx: &Ctx, outcome: &Outcome) {
         let _ = (ctx, outcome);

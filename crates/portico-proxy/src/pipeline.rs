@@ -308,9 +308,16 @@ fn respond(route: &CompiledRoute, mut fin: Box<Finish>, resp: Response<Body>) ->
     if route.chain.is_empty() {
         return fin.complete(resp);
     }
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     for entry in route.chain.iter().rev() {
         entry.policy.upstream_response(&mut fin.ctx, &mut parts);
+    }
+    if route.finishes {
+        for entry in route.chain.iter().rev() {
+            if entry.policy.finishes_response() {
+                body = entry.policy.finish_response(&mut fin.ctx, &mut parts, body);
+            }
+        }
     }
     fin.complete(Response::from_parts(parts, body))
 }

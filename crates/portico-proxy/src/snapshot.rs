@@ -41,6 +41,8 @@ pub struct CompiledRoute {
     pub edits_upstream_request: bool,
     /// Some policy of `chain` reads upstream response bodies (`Policy::response_body`).
     pub response_body: bool,
+    /// Some policy of `chain` finishes responses (`Policy::finish_response`).
+    pub finishes: bool,
     /// When the route has authentication policies: where the chain's authentication
     /// ends and what a request none of them authenticated gets.
     pub auth_gate: Option<AuthGate>,
@@ -153,6 +155,7 @@ pub fn compile(
             .count();
         let edits_upstream_request = chain.iter().any(|e| e.policy.edits_upstream_request());
         let response_body = chain.iter().any(|e| e.policy.wants_response_body());
+        let finishes = chain.iter().any(|e| e.policy.finishes_response());
         let auth_gate = auth_gate(&chain);
         let upstream = r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned());
         let with_overrides = |base: Timeouts| Timeouts {
@@ -257,6 +260,7 @@ pub fn compile(
             hygiene,
             edits_upstream_request,
             response_body,
+            finishes,
             auth_gate,
             config: r.clone(),
         }));

@@ -9,6 +9,7 @@ pub mod acl;
 pub mod auth;
 pub mod basic_auth;
 pub mod claims;
+pub mod compression;
 pub mod concurrency_limit;
 pub mod cors;
 pub mod echo;
@@ -30,6 +31,16 @@ pub mod oidc;
 
 /// Every policy, by descending priority. See docs/plugins.md for the stages.
 pub static DEFS: &[PluginDef] = &[
+    // Its request part only reads `Accept-Encoding`, so it comes first (every answer,
+    // even an early one, can then be compressed); its response part runs last.
+    PluginDef {
+        name: "compression",
+        priority: 3990,
+        stage: "compression",
+        terminal: false,
+        schema: schema_of::<compression::Settings>,
+        build: |v, _env| Ok(Arc::new(compression::Compression::new(parse(v)?)?)),
+    },
     PluginDef {
         name: "ip-restriction",
         priority: 3950,
