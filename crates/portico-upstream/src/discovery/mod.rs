@@ -4,6 +4,9 @@
 //! source cannot be reached keeps the last known targets in use
 //! ([`Live::discovery_failed`]), logs, and tries again with backoff.
 
+pub mod consul;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod registry;
 
 use std::path::PathBuf;
@@ -41,18 +44,31 @@ pub fn unavailable(d: &Discovery) -> Option<&'static str> {
 }
 
 /// The sources this build runs.
-const AVAILABLE: &[&str] = &[];
+const AVAILABLE: &[&str] = &[
+    "consul",
+    #[cfg(feature = "kubernetes")]
+    "kubernetes",
+    "registry",
+];
 
 /// Start the discovery task of upstream `name`.
 pub fn spawn(name: Arc<str>, cfg: Discovery, live: Arc<Live>, ctx: SourceCtx) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let _ = (&name, &ctx);
-        match cfg.source() {
-            Some(s) => {
-                tracing::error!(upstream = %name, source = s, "this discovery source is not available in this build");
-                live.discovery_failed("this discovery source is not available in this build");
+        let (scheme, weight, source) = (cfg.scheme, cfg.weight, cfg.source());
+        match (cfg.consul, cfg.kubernetes, cfg.registry) {
+            (Some(c), _, _) => consul::run(name, c, scheme, weight, live).await,
+            #[cfg(feature = "kubernetes")]
+            (_, Some(k), _) => kubernetes::run(name, k, scheme, weight, live, ctx).await,
+            (_, _, Some(r)) => {
+                registry::run(name, r.service, scheme, weight, live, ctx.registry).await
             }
-            None => live.discovery_failed("no discovery source configured"),
+            _ => match source {
+                Some(s) => {
+                    tracing::error!(upstream = %name, source = s, "this discovery source is not available in this build");
+                    live.discovery_failed("this discovery source is not available in this build");
+                }
+                None => live.discovery_failed("no discovery source configured"),
+            },
         }
     })
 }
