@@ -34,6 +34,9 @@ struct Inst {
     status: &'static str,
 }
 
+/// A query string and the token sent with it.
+type Query = (String, Option<String>);
+
 #[derive(Default)]
 struct Catalog {
     index: u64,
@@ -46,7 +49,7 @@ struct FakeConsul {
     catalog: Arc<Mutex<Catalog>>,
     bump: Arc<watch::Sender<u64>>,
     /// Queries seen: (query string, token).
-    seen: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Query>>>,
 }
 
 impl FakeConsul {

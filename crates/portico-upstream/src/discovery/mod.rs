@@ -133,6 +133,26 @@ mod tests {
     }
 
     #[test]
+    fn this_build_runs_kubernetes_only_with_its_feature() {
+        let d =
+            |v: serde_json::Value| -> Discovery { serde_json::from_value(v).unwrap_or_default() };
+        let k8s = d(serde_json::json!({"kubernetes": {"service": "web"}}));
+        let want = if cfg!(feature = "kubernetes") {
+            None
+        } else {
+            Some("kubernetes")
+        };
+        assert_eq!(unavailable(&k8s), want);
+        let consul =
+            d(serde_json::json!({"consul": {"address": "http://c:8500", "service": "web"}}));
+        assert_eq!(unavailable(&consul), None);
+        assert_eq!(
+            unavailable(&d(serde_json::json!({"registry": {"service": "web"}}))),
+            None
+        );
+    }
+
+    #[test]
     fn backoff_grows_to_a_cap() {
         let mut b = Backoff::default();
         let first = b.next_delay();
