@@ -80,11 +80,11 @@ async fn registered_instances_take_traffic_until_they_expire_or_leave() {
         &client,
         env.admin,
         "/admin/registry/users",
-        json!({"address": a.addr().to_string(), "ttl": "2s", "metadata": {"zone": "z1"}}),
+        json!({"address": a.addr().to_string(), "ttl": "6s", "metadata": {"zone": "z1"}}),
     )
     .await;
     assert_eq!(st, 200, "{ra}");
-    assert_eq!(ra["expires_in"], 2, "{ra}");
+    assert_eq!(ra["expires_in"], 6, "{ra}");
     let id_a = ra["id"].as_str().unwrap().to_owned();
     let (st, rb) = put(
         &client,
@@ -101,12 +101,12 @@ async fn registered_instances_take_traffic_until_they_expire_or_leave() {
         &client,
         env.admin,
         "/admin/registry/users",
-        json!({"address": a.addr().to_string(), "ttl": "2s", "metadata": {"zone": "z1"}}),
+        json!({"address": a.addr().to_string(), "ttl": "6s", "metadata": {"zone": "z1"}}),
     )
     .await;
     assert_eq!(again["id"], id_a.as_str());
 
-    // a heartbeats every 400ms from now on; b never does.
+    // a (TTL 6s) heartbeats every 400ms from now on; b (TTL 2s) never does.
     let hb = {
         let (client, admin, id) = (client.clone(), env.admin, id_a.clone());
         tokio::spawn(async move {

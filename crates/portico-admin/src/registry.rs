@@ -144,7 +144,9 @@ pub async fn register(
     match reg.register(&service, r) {
         Ok(i) => {
             tracing::info!(service = %service, id = %i.id, address = %i.authority, "instance registered");
-            Json(instance_json(&i, reg.now())).into_response()
+            // Just set: it expires a whole TTL from the registration.
+            let at = i.expires_at.saturating_sub(i.ttl.as_millis() as u64);
+            Json(instance_json(&i, at)).into_response()
         }
         Err(e) => refusal(e),
     }
@@ -156,8 +158,9 @@ pub async fn renew(
 ) -> Response {
     let reg = &gw.sources.registry;
     match reg.renew(&service, &id) {
-        Ok(i) => Json(json!({"id": i.id, "expires_in": secs(i.expires_in_ms(reg.now()))}))
-            .into_response(),
+        Ok(i) => {
+            Json(json!({"id": i.id, "expires_in": secs(i.ttl.as_millis() as u64)})).into_response()
+        }
         Err(e) => refusal(e),
     }
 }
