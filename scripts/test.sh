@@ -26,6 +26,8 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# portico-upstream alone: without its `kubernetes` feature.
+cargo clippy -p portico-upstream --all-targets --locked -- -D warnings
 
 echo "==> cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt

@@ -86,7 +86,7 @@ fn refusal(r: Refusal) -> Response {
 /// Parse a JSON body, saying where it is wrong. (The error is the finished answer:
 /// large, but this is the admin API's cold path.)
 #[allow(clippy::result_large_err)]
-fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T, Response> {
+pub(crate) fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T, Response> {
     if b.is_empty() {
         return Err(error(
             StatusCode::BAD_REQUEST,

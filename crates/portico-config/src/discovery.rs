@@ -325,6 +325,22 @@ impl Discovery {
                     d.push(Diagnostic::new(q.key("api_server"), m));
                 }
             }
+            if k.namespace.is_empty() {
+                d.push(Diagnostic::new(
+                    q.key("namespace"),
+                    "the namespace is empty",
+                ));
+            }
+            if let Some(port) = &k.port {
+                let p = port.0.trim();
+                let bad_number = p.parse::<i64>().is_ok_and(|n| !(1..=65535).contains(&n));
+                if p.is_empty() || bad_number {
+                    d.push(Diagnostic::new(
+                        q.key("port"),
+                        format!("`{p}` is not a port name or a number from 1 to 65535"),
+                    ));
+                }
+            }
         }
         if let Some(r) = &self.registry {
             if r.service.is_empty() || !r.service.chars().all(service_char) {

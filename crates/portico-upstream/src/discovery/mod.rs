@@ -4,8 +4,11 @@
 //! source cannot be reached keeps the last known targets in use
 //! ([`Live::discovery_failed`]), logs, and tries again with backoff.
 
+pub mod consul;
 pub mod dns;
 pub mod etcd;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod registry;
 
 use std::path::PathBuf;
@@ -43,26 +46,35 @@ pub fn unavailable(d: &Discovery) -> Option<&'static str> {
 }
 
 /// The sources this build runs.
-const AVAILABLE: &[&str] = &["dns", "etcd"];
+const AVAILABLE: &[&str] = &[
+    "dns",
+    "etcd",
+    "consul",
+    #[cfg(feature = "kubernetes")]
+    "kubernetes",
+    "registry",
+];
 
 /// Start the discovery task of upstream `name`.
 pub fn spawn(name: Arc<str>, cfg: Discovery, live: Arc<Live>, ctx: SourceCtx) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let _ = (&name, &ctx);
-        match cfg.source() {
-            Some("dns") => match cfg.dns.clone() {
-                Some(d) => dns::run(name, d, cfg.scheme, cfg.weight, live).await,
-                None => live.discovery_failed("no dns settings"),
-            },
-            Some("etcd") => match cfg.etcd.clone() {
-                Some(e) => etcd::run(name, e, cfg.scheme, cfg.weight, live).await,
-                None => live.discovery_failed("no etcd settings"),
-            },
-            Some(s) => {
-                tracing::error!(upstream = %name, source = s, "this discovery source is not available in this build");
-                live.discovery_failed("this discovery source is not available in this build");
+        let (scheme, weight, source) = (cfg.scheme, cfg.weight, cfg.source());
+        match (cfg.dns, cfg.etcd, cfg.consul, cfg.kubernetes, cfg.registry) {
+            (Some(d), ..) => dns::run(name, d, scheme, weight, live).await,
+            (_, Some(e), ..) => etcd::run(name, e, scheme, weight, live).await,
+            (_, _, Some(c), ..) => consul::run(name, c, scheme, weight, live).await,
+            #[cfg(feature = "kubernetes")]
+            (_, _, _, Some(k), _) => kubernetes::run(name, k, scheme, weight, live, ctx).await,
+            (.., Some(r)) => {
+                registry::run(name, r.service, scheme, weight, live, ctx.registry).await
             }
-            None => live.discovery_failed("no discovery source configured"),
+            _ => match source {
+                Some(s) => {
+                    tracing::error!(upstream = %name, source = s, "this discovery source is not available in this build");
+                    live.discovery_failed("this discovery source is not available in this build");
+                }
+                None => live.discovery_failed("no discovery source configured"),
+            },
         }
     })
 }
@@ -124,6 +136,26 @@ mod tests {
         );
         assert_eq!(e.url, "https://10.0.0.1:8443");
         assert_eq!(e.host.as_deref(), Some("api"));
+    }
+
+    #[test]
+    fn this_build_runs_kubernetes_only_with_its_feature() {
+        let d =
+            |v: serde_json::Value| -> Discovery { serde_json::from_value(v).unwrap_or_default() };
+        let k8s = d(serde_json::json!({"kubernetes": {"service": "web"}}));
+        let want = if cfg!(feature = "kubernetes") {
+            None
+        } else {
+            Some("kubernetes")
+        };
+        assert_eq!(unavailable(&k8s), want);
+        let consul =
+            d(serde_json::json!({"consul": {"address": "http://c:8500", "service": "web"}}));
+        assert_eq!(unavailable(&consul), None);
+        assert_eq!(
+            unavailable(&d(serde_json::json!({"registry": {"service": "web"}}))),
+            None
+        );
     }
 
     #[test]
