@@ -1,7 +1,7 @@
 //! Portico's admin listener.
 //!
 //! Owns: `GET /health`, `GET /ready`, `GET /metrics` (Prometheus text), and the admin
-//! REST API under `/admin` (routes, upstreams, reload). Every answer is JSON except
+//! REST API under `/admin` (routes, upstreams, reload, consumers, cache purge). Every answer is JSON except
 //! `/metrics`; every error uses the gateway's error shape.
 //!
 //! Does not own: the state it shows (`portico-proxy`'s [`Gateway`]).
@@ -13,8 +13,9 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 
+mod cache;
 mod consumers;
 use axum::{Json, Router};
 use portico_proxy::{CompiledRoute, Gateway};
@@ -36,6 +37,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/admin/routes/{name}", get(route))
         .route("/admin/upstreams", get(upstreams))
         .route("/admin/reload", post(reload))
+        .route("/admin/cache", delete(cache::purge))
         .route(
             "/admin/consumers",
             get(consumers::list).post(consumers::create),
