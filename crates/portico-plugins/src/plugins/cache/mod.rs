@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use http::header::{
     AGE, AUTHORIZATION, CONTENT_LENGTH, ETAG, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    LAST_MODIFIED, SET_COOKIE,
+    LAST_MODIFIED, RANGE, SET_COOKIE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use parking_lot::Mutex;
@@ -862,7 +862,9 @@ impl Policy for Cache {
                 return Step::cont();
             }
         }
-        if !self.methods.contains(req.method()) {
+        // A range is answered by the upstream (a 206 is never stored, nor a whole
+        // entry sent for a part).
+        if !self.methods.contains(req.method()) || req.headers().contains_key(RANGE) {
             return self.bypass(ctx);
         }
         if !self.cache_authenticated

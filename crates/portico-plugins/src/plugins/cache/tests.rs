@@ -442,7 +442,10 @@ async fn what_is_not_stored() {
         assert!(went, "{status} {pairs:?} {body} was stored");
         assert_eq!(h(&r, "x-cache"), "MISS");
     }
-    // Authenticated requests bypass the cache.
+    // Range requests and authenticated requests bypass the cache.
+    let (r, went) = exchange(&hs, &[("range", "bytes=0-1")], |_| up(206, &[], "a")).await;
+    assert!(went);
+    assert_eq!(h(&r, "x-cache"), "BYPASS");
     let (r, went) = exchange(&hs, &[("authorization", "Bearer x")], |_| up(200, &[], "a")).await;
     assert!(went);
     assert_eq!(h(&r, "x-cache"), "BYPASS");
@@ -481,4 +484,45 @@ async fn stale_if_error_and_vary() {
     hs.clock.advance(Duration::from_secs(30));
     let (r, _) = exchange(&hs, &[("accept-language", "en")], |_| up(503, &[], "down")).await;
     assert_eq!(r.status(), 503);
+}
+
+#[test]
+fn purge_urls_are_normalized_like_keys() {
+    let Purge::Url(u) = Purge::url("http://API.example.com:8080/a/../b?y=2&x=1").unwrap() else {
+        panic!()
+    };
+    assert_eq!(u, "api.example.com:8080/b?x=1&y=2");
+    for bad in ["/relative", "ftp://h/x", "not a url", "http://user@h/x"] {
+        assert!(Purge::url(bad).is_err(), "{bad}");
+    }
+    let k = key::primary("users", &u, "GET", &[], &HeaderMap::new(), None);
+    assert!(Purge::url("https://api.example.com:8080/b?y=2&x=1")
+        .unwrap()
+        .matches(&k));
+    assert!(Purge::Prefix("/b".into()).matches(&k));
+    assert!(!Purge::Prefix("/a".into()).matches(&k));
+    assert!(Purge::Route("users".into()).matches(&k));
+    assert!(!Purge::Route("user".into()).matches(&k));
+}
+
+#[tokio::test]
+async fn one_leader_per_key_and_waiters_wake_when_it_is_done() {
+    let f = Arc::new(store::Flights::default());
+    let store::Join::Lead(leader) = f.join("k") else {
+        panic!("the first request leads")
+    };
+    let store::Join::Wait(rx) = f.join("k") else {
+        panic!("the second waits")
+    };
+    assert!(f.try_lead("k").is_none());
+    assert!(f.try_lead("other").is_some());
+    let probe = rx.clone();
+    assert!(probe.has_changed().is_ok(), "the leader is still at work");
+    let waiter = tokio::spawn(store::wait(rx, Duration::from_secs(60)));
+    drop(leader);
+    // The leader's channel is closed: waiters return.
+    assert!(probe.has_changed().is_err());
+    waiter.await.unwrap();
+    // The key is free again.
+    assert!(f.try_lead("k").is_some());
 }
