@@ -668,8 +668,9 @@ impl Cache {
     ) {
         let req_headers = Arc::new(req.headers().clone());
         let revalidating = stale.as_ref().is_some_and(|(e, _)| e.validators());
-        if let (true, Some((e, _))) = (revalidating, &stale) {
-            // The client's own conditions are answered from the refreshed entry.
+        if let Some((e, _)) = &stale {
+            // The answer refreshes the entry: the client's own conditions are answered
+            // from it afterwards, not by the upstream.
             let h = req.headers_mut();
             h.remove(IF_NONE_MATCH);
             h.remove(IF_MODIFIED_SINCE);

@@ -526,3 +526,45 @@ async fn one_leader_per_key_and_waiters_wake_when_it_is_done() {
     // The key is free again.
     assert!(f.try_lead("k").is_some());
 }
+
+#[tokio::test]
+async fn client_cache_control_only_when_respected() {
+    let ignore = harness(serde_json::json!({}));
+    let respect = harness(serde_json::json!({"respect_client_no_cache": true}));
+    for hs in [&ignore, &respect] {
+        let (r, _) = exchange(hs, &[], |_| up(200, &[], "one")).await;
+        assert_eq!(h(&r, "x-cache"), "MISS");
+    }
+    // Ignored: the client's no-cache and no-store get the stored answer.
+    for cc in ["no-cache", "no-store"] {
+        let (r, went) = exchange(&ignore, &[("cache-control", cc)], |_| unreachable!()).await;
+        assert!(!went);
+        assert_eq!((h(&r, "x-cache"), r.body().as_ref()), ("HIT", &b"one"[..]));
+    }
+    // Respected: no-store bypasses; no-cache fetches and stores the fresh answer.
+    let (r, went) = exchange(&respect, &[("cache-control", "no-store")], |_| {
+        up(200, &[], "two")
+    })
+    .await;
+    assert!(went);
+    assert_eq!(
+        (h(&r, "x-cache"), r.body().as_ref()),
+        ("BYPASS", &b"two"[..])
+    );
+    let (r, _) = exchange(&respect, &[], |_| unreachable!()).await;
+    assert_eq!(r.body(), "one");
+    let (r, went) = exchange(&respect, &[("pragma", "no-cache")], |_| {
+        up(200, &[], "three")
+    })
+    .await;
+    assert!(went);
+    assert_eq!(
+        (h(&r, "x-cache"), r.body().as_ref()),
+        ("MISS", &b"three"[..])
+    );
+    let (r, _) = exchange(&respect, &[], |_| unreachable!()).await;
+    assert_eq!(
+        (h(&r, "x-cache"), r.body().as_ref()),
+        ("HIT", &b"three"[..])
+    );
+}
