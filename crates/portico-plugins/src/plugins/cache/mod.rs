@@ -19,115 +19,37 @@
 
 pub mod control;
 pub mod key;
+pub mod purge;
 pub mod redis;
+mod respond;
+pub mod settings;
 pub mod store;
 pub mod tee;
 
+pub use purge::{purge, Purge, Registry};
+pub use settings::{MemorySettings, RedisSettings, Settings};
+
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{
-    AGE, AUTHORIZATION, CONTENT_LENGTH, ETAG, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    LAST_MODIFIED, RANGE, SET_COOKIE,
+    AUTHORIZATION, ETAG, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RANGE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use parking_lot::Mutex;
-use portico_config::units::{ByteSize, Dur};
 use portico_config::KeyPath;
-use schemars::JsonSchema;
-use serde::Deserialize;
 
 use self::control::{CacheControl, Defaults};
 use self::redis::RedisCache;
+use self::respond::answer;
 use self::store::{Entry, Flights, Join, Leader, MemoryStore, Slot};
 use crate::body::Body;
 use crate::ctx::Ctx;
 use crate::error::{GatewayError, Side};
 use crate::policy::{BackgroundRefresh, BodyStep, Flow, Policy, Step};
 use crate::registry::{BuildEnv, SettingsErrors};
-use crate::state::{Clock, PolicyState};
-
-#[derive(Debug, Default, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// Keep entries in this gateway's memory (the default: `{max_size: 64MiB}`).
-    #[serde(default)]
-    pub memory: Option<MemorySettings>,
-    /// Keep entries in Redis, shared by every gateway that names it.
-    #[serde(default)]
-    pub redis: Option<RedisSettings>,
-    /// How long a response that says nothing about its freshness (no `max-age`,
-    /// `s-maxage` or `Expires`) is fresh. Default `60s`; `0s` stores only responses
-    /// that say.
-    #[serde(default)]
-    pub default_ttl: Option<Dur>,
-    /// Methods whose responses are cached (default `[GET, HEAD]`).
-    #[serde(default)]
-    pub methods: Option<Vec<String>>,
-    /// Statuses that are cached (default `[200, 203, 204, 301, 404, 410]`).
-    #[serde(default)]
-    pub statuses: Option<Vec<u16>>,
-    /// Larger responses stream through without being stored (default `1MiB`).
-    #[serde(default)]
-    pub max_object_size: Option<ByteSize>,
-    /// Request headers whose values are part of the key (e.g. `Accept-Language`).
-    #[serde(default)]
-    pub key_headers: Vec<String>,
-    /// The consumer is part of the key (needs `cache_authenticated: true`).
-    #[serde(default)]
-    pub per_consumer: bool,
-    /// Cache responses to authenticated requests (a consumer, or an `Authorization`
-    /// header). Default false: they bypass the cache.
-    #[serde(default)]
-    pub cache_authenticated: bool,
-    /// Store responses with `Set-Cookie` (and replay the cookie). Default false.
-    #[serde(default)]
-    pub cache_set_cookie: bool,
-    /// Honour the client's `Cache-Control`: `no-store` bypasses the cache, `no-cache`
-    /// (or `max-age=0`, `Pragma: no-cache`) fetches from the upstream and stores the
-    /// answer. Default false: the client's directives are ignored.
-    #[serde(default)]
-    pub respect_client_no_cache: bool,
-    /// How long past freshness an entry is served while it is refreshed in the
-    /// background, when the response has no `stale-while-revalidate`. Default `0s`.
-    #[serde(default)]
-    pub stale_while_revalidate: Option<Dur>,
-    /// How long past freshness an entry is served when the upstream fails or answers
-    /// `5xx`, when the response has no `stale-if-error`. Default `0s`.
-    #[serde(default)]
-    pub stale_if_error: Option<Dur>,
-    /// Concurrent misses of one key make one upstream request (default true).
-    #[serde(default)]
-    pub coalesce: Option<bool>,
-    /// How long a coalesced request waits for the first one's answer before going
-    /// upstream itself (default `5s`).
-    #[serde(default)]
-    pub coalesce_timeout: Option<Dur>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MemorySettings {
-    /// The most bytes entries take (bodies, headers and keys); least recently used
-    /// entries are evicted past it. Default `64MiB`.
-    #[serde(default)]
-    pub max_size: Option<ByteSize>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]`.
-    pub url: String,
-    /// How long a lookup or store waits for Redis (default `100ms`); past it, a miss.
-    #[serde(default)]
-    pub timeout: Option<Dur>,
-    /// Prefix of the keys in Redis (default `portico:cache:`).
-    #[serde(default)]
-    pub prefix: Option<String>,
-}
+use crate::state::Clock;
 
 const DEFAULT_MAX_SIZE: u64 = 64 << 20;
 const DEFAULT_MAX_OBJECT: u64 = 1 << 20;
@@ -204,115 +126,6 @@ impl Sink {
             }
         }
     }
-}
-
-/// Every store in use, for the admin API's purge (held weakly: a store no
-/// configuration uses any more is gone).
-#[derive(Default)]
-pub struct Registry {
-    stores: Mutex<Vec<WeakBackend>>,
-}
-
-enum WeakBackend {
-    Memory(Weak<MemoryStore>),
-    Redis(Weak<RedisCache>),
-}
-
-const REGISTRY: &str = "cache/registry";
-
-impl Registry {
-    fn add(&self, b: &Backend) {
-        let mut v = self.stores.lock();
-        v.retain(|w| match w {
-            WeakBackend::Memory(m) => m.strong_count() > 0,
-            WeakBackend::Redis(r) => r.strong_count() > 0,
-        });
-        let known = v.iter().any(|w| match (w, b) {
-            (WeakBackend::Memory(w), Backend::Memory(m)) => {
-                std::ptr::eq(w.as_ptr(), Arc::as_ptr(m))
-            }
-            (WeakBackend::Redis(w), Backend::Redis(r)) => std::ptr::eq(w.as_ptr(), Arc::as_ptr(r)),
-            _ => false,
-        });
-        if !known {
-            v.push(match b {
-                Backend::Memory(m) => WeakBackend::Memory(Arc::downgrade(m)),
-                Backend::Redis(r) => WeakBackend::Redis(Arc::downgrade(r)),
-            });
-        }
-    }
-
-    fn live(&self) -> Vec<Backend> {
-        self.stores
-            .lock()
-            .iter()
-            .filter_map(|w| match w {
-                WeakBackend::Memory(m) => m.upgrade().map(Backend::Memory),
-                WeakBackend::Redis(r) => r.upgrade().map(Backend::Redis),
-            })
-            .collect()
-    }
-}
-
-/// What the admin API purges.
-#[derive(Debug, Clone)]
-pub enum Purge {
-    /// Every entry of a route.
-    Route(String),
-    /// Every entry (every method, variant, key header and consumer) of a URL, given
-    /// as [`key::url`] makes it (`host[:port]/path?sorted-query`).
-    Url(String),
-    /// Every entry whose path starts with this (any host).
-    Prefix(String),
-}
-
-impl Purge {
-    /// A purge by URL from an absolute `http://` or `https://` URL (the scheme is not
-    /// part of keys). The path is normalized as routing normalizes it.
-    pub fn url(raw: &str) -> Result<Purge, String> {
-        let uri: http::Uri = raw.parse().map_err(|_| format!("`{raw}` is not a URL"))?;
-        match uri.scheme_str() {
-            Some("http" | "https") => {}
-            _ => {
-                return Err(format!(
-                    "`{raw}` is not an absolute http:// or https:// URL"
-                ))
-            }
-        }
-        let host = uri
-            .authority()
-            .map(|a| a.as_str())
-            .filter(|a| !a.is_empty() && !a.contains('@'))
-            .ok_or_else(|| format!("`{raw}` has no host"))?;
-        let path = portico_router::normalize_path(uri.path())
-            .map_err(|_| format!("`{raw}` has an invalid path"))?;
-        Ok(Purge::Url(key::url(host, &path, uri.query())))
-    }
-
-    fn matches(&self, k: &str) -> bool {
-        let Some(p) = key::parse(k) else {
-            return false;
-        };
-        match self {
-            Purge::Route(r) => p.route == r,
-            Purge::Url(u) => p.url == u,
-            Purge::Prefix(pre) => p.path.starts_with(pre.as_str()),
-        }
-    }
-}
-
-/// Remove the entries `p` selects from every store in use; returns how many keys
-/// were removed (`Vary` markers and variants count one each).
-pub async fn purge(state: &PolicyState, p: &Purge) -> Result<u64, String> {
-    let reg = state.get_or_insert(REGISTRY, Registry::default);
-    let mut n = 0;
-    for b in reg.live() {
-        n += match b {
-            Backend::Memory(m) => m.purge(&|k| p.matches(k)),
-            Backend::Redis(r) => r.purge(&|k| p.matches(k)).await?,
-        };
-    }
-    Ok(n)
 }
 
 pub struct Cache {
@@ -503,7 +316,7 @@ impl Cache {
         let (Some(backend), true) = (backend, errs.is_empty()) else {
             return Err(errs);
         };
-        let registry = env.state.get_or_insert(REGISTRY, Registry::default);
+        let registry = env.state.get_or_insert(purge::REGISTRY, Registry::default);
         registry.add(&backend);
         let stats = env
             .state
@@ -712,141 +525,6 @@ impl Cache {
         ctx.extensions.insert(XCache("BYPASS"));
         Step::cont()
     }
-
-    /// Whether a response can be stored, and as what (without its body).
-    fn storable(&self, p: &Pending, parts: &http::response::Parts, now: u64) -> Option<tee::Job> {
-        if !self.statuses.contains(&parts.status.as_u16()) {
-            return None;
-        }
-        let h = &parts.headers;
-        let cc = CacheControl::parse(h);
-        if cc.no_store || cc.private || (!self.cache_set_cookie && h.contains_key(SET_COOKIE)) {
-            return None;
-        }
-        let vary = key::vary_names(h)?;
-        let declared = h
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if !p.head && declared.is_some_and(|n| n > self.max_object) {
-            return None;
-        }
-        let entry = self.entry(parts.status, h.clone(), &cc, now)?;
-        let (key, vary) = if vary.is_empty() {
-            (p.key.to_string(), None)
-        } else {
-            (
-                key::variant(&p.key, &vary, &p.req_headers),
-                Some((p.key.to_string(), Arc::from(vary))),
-            )
-        };
-        Some(tee::Job {
-            sink: self.sink.clone(),
-            key,
-            vary,
-            entry,
-            leader: p.leader.clone(),
-        })
-    }
-
-    /// An entry (body still empty) for a response stored now; `None` when it would
-    /// never be usable.
-    fn entry(
-        &self,
-        status: StatusCode,
-        mut headers: HeaderMap,
-        cc: &CacheControl,
-        now: u64,
-    ) -> Option<Entry> {
-        let life = control::lifetime(cc, &headers, now, self.defaults);
-        let validators = headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED);
-        // An entry that can be revalidated is kept past its freshness (as long again,
-        // at least `default_ttl`), so a revalidation can refresh it with a `304`.
-        let keep = life
-            .ttl_ms
-            .saturating_add(life.swr_ms.max(life.sie_ms))
-            .saturating_add(if validators {
-                life.ttl_ms.max(self.defaults.ttl_ms)
-            } else {
-                0
-            });
-        if keep == 0 {
-            return None;
-        }
-        let initial_age_ms = control::initial_age_ms(&headers);
-        headers.remove(AGE);
-        headers.remove(&X_CACHE);
-        Some(Entry {
-            status,
-            headers,
-            body: bytes::Bytes::new(),
-            stored_ms: now,
-            initial_age_ms,
-            ttl_ms: life.ttl_ms,
-            swr_ms: life.swr_ms,
-            sie_ms: life.sie_ms,
-            keep_ms: keep,
-        })
-    }
-
-    /// The stored entry updated by a `304` (RFC 9111 §4.3.4): its headers replace the
-    /// stored ones of the same names, and freshness starts again.
-    fn refreshed(&self, old: &Entry, fresh: &HeaderMap, now: u64) -> Option<Entry> {
-        let mut headers = old.headers.clone();
-        for name in fresh.keys() {
-            if name == CONTENT_LENGTH || name == http::header::CONTENT_ENCODING {
-                continue;
-            }
-            headers.remove(name);
-            for v in fresh.get_all(name) {
-                headers.append(name.clone(), v.clone());
-            }
-        }
-        let cc = CacheControl::parse(&headers);
-        let mut e = self.entry(old.status, headers, &cc, now)?;
-        e.body = old.body.clone();
-        Some(e)
-    }
-}
-
-/// The answer from an entry: `304` (with the headers RFC 9110 §15.4.5 asks for) when
-/// the request's conditions match it, else the stored response; with `Age`.
-fn answer(req: &HeaderMap, head: bool, e: &Entry, now: u64) -> Response<Body> {
-    let age = HeaderValue::from(e.age_ms(now) / 1000);
-    let mut resp = if e.status == StatusCode::OK && control::not_modified(req, &e.headers) {
-        let mut r = Response::new(Body::Empty);
-        *r.status_mut() = StatusCode::NOT_MODIFIED;
-        for name in [
-            http::header::CACHE_CONTROL,
-            http::header::CONTENT_LOCATION,
-            http::header::DATE,
-            ETAG,
-            http::header::EXPIRES,
-            LAST_MODIFIED,
-            http::header::VARY,
-        ] {
-            for v in e.headers.get_all(&name) {
-                r.headers_mut().append(name.clone(), v.clone());
-            }
-        }
-        r
-    } else {
-        let body = if head || e.body.is_empty() {
-            Body::Empty
-        } else {
-            Body::full(e.body.clone())
-        };
-        let mut r = Response::new(body);
-        *r.status_mut() = e.status;
-        *r.headers_mut() = e.headers.clone();
-        if !head {
-            r.headers_mut()
-                .insert(CONTENT_LENGTH, HeaderValue::from(e.body.len()));
-        }
-        r
-    };
-    resp.headers_mut().insert(AGE, age);
-    resp
 }
 
 impl Policy for Cache {
