@@ -2,7 +2,7 @@
 //!
 //! Owns: `GET /health`, `GET /ready`, `GET /metrics` (Prometheus text), and the admin
 //! REST API under `/admin` (routes, upstreams, reload, consumers, the service
-//! registry). Every answer is JSON except
+//! registry, cache purge). Every answer is JSON except
 //! `/metrics`; every error uses the gateway's error shape.
 //!
 //! Does not own: the state it shows (`portico-proxy`'s [`Gateway`]).
@@ -14,8 +14,9 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 
+mod cache;
 mod consumers;
 mod registry;
 use axum::{Json, Router};
@@ -38,6 +39,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/admin/routes/{name}", get(route))
         .route("/admin/upstreams", get(upstreams))
         .route("/admin/reload", post(reload))
+        .route("/admin/cache", delete(cache::purge))
         .route(
             "/admin/consumers",
             get(consumers::list).post(consumers::create),

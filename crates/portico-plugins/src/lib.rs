@@ -19,6 +19,6 @@ pub mod state;
 pub use body::{Body, BoxError};
 pub use ctx::{canonical, client_ip, Consumer, Ctx};
 pub use error::{ErrorKind, GatewayError, Side};
-pub use policy::{AuthInfo, BodyStep, Flow, Outcome, Policy, Step};
+pub use policy::{AuthInfo, BackgroundRefresh, BodyStep, Flow, Outcome, Policy, Step};
 pub use registry::{build_chain, build_global, BuildEnv, Catalog, ChainEntry, HYGIENE_PRIORITY};
 pub use state::PolicyState;

@@ -12,6 +12,7 @@
 //! (the reverse, as in Envoy's filter chain), so the policy nearest the client on the
 //! way in is nearest the client on the way out.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -89,6 +90,15 @@ impl Future for BodyStep<'_> {
         }
     }
 }
+
+/// Left in [`Ctx::extensions`] by a policy that answered a request itself
+/// ([`Flow::Respond`]) but wants it to reach the upstream anyway, in the background:
+/// the cache's stale-while-revalidate. The pipeline then sends a copy of the request
+/// head (no body) through the route once more, with this value in the copy's
+/// `Request::extensions` (where the policy finds its payload again), and reads the
+/// answer to its end without sending it anywhere.
+#[derive(Clone)]
+pub struct BackgroundRefresh(pub Arc<dyn Any + Send + Sync>);
 
 /// Summary of a finished exchange, given to the `log` phase.
 #[derive(Debug, Clone)]
@@ -185,6 +195,15 @@ pub trait Policy: Send + Sync + 'static {
     fn finish_response(&self, ctx: &mut Ctx, resp: &mut http::response::Parts, body: Body) -> Body {
         let _ = (ctx, resp);
         body
+    }
+
+    /// Phase 3b, when no response came from the upstream (unreachable, timed out, circuit
+    /// open, ...): a response to send instead of the error's answer (the cache's
+    /// stale-if-error). Policies are asked in ascending priority; the first answer is
+    /// used, and the response phase runs on it. Default: `None` (the error's answer).
+    fn upstream_error(&self, ctx: &mut Ctx, err: &GatewayError) -> Option<Response<Body>> {
+        let _ = (ctx, err);
+        None
     }
 
     /// Phase 4, once the response is finished or failed. Default: nothing.

@@ -79,6 +79,11 @@ pub const AUTH_PRIORITY: std::ops::Range<i32> = 2000..3000;
 /// validation): they can count per consumer, and refuse before a body is read.
 pub const LIMIT_PRIORITY: std::ops::Range<i32> = 1100..1900;
 
+/// Priorities of the cache lookup (after request validation, so only valid requests
+/// are answered from the cache; before request transforms, so keys are computed on
+/// the request as the client sent it).
+pub const CACHE_PRIORITY: std::ops::Range<i32> = 850..1000;
+
 /// Policies at or above this priority are request hygiene: they also run when the
 /// route's path matched but its method did not (so CORS preflights are not 405).
 pub const HYGIENE_PRIORITY: i32 = 3000;
@@ -275,6 +280,15 @@ mod tests {
             assert_eq!(
                 LIMIT_PRIORITY.contains(&def.priority),
                 def.stage == "rate limits and quotas",
+                "{}",
+                def.name
+            );
+        }
+        // The cache lookup sits in its band, and only it.
+        for def in all() {
+            assert_eq!(
+                CACHE_PRIORITY.contains(&def.priority),
+                def.stage == "cache lookup",
                 "{}",
                 def.name
             );

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http::header::{HeaderValue, ALLOW, HOST};
 use http::{Request, Response};
-use portico_plugins::{client_ip, Body, Ctx, ErrorKind, Flow, GatewayError};
+use portico_plugins::{client_ip, BackgroundRefresh, Body, Ctx, ErrorKind, Flow, GatewayError};
 use portico_router::{normalize_host, normalize_path, Match, Params};
 use tokio::time::Instant;
 
@@ -168,6 +168,9 @@ pub async fn handle(
             Flow::Continue => {}
             Flow::Respond(resp) => {
                 let resp = *resp;
+                if let Some(bg) = fin.ctx.extensions.remove::<BackgroundRefresh>() {
+                    refresh_in_background(&gw, &conn, &req, &meta, bg);
+                }
                 linger(std::mem::take(req.body_mut()), req.version());
                 return Ok(respond(&route, fin, resp));
             }
@@ -256,8 +259,53 @@ pub async fn handle(
         // Boxed: only routes with a policy that reads response bodies take this step.
         Ok(resp) if route.response_body => Ok(Box::pin(respond_upstream(&route, fin, resp)).await),
         Ok(resp) => Ok(respond(&route, fin, resp)),
-        Err(e) => Ok(respond_error(&route, fin, e)),
+        Err(e) => {
+            // A policy may answer instead (the cache's stale-if-error).
+            let instead = route
+                .chain
+                .iter()
+                .rev()
+                .find_map(|entry| entry.policy.upstream_error(&mut fin.ctx, &e));
+            match instead {
+                Some(resp) => Ok(respond(&route, fin, resp)),
+                None => Ok(respond_error(&route, fin, e)),
+            }
+        }
     }
+}
+
+/// A policy answered but asked for the request to go upstream anyway
+/// ([`BackgroundRefresh`]): a copy of its head goes through the route again in a task
+/// of its own, and the answer is read to its end (so that, e.g., the cache stores it).
+fn refresh_in_background(
+    gw: &Arc<Gateway>,
+    conn: &Arc<ConnInfo>,
+    req: &Request<Body>,
+    meta: &Meta,
+    bg: BackgroundRefresh,
+) {
+    let mut copy = Request::new(Body::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy.headers_mut().remove(http::header::CONTENT_LENGTH);
+    copy.headers_mut().remove(http::header::TRANSFER_ENCODING);
+    copy.extensions_mut().insert(bg);
+    let meta = Meta {
+        content_length: None,
+        request_id: None,
+        ..meta.clone()
+    };
+    let (gw, conn) = (gw.clone(), conn.clone());
+    tokio::spawn(async move {
+        let Ok(resp) = Box::pin(handle(gw, conn, copy, meta)).await;
+        let mut body = std::pin::pin!(resp.into_body());
+        while let Some(Ok(_)) =
+            std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx)).await
+        {
+        }
+    });
 }
 
 /// After a route's authentication policies: a request none of them authenticated

@@ -8,6 +8,7 @@ use crate::registry::{parse, schema_of, PluginDef};
 pub mod acl;
 pub mod auth;
 pub mod basic_auth;
+pub mod cache;
 pub mod claims;
 pub mod compression;
 pub mod concurrency_limit;
@@ -202,6 +203,14 @@ pub static DEFS: &[PluginDef] = &[
                 parse(v)?,
             )?))
         },
+    },
+    PluginDef {
+        name: "cache",
+        priority: 900,
+        stage: "cache lookup",
+        terminal: false,
+        schema: schema_of::<cache::Settings>,
+        build: |v, env| Ok(Arc::new(cache::Cache::new(parse(v)?, env)?)),
     },
     PluginDef {
         name: "request-transformer",
