@@ -122,7 +122,7 @@ pub fn luhn(digits: &[u8]) -> bool {
     let mut sum = 0u32;
     for (i, d) in digits.iter().rev().enumerate() {
         let mut n = u32::from(d - b'0');
-        if i % 2 == 1 {
+        if !i.is_multiple_of(2) {
             n *= 2;
             if n > 9 {
                 n -= 9;
@@ -130,7 +130,7 @@ pub fn luhn(digits: &[u8]) -> bool {
         }
         sum += n;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// The IBAN check (ISO 13616: move the first 4 characters to the end, letters as
@@ -311,40 +311,43 @@ impl DataMasking {
         changed.then(|| cur.into_owned())
     }
 
-    /// Mask a JSON document in place. Returns whether a string held a match.
-    pub fn mask_json(&self, v: &mut Value) {
+    /// Mask a JSON document in place. Returns whether anything was masked or removed.
+    pub fn mask_json(&self, v: &mut Value) -> bool {
+        let mut changed = false;
         for p in &self.pointers {
-            match self.action {
-                Action::Remove => {
-                    jsonops::remove(v, &p.segs);
-                }
+            changed |= match self.action {
+                Action::Remove => jsonops::remove(v, &p.segs) > 0,
                 Action::Mask => mask_at(v, &p.segs),
-            }
+            };
         }
         if !self.rules.is_empty() {
-            self.walk(v);
+            self.walk(v, &mut changed);
         }
+        changed
     }
 
     /// Walk string values; returns true when `v` itself is to be removed.
-    fn walk(&self, v: &mut Value) -> bool {
+    fn walk(&self, v: &mut Value, changed: &mut bool) -> bool {
         match v {
             Value::String(s) => match self.mask_text(s) {
-                Some(_) if self.action == Action::Remove => true,
                 Some(m) => {
+                    *changed = true;
+                    if self.action == Action::Remove {
+                        return true;
+                    }
                     *s = m;
                     false
                 }
                 None => false,
             },
             Value::Array(a) => {
-                a.retain_mut(|c| !self.walk(c));
+                a.retain_mut(|c| !self.walk(c, changed));
                 false
             }
             Value::Object(m) => {
                 let gone: Vec<String> = m
                     .iter_mut()
-                    .filter_map(|(k, c)| self.walk(c).then(|| k.clone()))
+                    .filter_map(|(k, c)| self.walk(c, changed).then(|| k.clone()))
                     .collect();
                 for k in gone {
                     m.remove(&k);
@@ -382,8 +385,12 @@ impl DataMasking {
     fn mask_bytes(&self, json: bool, bytes: Bytes) -> Bytes {
         if json {
             if let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) {
-                self.mask_json(&mut v);
-                return Bytes::from(v.to_string());
+                // Re-serialized only when something was masked.
+                return if self.mask_json(&mut v) {
+                    Bytes::from(v.to_string())
+                } else {
+                    bytes
+                };
             }
         }
         // Text, or JSON that does not parse: scanned as text.
@@ -395,11 +402,11 @@ impl DataMasking {
     }
 }
 
-/// Replace the values at a pointer (with wildcards) by `"****"`.
-fn mask_at(v: &mut Value, segs: &[Seg]) {
+/// Replace the values at a pointer (with wildcards) by `"****"`; whether there was one.
+fn mask_at(v: &mut Value, segs: &[Seg]) -> bool {
     let Some((first, rest)) = segs.split_first() else {
         *v = Value::String("****".into());
-        return;
+        return true;
     };
     let children: Vec<&mut Value> = match (v, first) {
         (Value::Object(m), Seg::Key(k)) => m.get_mut(k).into_iter().collect(),
@@ -413,9 +420,11 @@ fn mask_at(v: &mut Value, segs: &[Seg]) {
         (Value::Array(a), Seg::Any) => a.iter_mut().collect(),
         _ => Vec::new(),
     };
+    let mut any = false;
     for c in children {
-        mask_at(c, rest);
+        any |= mask_at(c, rest);
     }
+    any
 }
 
 impl Policy for DataMasking {
@@ -458,6 +467,8 @@ impl Policy for DataMasking {
                     let why = format!("the body is larger than max_body ({} bytes)", self.max_body);
                     self.unreadable(ctx, &why, b)
                 }
+                // A body that turned out empty (e.g. the answer to a HEAD): as it is.
+                Ok(Buffered::Whole(bytes)) if bytes.is_empty() => Ok(Body::Empty),
                 Ok(Buffered::Whole(bytes)) => {
                     let out = self.mask_bytes(json, bytes);
                     body::set_length(&mut parts.headers, out.len());
@@ -529,7 +540,7 @@ mod tests {
         let mut v = json!({"users": [{"ssn": "123-45-6789", "email": "ann@example.org",
                                       "card": "4111111111111111", "n": 4111111111111111u64}],
                            "token": "tok_abc123", "user@example.com": 1});
-        p.mask_json(&mut v);
+        assert!(p.mask_json(&mut v));
         assert_eq!(
             v,
             json!({"users": [{"ssn": "****", "email": "a***@example.org",
@@ -539,8 +550,13 @@ mod tests {
         let p = policy(json!({"detect": ["card"], "pointers": ["/secret"], "action": "remove"}));
         let mut v =
             json!({"secret": 1, "cards": ["4111111111111111", "x"], "c": "pay 4111111111111111"});
-        p.mask_json(&mut v);
+        assert!(p.mask_json(&mut v));
         assert_eq!(v, json!({"cards": ["x"]}));
+        let mut clean = json!({"a": "nothing here"});
+        assert!(!p.mask_json(&mut clean));
+        // Nothing to mask: the very bytes, formatting kept.
+        let raw = Bytes::from_static(b"{ \"a\" :  1 }");
+        assert_eq!(p.mask_bytes(true, raw.clone()), raw);
         assert_eq!(
             p.mask_text("pay 4111111111111111 now").unwrap(),
             "pay [REDACTED] now"

@@ -491,6 +491,8 @@ impl Policy for ResponseTransformer {
                         "response-transformer: the response body is larger than max_body; sent untouched");
                     Ok(b)
                 }
+                // A body that turned out empty (e.g. the answer to a HEAD): as it is.
+                Ok(Buffered::Whole(bytes)) if bytes.is_empty() => Ok(Body::Empty),
                 Ok(Buffered::Whole(bytes)) => {
                     let out = match serde_json::from_slice::<Value>(&bytes) {
                         Ok(mut v) => {

@@ -392,6 +392,10 @@ impl JsonXml {
                 *req.body_mut() = b;
                 Flow::Continue
             }
+            Ok(Buffered::Whole(bytes)) if bytes.is_empty() => {
+                body::set_length(req.headers_mut(), 0);
+                Flow::Continue
+            }
             Ok(Buffered::Whole(bytes)) => match self.convert(c, &bytes) {
                 Ok((out, ct)) => {
                     body::set_length(req.headers_mut(), out.len());
@@ -468,6 +472,8 @@ impl Policy for JsonXml {
                         "json-xml: the response body is larger than max_body; sent unconverted");
                     Ok(b)
                 }
+                // A body that turned out empty (e.g. the answer to a HEAD): as it is.
+                Ok(Buffered::Whole(bytes)) if bytes.is_empty() => Ok(Body::Empty),
                 Ok(Buffered::Whole(bytes)) => match self.convert(c, &bytes) {
                     Ok((out, ct)) => {
                         body::set_length(&mut parts.headers, out.len());
