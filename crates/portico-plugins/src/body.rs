@@ -410,3 +410,42 @@ pub fn set_length(h: &mut http::HeaderMap, len: usize) {
     h.remove(http::header::TRANSFER_ENCODING);
     h.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body in several frames, without a known length.
+    fn frames(parts: &[&'static str]) -> Body {
+        Body::boxed(Prefixed {
+            head: parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+            rest: Body::Empty,
+        })
+    }
+
+    #[tokio::test]
+    async fn buffer_upto_reads_small_bodies_and_hands_back_large_ones_whole() {
+        match buffer_upto(frames(&["ab", "cd"]), None, 4).await.unwrap() {
+            Buffered::Whole(b) => assert_eq!(&b[..], b"abcd"),
+            Buffered::TooLarge(_) => panic!("4 bytes fit in 4"),
+        }
+        let Buffered::TooLarge(b) = buffer_upto(frames(&["ab", "cd", "ef", "gh"]), None, 5)
+            .await
+            .unwrap()
+        else {
+            panic!("8 bytes do not fit in 5");
+        };
+        assert_eq!(&b.collect().await.unwrap().to_bytes()[..], b"abcdefgh");
+        // Announced as too large: not read at all.
+        let Buffered::TooLarge(b) = buffer_upto(frames(&["abcdef"]), Some(6), 5).await.unwrap()
+        else {
+            panic!("announced 6 bytes do not fit in 5");
+        };
+        assert_eq!(&b.collect().await.unwrap().to_bytes()[..], b"abcdef");
+    }
+}
