@@ -294,3 +294,158 @@ pub fn read_error(e: &BoxError) -> crate::error::GatewayError {
     err.close = true;
     err
 }
+
+/// What [`buffer_upto`] found.
+pub enum Buffered {
+    /// The whole body, at most the limit.
+    Whole(Bytes),
+    /// The body is larger than the limit: the same bytes, still to be streamed (what
+    /// was read so far first, then the rest), for a policy that lets it through.
+    TooLarge(Body),
+}
+
+/// A body of which a first part was already read.
+struct Prefixed {
+    head: std::collections::VecDeque<Bytes>,
+    rest: Body,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(b) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && http_body::Body::is_end_stream(&self.rest)
+    }
+}
+
+/// Read a whole body of at most `max` bytes (a transform that must see it all), or,
+/// when it turns out larger, hand it back intact for streaming. `declared`
+/// (Content-Length) above `max` is not read at all. A read error is returned as is.
+pub async fn buffer_upto(
+    mut body: Body,
+    declared: Option<u64>,
+    max: u64,
+) -> Result<Buffered, BoxError> {
+    use http_body_util::BodyExt;
+    if declared.is_some_and(|n| n > max) {
+        return Ok(Buffered::TooLarge(body));
+    }
+    let mut chunks: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        total += data.len() as u64;
+        chunks.push_back(data);
+        if total > max {
+            return Ok(Buffered::TooLarge(Body::boxed(Prefixed {
+                head: chunks,
+                rest: body,
+            })));
+        }
+    }
+    Ok(Buffered::Whole(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop_front().unwrap_or_default(),
+        _ => {
+            let mut buf = bytes::BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
+            for c in chunks {
+                buf.extend_from_slice(&c);
+            }
+            buf.freeze()
+        }
+    }))
+}
+
+/// The media type of a `Content-Type` value, lower-case, without parameters.
+pub fn essence(h: &http::HeaderMap) -> Option<String> {
+    let v = h.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase(),
+    )
+}
+
+/// `application/json` or a `+json` type.
+pub fn is_json(h: &http::HeaderMap) -> bool {
+    essence(h).is_some_and(|e| e == "application/json" || (e.contains('/') && e.ends_with("+json")))
+}
+
+/// Whether the body is sent with a `Content-Encoding` other than `identity` (a
+/// transform cannot read it).
+pub fn is_encoded(h: &http::HeaderMap) -> bool {
+    h.get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+}
+
+/// The `Content-Length` header, when it is one number.
+pub fn declared_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Put a replaced body's framing right: its `Content-Length`, no `Transfer-Encoding`.
+pub fn set_length(h: &mut http::HeaderMap, len: usize) {
+    h.remove(http::header::TRANSFER_ENCODING);
+    h.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body in several frames, without a known length.
+    fn frames(parts: &[&'static str]) -> Body {
+        Body::boxed(Prefixed {
+            head: parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+            rest: Body::Empty,
+        })
+    }
+
+    #[tokio::test]
+    async fn buffer_upto_reads_small_bodies_and_hands_back_large_ones_whole() {
+        match buffer_upto(frames(&["ab", "cd"]), None, 4).await.unwrap() {
+            Buffered::Whole(b) => assert_eq!(&b[..], b"abcd"),
+            Buffered::TooLarge(_) => panic!("4 bytes fit in 4"),
+        }
+        let Buffered::TooLarge(b) = buffer_upto(frames(&["ab", "cd", "ef", "gh"]), None, 5)
+            .await
+            .unwrap()
+        else {
+            panic!("8 bytes do not fit in 5");
+        };
+        assert_eq!(&b.collect().await.unwrap().to_bytes()[..], b"abcdefgh");
+        // Announced as too large: not read at all.
+        let Buffered::TooLarge(b) = buffer_upto(frames(&["abcdef"]), Some(6), 5).await.unwrap()
+        else {
+            panic!("announced 6 bytes do not fit in 5");
+        };
+        assert_eq!(&b.collect().await.unwrap().to_bytes()[..], b"abcdef");
+    }
+}

@@ -32,6 +32,9 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// The upstream's response does not match the route's OpenAPI document.
     ResponseContractViolation,
+    /// A response transform that must not be skipped could not read the upstream's
+    /// body (`data-masking` over its `max_body`, XML that does not parse, ...).
+    ResponseNotTransformable,
     /// A service authentication depends on (a token introspection endpoint) failed.
     AuthUnavailable,
     /// The upstream's circuit breaker is open: the request was not sent.
@@ -60,9 +63,9 @@ impl ErrorKind {
             ErrorKind::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorKind::UpstreamUnavailable | ErrorKind::ResponseContractViolation => {
-                StatusCode::BAD_GATEWAY
-            }
+            ErrorKind::UpstreamUnavailable
+            | ErrorKind::ResponseContractViolation
+            | ErrorKind::ResponseNotTransformable => StatusCode::BAD_GATEWAY,
             ErrorKind::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::AuthUnavailable
@@ -93,6 +96,7 @@ impl ErrorKind {
             ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::ResponseContractViolation => "response_contract_violation",
+            ErrorKind::ResponseNotTransformable => "response_not_transformable",
             ErrorKind::AuthUnavailable => "auth_unavailable",
             ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::UpstreamOverloaded => "upstream_overloaded",
@@ -133,6 +137,7 @@ impl GatewayError {
             | ErrorKind::NoHealthyUpstream
             | ErrorKind::UpstreamTimeout
             | ErrorKind::ResponseContractViolation
+            | ErrorKind::ResponseNotTransformable
             | ErrorKind::AuthUnavailable
             | ErrorKind::CircuitOpen
             | ErrorKind::UpstreamOverloaded => Side::Upstream,

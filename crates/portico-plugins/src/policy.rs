@@ -152,7 +152,9 @@ pub trait Policy: Send + Sync + 'static {
         false
     }
 
-    /// Phase 2, just before the request goes upstream (after path rewrite). Default: nothing.
+    /// Phase 2, just before the request goes upstream: `req.uri` is the upstream path
+    /// and query (after the route's `rewrite`/`strip_prefix`); the policy may change
+    /// it, the method and the headers. Default: nothing.
     fn upstream_request(&self, ctx: &mut Ctx, req: &mut http::request::Parts) {
         let _ = (ctx, req);
     }

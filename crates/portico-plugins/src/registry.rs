@@ -293,6 +293,15 @@ mod tests {
                 def.name
             );
         }
+        // Transforms: `json-xml` nearest the upstream both ways, `data-masking` the
+        // last response transform, all after validation and before the proxy.
+        let p = |n: &str| find(n).map(|d| d.priority).unwrap_or_default();
+        assert!(p("request-validation") > p("request-transformer"));
+        assert!(p("request-transformer") > p("json-xml"));
+        assert!(p("json-xml") < p("response-transformer"));
+        assert!(p("response-transformer") < p("data-masking"));
+        assert!(p("json-xml") > p("mock"));
+        assert!(find("mock").is_some_and(|d| d.terminal));
         // DEFS is listed by descending priority.
         assert!(all().windows(2).all(|w| w[0].priority >= w[1].priority));
     }

@@ -177,8 +177,11 @@ pub async fn forward(
         ..forwarded_headers(snap, conn, &parts.headers, client_host.as_ref())
     };
     parts.version = Version::HTTP_11;
+    // The upstream path (after `rewrite`/`strip_prefix`), which policies may change.
+    parts.uri = Uri::from(pq);
     if route.edits_upstream_request {
-        // The policies see (and may change) the headers as they will be sent.
+        // The policies see (and may change) the headers, path, query and method as
+        // they will be sent.
         overlay.apply(&mut parts.headers);
         for entry in &route.chain {
             entry.policy.upstream_request(&mut fin.ctx, &mut parts);
@@ -194,7 +197,6 @@ pub async fn forward(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     let replayable = idempotent && body.is_end_stream();
-    parts.uri = Uri::from(pq);
     // Adaptive concurrency: above the learnt limit, the request is not sent.
     let admitted = match &up.adaptive {
         Some(a) => match a.try_acquire() {

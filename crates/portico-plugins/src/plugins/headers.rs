@@ -1,5 +1,6 @@
-//! `request-transformer` and `response-transformer` (headers part): add, set, append,
-//! remove and rename headers, with `${...}` templates in values.
+//! The headers part of `request-transformer` and `response-transformer` (see
+//! `transform`): add, set, append, remove and rename headers, with `${...}` templates
+//! in values.
 //!
 //! Order of operations: remove, rename, set, add (only when absent), append.
 
@@ -12,15 +13,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::ctx::Ctx;
-use crate::policy::Policy;
 use crate::registry::SettingsErrors;
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    #[serde(default)]
-    pub headers: HeaderOps,
-}
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -105,9 +98,8 @@ fn values(
 
 impl Compiled {
     /// Compile the settings; `response` rejects templates that need the request.
-    pub fn new(s: Settings, response: bool) -> Result<Self, SettingsErrors> {
+    pub fn new(ops: HeaderOps, response: bool) -> Result<Self, SettingsErrors> {
         let mut errs = Vec::new();
-        let ops = s.headers;
         let base = KeyPath::root().key("headers");
         let c = Compiled {
             add: values(ops.add, "add", &mut errs, response),
@@ -135,7 +127,15 @@ impl Compiled {
         }
     }
 
-    fn apply(&self, ctx: &Ctx, req: Option<&http::request::Parts>, h: &mut HeaderMap) {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty()
+            && self.set.is_empty()
+            && self.append.is_empty()
+            && self.remove.is_empty()
+            && self.rename.is_empty()
+    }
+
+    pub fn apply(&self, ctx: &Ctx, req: Option<&http::request::Parts>, h: &mut HeaderMap) {
         let render = |v: &Value| -> Option<HeaderValue> {
             match v {
                 Value::Static(v) => Some(v.clone()),
@@ -171,34 +171,5 @@ impl Compiled {
                 h.append(n.clone(), v);
             }
         }
-    }
-}
-
-/// Transforms the headers sent upstream.
-pub struct RequestHeaders(pub Compiled);
-
-impl Policy for RequestHeaders {
-    fn name(&self) -> &'static str {
-        "request-transformer"
-    }
-    fn edits_upstream_request(&self) -> bool {
-        true
-    }
-    fn upstream_request(&self, ctx: &mut Ctx, req: &mut http::request::Parts) {
-        let mut headers = std::mem::take(&mut req.headers);
-        self.0.apply(ctx, Some(req), &mut headers);
-        req.headers = headers;
-    }
-}
-
-/// Transforms the headers sent to the client.
-pub struct ResponseHeaders(pub Compiled);
-
-impl Policy for ResponseHeaders {
-    fn name(&self) -> &'static str {
-        "response-transformer"
-    }
-    fn upstream_response(&self, ctx: &mut Ctx, resp: &mut http::response::Parts) {
-        self.0.apply(ctx, None, &mut resp.headers);
     }
 }

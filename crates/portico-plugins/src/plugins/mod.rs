@@ -18,12 +18,17 @@ pub mod headers;
 pub mod hmac_auth;
 pub mod introspection;
 pub mod ip_restriction;
+pub mod jsonops;
 pub mod key_auth;
+pub mod masking;
+pub mod mock;
 pub mod mtls;
 pub mod openapi;
 pub mod rate_limit;
 pub mod request_validation;
 pub mod size_limit;
+pub mod transform;
+pub mod xml;
 // `jwt` and what it uses (`fetch` is shared by policies that call identity providers).
 pub mod fetch;
 pub mod jwks;
@@ -217,26 +222,40 @@ pub static DEFS: &[PluginDef] = &[
         priority: 800,
         stage: "request transforms",
         terminal: false,
-        schema: schema_of::<headers::Settings>,
-        build: |v, _env| {
-            Ok(Arc::new(headers::RequestHeaders(headers::Compiled::new(
-                parse(v)?,
-                false,
-            )?)))
-        },
+        schema: schema_of::<transform::RequestSettings>,
+        build: |v, _env| Ok(Arc::new(transform::RequestTransformer::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "data-masking",
+        priority: 795,
+        stage: "response transforms",
+        terminal: false,
+        schema: schema_of::<masking::Settings>,
+        build: |v, _env| Ok(Arc::new(masking::DataMasking::new(parse(v)?)?)),
     },
     PluginDef {
         name: "response-transformer",
         priority: 790,
         stage: "response transforms",
         terminal: false,
-        schema: schema_of::<headers::Settings>,
-        build: |v, _env| {
-            Ok(Arc::new(headers::ResponseHeaders(headers::Compiled::new(
-                parse(v)?,
-                true,
-            )?)))
-        },
+        schema: schema_of::<transform::ResponseSettings>,
+        build: |v, _env| Ok(Arc::new(transform::ResponseTransformer::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "json-xml",
+        priority: 780,
+        stage: "request and response transforms (nearest the upstream)",
+        terminal: false,
+        schema: schema_of::<xml::Settings>,
+        build: |v, _env| Ok(Arc::new(xml::JsonXml::new(parse(v)?)?)),
+    },
+    PluginDef {
+        name: "mock",
+        priority: 110,
+        stage: "proxy (answers itself)",
+        terminal: true,
+        schema: schema_of::<mock::Settings>,
+        build: |v, _env| Ok(Arc::new(mock::Mock::new(parse(v)?)?)),
     },
     PluginDef {
         name: "echo",
