@@ -615,3 +615,45 @@ async fn head_requests_and_large_bodies() {
     assert_eq!(head("/h").await, ("HIT".to_string(), "5".to_string()));
     assert_eq!(counts.of("/h"), 1);
 }
+
+/// A cached answer goes through the response transforms and masking that come after
+/// the cache, exactly as the upstream's answer does: a hit never reveals what the
+/// policies hide.
+#[tokio::test(flavor = "multi_thread")]
+async fn hits_get_the_same_masking_and_transforms_as_misses() {
+    let up = Upstream::start_with(
+        "cards",
+        handler(|_req| async move {
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("cache-control", "max-age=60")
+                .body(full(
+                    r#"{"card": "4111 1111 1111 1111", "owner": "ann", "internal": "x"}"#,
+                ))
+                .unwrap()
+        }),
+    )
+    .await;
+    let gw = LocalGateway::start(
+        bin(),
+        &format!(
+            "upstreams:\n  up:\n    targets: [{{url: \"{}\"}}]\nroutes:\n  - name: cards\n    paths: [\"/*\"]\n    upstream: up\n    plugins:\n      cache: {{}}\n      data-masking: {{detect: [card]}}\n      response-transformer: {{body: {{remove: [/internal]}}}}\n",
+            up.url()
+        ),
+    )
+    .await;
+    for want in ["MISS", "HIT", "HIT"] {
+        let a = get(gw.addr, "/card", &[]).await;
+        assert_eq!(a.x_cache(), want, "{}", a.body);
+        let v: Value = serde_json::from_str(&a.body).unwrap();
+        let card = v["card"].as_str().unwrap();
+        assert!(
+            card.ends_with("1111") && !card.contains("4111"),
+            "{want}: {}",
+            a.body
+        );
+        assert_eq!(v["owner"], "ann");
+        assert!(v.get("internal").is_none(), "{want}: {}", a.body);
+    }
+    assert_eq!(up.hits(), 1);
+}

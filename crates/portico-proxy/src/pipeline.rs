@@ -172,6 +172,11 @@ pub async fn handle(
                     refresh_in_background(&gw, &conn, &req, &meta, bg);
                 }
                 linger(std::mem::take(req.body_mut()), req.version());
+                // The body phase of the policies after this one (a cache hit gets the
+                // same response transforms and masking as the upstream's answer).
+                if route.response_body {
+                    return Ok(Box::pin(respond_upstream(&route, fin, resp, i + 1)).await);
+                }
                 return Ok(respond(&route, fin, resp));
             }
             Flow::Error(e) => {
@@ -251,13 +256,15 @@ pub async fn handle(
                 None => resp,
             };
             if route.response_body {
-                Ok(Box::pin(respond_upstream(&route, fin, resp)).await)
+                Ok(Box::pin(respond_upstream(&route, fin, resp, 0)).await)
             } else {
                 Ok(respond(&route, fin, resp))
             }
         }
         // Boxed: only routes with a policy that reads response bodies take this step.
-        Ok(resp) if route.response_body => Ok(Box::pin(respond_upstream(&route, fin, resp)).await),
+        Ok(resp) if route.response_body => {
+            Ok(Box::pin(respond_upstream(&route, fin, resp, 0)).await)
+        }
         Ok(resp) => Ok(respond(&route, fin, resp)),
         Err(e) => {
             // A policy may answer instead (the cache's stale-if-error).
@@ -370,16 +377,18 @@ fn respond(route: &CompiledRoute, mut fin: Box<Finish>, resp: Response<Body>) ->
     fin.complete(Response::from_parts(parts, body))
 }
 
-/// A response from the upstream on a route with policies that read response bodies:
-/// they run first (ascending priority) on the head and body as they came, then the
+/// A response from the upstream (`from` 0), or from the policy at `from - 1` of the
+/// chain, on a route with policies that read response bodies: those of them after
+/// `from` run first (ascending priority) on the head and body as they came, then the
 /// response phase. A policy's error replaces the response (and gets the response phase).
 async fn respond_upstream(
     route: &CompiledRoute,
     mut fin: Box<Finish>,
     resp: Response<Body>,
+    from: usize,
 ) -> Response<LogBody> {
     let (mut parts, mut body) = resp.into_parts();
-    for entry in route.chain.iter().rev() {
+    for entry in route.chain.get(from..).unwrap_or_default().iter().rev() {
         if !entry.policy.wants_response_body() {
             continue;
         }
