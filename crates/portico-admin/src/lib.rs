@@ -1,7 +1,7 @@
 //! Portico's admin listener.
 //!
 //! Owns: `GET /health`, `GET /ready`, `GET /metrics` (Prometheus text), and the admin
-//! REST API under `/admin` (routes, upstreams, reload). Every answer is JSON except
+//! REST API under `/admin` (routes, upstreams, reload, consumers, quotas). Every answer is JSON except
 //! `/metrics`; every error uses the gateway's error shape.
 //!
 //! Does not own: the state it shows (`portico-proxy`'s [`Gateway`]).
@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 mod consumers;
+mod quotas;
 use axum::{Json, Router};
 use portico_proxy::{CompiledRoute, Gateway};
 use serde_json::{json, Value};
@@ -55,6 +56,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             "/admin/consumers/{name}/credentials/{id}",
             get(consumers::get_credential).delete(consumers::delete_credential),
         )
+        .route("/admin/quotas", get(quotas::list).delete(quotas::reset))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
         .method_not_allowed_fallback(|| async {
             error(
