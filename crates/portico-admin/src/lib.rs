@@ -2,7 +2,7 @@
 //!
 //! Owns: `GET /health`, `GET /ready`, `GET /metrics` (Prometheus text), and the admin
 //! REST API under `/admin` (routes, upstreams, reload, consumers, the service
-//! registry, cache purge). Every answer is JSON except
+//! registry, cache purge, quotas). Every answer is JSON except
 //! `/metrics`; every error uses the gateway's error shape.
 //!
 //! Does not own: the state it shows (`portico-proxy`'s [`Gateway`]).
@@ -18,6 +18,7 @@ use axum::routing::{delete, get, post};
 
 mod cache;
 mod consumers;
+mod quotas;
 mod registry;
 use axum::{Json, Router};
 use portico_proxy::{CompiledRoute, Gateway};
@@ -68,6 +69,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             "/admin/registry/{service}/{id}",
             axum::routing::put(registry::renew).delete(registry::deregister),
         )
+        .route("/admin/quotas", get(quotas::list).delete(quotas::reset))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint") })
         .method_not_allowed_fallback(|| async {
             error(

@@ -47,6 +47,10 @@ pub enum ErrorKind {
     /// `rate-limit` in cluster mode with `on_store_error: deny`: the shared store
     /// (Redis) did not answer.
     RateLimitUnavailable,
+    /// `quota`: a limit of the key is used up for the current period.
+    QuotaExceeded,
+    /// `quota` in cluster mode with `on_store_error: deny`: Redis did not answer.
+    QuotaUnavailable,
 }
 
 impl ErrorKind {
@@ -60,7 +64,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::UriTooLong => StatusCode::URI_TOO_LONG,
-            ErrorKind::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::TooManyRequests | ErrorKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::UpstreamUnavailable
@@ -72,7 +76,8 @@ impl ErrorKind {
             | ErrorKind::CircuitOpen
             | ErrorKind::UpstreamOverloaded
             | ErrorKind::ConcurrencyLimited
-            | ErrorKind::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ErrorKind::RateLimitUnavailable
+            | ErrorKind::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -102,6 +107,8 @@ impl ErrorKind {
             ErrorKind::UpstreamOverloaded => "upstream_overloaded",
             ErrorKind::ConcurrencyLimited => "concurrency_limited",
             ErrorKind::RateLimitUnavailable => "rate_limit_unavailable",
+            ErrorKind::QuotaExceeded => "quota_exceeded",
+            ErrorKind::QuotaUnavailable => "quota_unavailable",
         }
     }
 }

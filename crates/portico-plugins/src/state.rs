@@ -41,6 +41,12 @@ impl PolicyState {
         t
     }
 
+    /// The state kept under `key`, if one of type `T` is alive.
+    pub fn get<T: Send + Sync + 'static>(&self, key: &str) -> Option<Arc<T>> {
+        let found = self.entries.lock().get(key).and_then(Weak::upgrade)?;
+        found.downcast::<T>().ok()
+    }
+
     /// How many states are alive (for tests).
     pub fn len(&self) -> usize {
         self.entries

@@ -240,6 +240,10 @@ impl Gateway {
         );
         self.listeners.lock().await.shutdown(grace).await;
         self.supervisor.stop();
+        // The last `quota` counts of local mode (saved every second otherwise).
+        if let Some(r) = portico_plugins::plugins::quota::registry(&self.policy_state) {
+            let _ = tokio::task::spawn_blocking(move || r.flush()).await;
+        }
     }
 
     /// Watch the configuration file and reload when it changes (polling every 250 ms:

@@ -132,6 +132,53 @@ CREATE TABLE IF NOT EXISTS credentials (
 CREATE INDEX IF NOT EXISTS credentials_consumer ON credentials(consumer);
 ";
 
+/// Schema changes after [`SCHEMA`], in order: the database's `user_version` is the
+/// number of steps applied. Append new steps; never edit an applied one.
+const MIGRATIONS: &[&str] = &[
+    // 1: `quota` usage (local mode): what each key used of each limit in a period.
+    "
+CREATE TABLE IF NOT EXISTS quota_usage (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    limit_name TEXT NOT NULL,
+    period_start INTEGER NOT NULL,
+    period_end INTEGER NOT NULL,
+    used INTEGER NOT NULL,
+    PRIMARY KEY (scope, key, limit_name, period_start)
+);
+CREATE INDEX IF NOT EXISTS quota_usage_end ON quota_usage(period_end);
+",
+];
+
+/// Apply the migration steps the file has not seen yet, each in its own transaction.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let applied: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, step) in MIGRATIONS.iter().enumerate() {
+        let version = i as i64 + 1;
+        if version <= applied {
+            continue;
+        }
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// What a key used of one `quota` limit in one period (local mode's saved counts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaRow {
+    /// `global` or `route:NAME`.
+    pub scope: String,
+    pub key: String,
+    pub limit: String,
+    /// Unix seconds.
+    pub period_start: i64,
+    pub period_end: i64,
+    pub used: u64,
+}
+
 impl Store {
     /// Open (creating when missing) the store file.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -142,11 +189,12 @@ impl Store {
             })?;
         }
         let open = || -> rusqlite::Result<Connection> {
-            let conn = Connection::open(path)?;
+            let mut conn = Connection::open(path)?;
             conn.busy_timeout(std::time::Duration::from_secs(5))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
             conn.execute_batch(SCHEMA)?;
+            migrate(&mut conn)?;
             Ok(conn)
         };
         let conn = open().map_err(|source| StoreError::Open {
@@ -268,6 +316,65 @@ impl Store {
             "DELETE FROM credentials WHERE consumer = ?1 AND id = ?2",
             [consumer, id],
         )? == 1)
+    }
+}
+
+impl Store {
+    /// The saved `quota` usage of a scope whose period has not ended at `now`.
+    pub fn quota_rows(&self, scope: &str, now: i64) -> Result<Vec<QuotaRow>, StoreError> {
+        let c = self.conn.lock();
+        let mut st = c.prepare(
+            "SELECT scope, key, limit_name, period_start, period_end, used FROM quota_usage
+             WHERE scope = ?1 AND period_end > ?2",
+        )?;
+        let rows = st.query_map(params![scope, now], |r| {
+            Ok(QuotaRow {
+                scope: r.get(0)?,
+                key: r.get(1)?,
+                limit: r.get(2)?,
+                period_start: r.get(3)?,
+                period_end: r.get(4)?,
+                used: u64::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Save `rows` (replacing the count of the same scope, key, limit and period) and
+    /// forget the periods that ended before `now`, in one transaction.
+    pub fn save_quota_rows(&self, rows: &[QuotaRow], now: i64) -> Result<(), StoreError> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO quota_usage (scope, key, limit_name, period_start, period_end, used)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (scope, key, limit_name, period_start)
+                 DO UPDATE SET used = excluded.used, period_end = excluded.period_end",
+            )?;
+            for r in rows {
+                st.execute(params![
+                    r.scope,
+                    r.key,
+                    r.limit,
+                    r.period_start,
+                    r.period_end,
+                    i64::try_from(r.used).unwrap_or(i64::MAX)
+                ])?;
+            }
+            tx.execute("DELETE FROM quota_usage WHERE period_end <= ?1", [now])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forget every saved count of `key` in `scope`; how many rows went.
+    pub fn delete_quota_rows(&self, scope: &str, key: &str) -> Result<usize, StoreError> {
+        let c = self.conn.lock();
+        Ok(c.execute(
+            "DELETE FROM quota_usage WHERE scope = ?1 AND key = ?2",
+            [scope, key],
+        )?)
     }
 }
 
@@ -393,6 +500,52 @@ mod tests {
         assert!(other.delete_consumer("alice").unwrap());
         assert_ne!(s.data_version().unwrap(), v);
         assert!(s.credentials(None).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn quota_rows_migrate_save_and_prune() {
+        let dir = std::env::temp_dir().join(format!("portico-store-q-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("q.db");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A file made before the quota table existed (no migration applied yet).
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let v: i64 = s
+            .conn
+            .lock()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        let row = |key: &str, start: i64, used: u64| QuotaRow {
+            scope: "route:a".into(),
+            key: key.into(),
+            limit: "requests-per-day".into(),
+            period_start: start,
+            period_end: start + 86400,
+            used,
+        };
+        s.save_quota_rows(&[row("alice", 0, 3), row("bob", 0, 1)], 10)
+            .unwrap();
+        s.save_quota_rows(&[row("alice", 0, 5)], 10).unwrap();
+        let mut got = s.quota_rows("route:a", 10).unwrap();
+        got.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(got, vec![row("alice", 0, 5), row("bob", 0, 1)]);
+        assert!(s.quota_rows("route:b", 10).unwrap().is_empty());
+        // Reopening applies nothing twice and keeps the rows.
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.quota_rows("route:a", 10).unwrap().len(), 2);
+        assert_eq!(s.delete_quota_rows("route:a", "alice").unwrap(), 1);
+        assert_eq!(s.delete_quota_rows("route:a", "alice").unwrap(), 0);
+        // Ended periods are pruned on the next save.
+        s.save_quota_rows(&[row("carol", 86400, 1)], 86400).unwrap();
+        let got = s.quota_rows("route:a", 0).unwrap();
+        assert_eq!(got, vec![row("carol", 86400, 1)]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,6 +1,6 @@
 //! Portico's store and identity data.
 //!
-//! Owns: the SQLite store (consumers, credentials; later quotas), secrets (API key
+//! Owns: the SQLite store (consumers, credentials, `quota` usage of local mode), secrets (API key
 //! generation and digests, Argon2id password hashes), the [`ConsumerIndex`] the data
 //! plane authenticates against, and [`Identity`], the handle that keeps the index
 //! current: rebuilt and swapped on every admin write, on a configuration reload and
@@ -28,7 +28,7 @@ use portico_config::identity::{
 use portico_config::{ConsumerDecl, CredentialDecl};
 use serde_json::{Map, Value};
 
-pub use db::{ConsumerRow, CredKind, CredRow, Store, StoreError};
+pub use db::{ConsumerRow, CredKind, CredRow, QuotaRow, Store, StoreError};
 pub use index::{Consumer, ConsumerIndex, KeyEntry, KeyLookup, Source, UserEntry};
 use secret::{digest_hex, key_digest, KeyDigest};
 

@@ -24,6 +24,7 @@ pub mod masking;
 pub mod mock;
 pub mod mtls;
 pub mod openapi;
+pub mod quota;
 pub mod rate_limit;
 pub mod request_validation;
 pub mod size_limit;
@@ -170,6 +171,15 @@ pub static DEFS: &[PluginDef] = &[
         terminal: false,
         schema: schema_of::<rate_limit::Settings>,
         build: |v, env| Ok(Arc::new(rate_limit::RateLimit::new(parse(v)?, env)?)),
+    },
+    // After `rate-limit`: a request it refuses does not use quota.
+    PluginDef {
+        name: "quota",
+        priority: 1450,
+        stage: "rate limits and quotas",
+        terminal: false,
+        schema: schema_of::<quota::Settings>,
+        build: |v, env| Ok(Arc::new(quota::Quota::new(parse(v)?, env)?)),
     },
     PluginDef {
         name: "concurrency-limit",

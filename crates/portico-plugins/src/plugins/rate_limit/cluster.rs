@@ -140,7 +140,7 @@ impl RedisStore {
         })
     }
 
-    fn manager(&self) -> Option<ConnectionManager> {
+    pub(crate) fn manager(&self) -> Option<ConnectionManager> {
         self.conn
             .get_or_init(|| {
                 let config = ConnectionManagerConfig::new()
@@ -162,10 +162,17 @@ impl RedisStore {
     /// per limit. Decisions come back in the same order.
     pub async fn check(&self, limits: &[(Params, &str)]) -> Result<Vec<Decision>, StoreError> {
         let r = self.call(limits).await;
-        match &r {
+        self.record("rate-limit", &r);
+        r
+    }
+
+    /// Note how a call went: log a failure (at most every [`LOG_EVERY`]) and the
+    /// recovery after one (once). `what` names the policy in the log line.
+    pub(crate) fn record<T, E: std::fmt::Display>(&self, what: &str, r: &Result<T, E>) {
+        match r {
             Ok(_) => {
                 if self.down.swap(false, Ordering::Relaxed) {
-                    tracing::info!("rate-limit store: Redis answers again");
+                    tracing::info!("{what} store: Redis answers again");
                 }
             }
             Err(e) => {
@@ -181,11 +188,15 @@ impl RedisStore {
                         .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()
                 {
-                    tracing::warn!(error = %e, errors = self.errors.load(Ordering::Relaxed), "rate-limit store: Redis failed; applying on_store_error (logged at most every 10 s)");
+                    tracing::warn!(error = %e, errors = self.errors.load(Ordering::Relaxed), "{what} store: Redis failed; applying on_store_error (logged at most every 10 s)");
                 }
             }
         }
-        r
+    }
+
+    /// How long a call may wait for Redis.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     async fn call(&self, limits: &[(Params, &str)]) -> Result<Vec<Decision>, StoreError> {
