@@ -44,6 +44,8 @@ pub struct Record<'a> {
 enum Msg {
     Line(Vec<u8>),
     Target(Option<PathBuf>),
+    /// Write out everything queued before it, then answer.
+    Flush(SyncSender<()>),
 }
 
 /// Handle to the writer thread.
@@ -65,9 +67,27 @@ impl AccessLog {
         AccessLog { tx, metrics }
     }
 
+    /// Another handle to the same writer.
+    pub fn clone_handle(&self) -> AccessLog {
+        AccessLog {
+            tx: self.tx.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// Switch the destination (on reload).
     pub fn set_target(&self, path: Option<PathBuf>) {
         let _ = self.tx.send(Msg::Target(path));
+    }
+
+    /// Wait (at most `within`) until every record queued so far is written: at
+    /// shutdown, so the last requests' lines are not lost when the process exits.
+    pub fn flush(&self, within: Duration) -> bool {
+        let (ack, done) = sync_channel(1);
+        if self.tx.send(Msg::Flush(ack)).is_err() {
+            return false;
+        }
+        done.recv_timeout(within).is_ok()
     }
 
     /// Queue one record.
@@ -113,6 +133,10 @@ fn writer(rx: Receiver<Msg>, path: Option<PathBuf>) {
             match m {
                 Msg::Line(l) => {
                     let _ = out.write_all(&l);
+                }
+                Msg::Flush(ack) => {
+                    let _ = out.flush();
+                    let _ = ack.send(());
                 }
                 Msg::Target(p) => {
                     if p != current {

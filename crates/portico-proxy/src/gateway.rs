@@ -240,6 +240,14 @@ impl Gateway {
         );
         self.listeners.lock().await.shutdown(grace).await;
         self.supervisor.stop();
+        // The last requests' log lines, before the process exits.
+        let log = self.access_log.clone_handle();
+        let flushed = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2)))
+            .await
+            .unwrap_or(false);
+        if !flushed {
+            tracing::warn!("the access log could not be flushed within 2s");
+        }
         // The last `quota` counts of local mode (saved every second otherwise).
         if let Some(r) = portico_plugins::plugins::quota::registry(&self.policy_state) {
             let _ = tokio::task::spawn_blocking(move || r.flush()).await;
