@@ -237,3 +237,30 @@ fn bad_aggregates_are_reported_with_their_keys() {
         assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_path_value_fails_the_call_instead_of_changing_the_path() {
+    let (u, o) = (users().await, orders().await);
+    let env = start(&format!(
+        "{}routes:\n  - name: by-query\n    paths: [\"/lookup\"]\n    aggregate:\n      calls:\n        - {{name: user, upstream: users, path: \"/users/${{query.id}}\"}}\n        - {{name: orders, upstream: orders, path: \"/orders/${{query.a}}/${{query.b}}?note=${{query.note}}\"}}\n",
+        two_upstreams(&u, &o)
+    ))
+    .await;
+    // Without `id`, the call is not sent as `/users/` (another resource).
+    let (code, h, v) = get(&env, "/lookup?a=x&b=y", &[]).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(h["portico-aggregate-missing"], "user", "{v}");
+    assert!(
+        v["user"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("${query.id}"),
+        "{v}"
+    );
+    // An empty query value is fine (it is a value); both path values are given.
+    assert_eq!(v["orders"]["path"], "/orders/x/y", "{v}");
+    // An empty segment cannot turn the path into `//host/...`.
+    let (_, _, v) = get(&env, "/lookup?id=1&a=&b=evil.example", &[]).await;
+    assert!(v["orders"]["error"].is_object(), "{v}");
+    assert_eq!(u.hits(), 1, "only the request with an id reached users");
+}

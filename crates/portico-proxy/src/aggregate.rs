@@ -189,7 +189,13 @@ impl Aggregate {
                 };
             }
         }
-        let path = render(&c.path, ctx, req, results, &self.calls, true);
+        let (path, empty) = render(&c.path, ctx, req, results, &self.calls, true);
+        if let Some(what) = empty {
+            return Outcome::Failed {
+                status: None,
+                message: format!("the path needs `{what}`, which this request does not give"),
+            };
+        }
         let uri = match checked_path(&path) {
             Ok(u) => u,
             Err(m) => {
@@ -201,7 +207,7 @@ impl Aggregate {
         };
         let mut headers = identity.clone();
         for (n, t) in &c.headers {
-            let v = render(t, ctx, req, results, &self.calls, false);
+            let (v, _) = render(t, ctx, req, results, &self.calls, false);
             if let Ok(v) = HeaderValue::from_str(&v) {
                 headers.insert(n.clone(), v);
             }
@@ -319,6 +325,9 @@ fn to_value(body: &[u8]) -> Value {
 }
 
 /// Render a call template; substituted values are percent-encoded when `encode`.
+/// Also returns the first substitution in the path (before any `?`) that came out
+/// empty or missing: the path would have another shape (`/users/{id}` would become
+/// `/users/`).
 fn render(
     parts: &[CallPart],
     ctx: &Ctx,
@@ -326,8 +335,15 @@ fn render(
     results: &[Option<Outcome>],
     calls: &[Call],
     encode: bool,
-) -> String {
+) -> (String, Option<String>) {
     let mut out = String::new();
+    let mut empty: Option<String> = None;
+    // Only in the path: an empty query value is a query value.
+    let note_empty = |what: String, out: &str, empty: &mut Option<String>| {
+        if empty.is_none() && !out.contains('?') {
+            *empty = Some(what);
+        }
+    };
     let push = |v: &str, out: &mut String| {
         if encode {
             out.extend(utf8_percent_encode(v, VALUE));
@@ -338,11 +354,10 @@ fn render(
     for p in parts {
         match p {
             CallPart::Lit(l) => out.push_str(l),
-            CallPart::Var(v) => {
-                if let Some(x) = ctx.var(Some(req), v) {
-                    push(&x, &mut out);
-                }
-            }
+            CallPart::Var(v) => match ctx.var(Some(req), v) {
+                Some(x) if !x.is_empty() => push(&x, &mut out),
+                _ => note_empty(format!("${{{v}}}"), &out, &mut empty),
+            },
             CallPart::Step(call, ptr) => {
                 let value = calls
                     .iter()
@@ -352,21 +367,26 @@ fn render(
                         _ => None,
                     });
                 match value {
-                    Some(Value::String(s)) => push(s, &mut out),
-                    Some(Value::Null) | None => {}
+                    Some(Value::String(s)) if !s.is_empty() => push(s, &mut out),
+                    Some(Value::String(_)) | Some(Value::Null) | None => note_empty(
+                        format!("${{steps.{call}.body{}}}", ptr.replace('/', ".")),
+                        &out,
+                        &mut empty,
+                    ),
                     Some(other) => push(&other.to_string(), &mut out),
                 }
             }
         }
     }
-    out
+    (out, empty)
 }
 
 /// The rendered path as a URI, refused if it is not a plain path (a value cannot add
 /// `..` segments: they are checked after rendering).
 fn checked_path(path: &str) -> Result<Uri, String> {
     let (p, _) = path.split_once('?').unwrap_or((path, ""));
-    if !p.starts_with('/') || p.split('/').any(|seg| seg == ".." || seg == ".") {
+    if !p.starts_with('/') || p.contains("//") || p.split('/').any(|seg| seg == ".." || seg == ".")
+    {
         return Err(format!(
             "the rendered path `{path}` is not a plain absolute path"
         ));
@@ -417,6 +437,8 @@ mod tests {
         assert!(checked_path("/users/7?x=1").is_ok());
         assert!(checked_path("/users/../admin").is_err());
         assert!(checked_path("/users/.").is_err());
+        assert!(checked_path("//evil.example/x").is_err());
+        assert!(checked_path("/accounts//balance").is_err());
         // Encoded values cannot add segments or a query.
         let v: String = utf8_percent_encode("../x?y=1#z", VALUE).collect();
         assert_eq!(v, "..%2Fx%3Fy%3D1%23z");

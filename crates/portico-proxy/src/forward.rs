@@ -371,7 +371,7 @@ pub async fn forward(
             )
         });
         let mut sent = Instant::now();
-        first.health.start();
+        let first_in_flight = first.health.enter();
         // Boxed: the exchange's state is large and would otherwise be copied each time
         // the futures around it move (measured: ~1k instructions per request).
         let primary = bodyclock::send(
@@ -409,7 +409,7 @@ pub async fn forward(
                                     timeouts.request.0.min(d.saturating_duration_since(sent2))
                                 });
                                 up.recent.hedges_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                t2.health.start();
+                                let second_in_flight = t2.health.enter();
                                 let second = bodyclock::send(
                                     Box::pin(t2.pool.send(
                                         &mut p2,
@@ -425,7 +425,7 @@ pub async fn forward(
                                     timeouts.idle.0,
                                 );
                                 let (r, hedge_won) = race(primary, second).await;
-                                t2.health.finish();
+                                drop(second_in_flight);
                                 if hedge_won {
                                     up.recent.hedges_won.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                     idx = i2;
@@ -448,7 +448,7 @@ pub async fn forward(
             }
             _ => primary.await,
         };
-        first.health.finish();
+        drop(first_in_flight);
         let target = &set.targets[idx];
         fin.target = Some(target.url.clone());
         if snap.access_log {

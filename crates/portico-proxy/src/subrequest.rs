@@ -68,7 +68,7 @@ pub async fn send_once(
     parts.headers = sub.headers;
     let mut overlay = sub.overlay;
     overlay.host = Field::Set(t.host_header.clone());
-    t.health.start();
+    let in_flight = t.health.enter();
     let exchange = async {
         let resp = t
             .pool
@@ -89,6 +89,6 @@ pub async fn send_once(
         Ok(r) => r,
         Err(_) => Err(Failure::Timeout(limit)),
     };
-    t.health.finish();
+    drop(in_flight);
     out
 }

@@ -33,6 +33,16 @@ pub const LATENCY_DECAY_MS: u64 = 10_000;
 /// or 504 answer) counts as in the latency estimate.
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
+/// A request counted in flight on a target; dropping it ends the count.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a TargetHealth);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
 /// What passive health counts in a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Streak {
@@ -219,6 +229,19 @@ impl TargetHealth {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Count a request in flight until the returned guard drops: also when the
+    /// request's future is dropped half-way (a client gone, an outer timeout).
+    pub fn enter(&self) -> InFlight<'_> {
+        self.start();
+        InFlight(self)
+    }
+
+    /// Forget what active checks said (they were turned off).
+    pub fn clear_active(&self) {
+        self.active_down.store(false, Ordering::Relaxed);
+        self.active_streak.store(0, Ordering::Relaxed);
+    }
+
     pub fn finish(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -329,6 +352,35 @@ mod tests {
         for _ in 0..10 {
             assert!(!h.failure(Streak::Connect, 0, 0, EJ, || true));
         }
+    }
+
+    #[test]
+    fn in_flight_ends_when_the_guard_drops_even_if_abandoned() {
+        let h = TargetHealth::default();
+        let fut = async {
+            let _g = h.enter();
+            std::future::pending::<()>().await;
+        };
+        {
+            let mut fut = Box::pin(fut);
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            assert!(std::future::Future::poll(fut.as_mut(), &mut cx).is_pending());
+            assert_eq!(h.in_flight(), 1);
+            // Dropped half-way, as a cancelled request's future is.
+        }
+        assert_eq!(h.in_flight(), 0);
+    }
+
+    #[test]
+    fn turning_active_checks_off_forgets_their_verdict() {
+        let h = TargetHealth::default();
+        for _ in 0..3 {
+            h.checked(false, 2, 3);
+        }
+        assert!(!h.available(1));
+        h.clear_active();
+        assert!(h.available(1));
     }
 
     #[test]

@@ -372,6 +372,13 @@ impl UpstreamState {
                 }
             }
         };
+        if cfg.health.active.is_none() {
+            // Active checks off (or turned off by this reload): what they last said
+            // must not keep targets out of rotation.
+            for t in &live.current().targets {
+                t.health.clear_active();
+            }
+        }
         let circuit = match &cfg.circuit_breaker {
             Some(cb) => Some(self.circuit_for(name, cb)?),
             None => None,
