@@ -347,7 +347,9 @@ pub async fn forward(
             }
         }
         let Some((mut idx, mut permit)) = chosen else {
-            if let (Some(r), Some(circuit)) = (refused, &up.circuit) {
+            // A retry the breaker refuses: the client gets the last real answer (as
+            // when the budget refuses), not `circuit_open`.
+            if let (Some(r), Some(circuit), None) = (refused, &up.circuit, &last) {
                 return circuit_refused(up, circuit, r);
             }
             break;
@@ -399,6 +401,11 @@ pub async fn forward(
                             None => primary.await,
                             Some((i2, permit2)) => {
                                 let t2 = &set.targets[i2];
+                                if let (Some(p), Some(c)) = (&permit2, &up.circuit) {
+                                    if let Some(t) = p.transition() {
+                                        c.note(&up.name, &t2.url, t);
+                                    }
+                                }
                                 let (mut p2, ()) = Request::new(()).into_parts();
                                 (p2.method, p2.uri, p2.headers) = head;
                                 p2.version = Version::HTTP_11;

@@ -156,8 +156,13 @@ impl TargetHealth {
         ej: Ejection,
         may_eject: impl FnOnce() -> bool,
     ) -> bool {
+        // While ejected, late failures (requests sent before the ejection, panic
+        // mode) do not count: the target starts afresh when it returns.
+        if threshold == 0 || self.ejected(now) {
+            return false;
+        }
         let n = self.streaks[kind.slot()].fetch_add(1, Ordering::Relaxed) + 1;
-        if threshold == 0 || n < threshold || self.ejected(now) || !may_eject() {
+        if n < threshold || !may_eject() {
             return false;
         }
         for s in &self.streaks {
@@ -370,6 +375,22 @@ mod tests {
             // Dropped half-way, as a cancelled request's future is.
         }
         assert_eq!(h.in_flight(), 0);
+    }
+
+    #[test]
+    fn failures_while_ejected_do_not_count() {
+        let h = TargetHealth::default();
+        for _ in 0..2 {
+            assert!(!fail(&h, 0));
+        }
+        assert!(fail(&h, 0)); // ejected until 1000
+        for _ in 0..10 {
+            assert!(!fail(&h, 500)); // late failures of requests sent before
+        }
+        // Back: a fresh streak is needed to eject again.
+        assert!(!fail(&h, 1000));
+        assert!(!fail(&h, 1000));
+        assert!(fail(&h, 1000));
     }
 
     #[test]
