@@ -12,9 +12,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use portico_test_support::redis::Redis;
 use portico_test_support::{free_port, http_client, wait_until, LocalGateway, Upstream};
 use serde_json::Value;
 
@@ -307,46 +307,6 @@ async fn concurrency_limit_queues_then_refuses_with_503() {
         Some(1.0),
         "{m}"
     );
-}
-
-/// A `redis-server` of the test's own, without persistence.
-struct Redis {
-    port: u16,
-    child: Child,
-}
-
-impl Redis {
-    fn start(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start `redis-server` ({e}): cluster-mode tests need it; install it (apt-get install redis-server; scripts/test.sh does)")
-            });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { port, child }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

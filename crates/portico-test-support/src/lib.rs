@@ -28,6 +28,7 @@ pub mod certs;
 pub mod client;
 pub mod daemon;
 pub mod gateway;
+pub mod redis;
 pub mod response;
 pub mod sink;
 pub mod upstream;
