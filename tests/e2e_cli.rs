@@ -619,6 +619,41 @@ routes:
     let seen: Value = r.json().await.unwrap();
     assert_eq!(seen["path"], "/v1/acme/find/cats/page-2/search", "{seen}");
     assert_eq!(seen["query"], "page=2", "{seen}");
+
+    // A substituted header or query value stays inside its segment: `/`, `?`, `#`
+    // and spaces are percent-encoded (the query value is decoded first), so a client
+    // cannot steer the upstream path or add a query.
+    let r = http_client()
+        .get(format!(
+            "http://127.0.0.1:{port}/search/cats?page=a%20b%2F..%2Fc"
+        ))
+        .header("x-tenant", "../admin?role=root#x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(
+        seen["path"], "/v1/..%2Fadmin%3Frole%3Droot%23x/find/cats/page-a%20b%2F..%2Fc/search",
+        "{seen}"
+    );
+    assert_eq!(seen["query"], "page=a%20b%2F..%2Fc", "{seen}");
+
+    // A value that is a whole dot segment would climb out of `/v1/`: refused.
+    let r = http_client()
+        .get(format!("http://127.0.0.1:{port}/search/cats?page=1"))
+        .header("x-tenant", "..")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    assert_eq!(
+        up.hits(),
+        2,
+        "the refused request never reached the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,10 +8,26 @@ use std::sync::Arc;
 use http::request::Parts;
 use http::HeaderMap;
 use ipnet::IpNet;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use portico_config::grammar::{KeyPart, KeySpec, Template, Var};
 use portico_router::Params;
 
 pub use portico_store::Consumer;
+
+/// What is percent-encoded in a value substituted into a URL path: everything but
+/// the unreserved characters of RFC 3986.
+pub const PATH_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Whether a path (before any `?`) has a `.` or `..` segment, which an upstream
+/// would resolve against the segments before it.
+pub fn has_dot_segment(path: &str) -> bool {
+    let p = path.split_once('?').map_or(path, |(p, _)| p);
+    p.split('/').any(|seg| seg == "." || seg == "..")
+}
 
 /// A client certificate the TLS listener verified (mutual TLS).
 #[derive(Debug, Clone)]
@@ -115,6 +131,24 @@ impl Ctx {
         t.render(|v, out| {
             if let Some(value) = self.var(req, v) {
                 out.push_str(&value);
+            }
+        })
+    }
+
+    /// Render a template into a URL path. Path captures go in as they are (each is a
+    /// segment of the normalized path, already in URL form); every other value
+    /// (headers, query values, claims, ...) is percent-encoded so that it stays
+    /// inside its segment: it cannot add `/`, `?` or `#`. A value that is exactly `.`
+    /// or `..` would still make a dot segment: check the result with
+    /// [`has_dot_segment`].
+    pub fn render_path(&self, req: Option<&Parts>, t: &Template) -> String {
+        t.render(|v, out| {
+            if let Some(value) = self.var(req, v) {
+                if matches!(v, Var::Param(_)) {
+                    out.push_str(&value);
+                } else {
+                    out.extend(utf8_percent_encode(&value, PATH_VALUE));
+                }
             }
         })
     }

@@ -10,22 +10,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, StatusCode, Uri};
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::utf8_percent_encode;
 use portico_config::aggregate::{
     parse_call_template, step_refs, Aggregate as Config, CallPart, Merge, OnError,
 };
+// Everything but the unreserved characters is encoded in substituted values.
+use portico_plugins::ctx::{has_dot_segment, PATH_VALUE as VALUE};
 use portico_plugins::{Body, Ctx, ErrorKind, GatewayError};
 use portico_upstream::{Overlay, Upstream};
 use serde_json::{json, Map, Value};
 
 use crate::subrequest::{send_once, Sub};
-
-/// Everything but the unreserved characters is encoded in substituted values.
-const VALUE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 /// The header listing the calls whose results are missing.
 static MISSING: HeaderName = HeaderName::from_static("portico-aggregate-missing");
@@ -385,8 +380,7 @@ fn render(
 /// `..` segments: they are checked after rendering).
 fn checked_path(path: &str) -> Result<Uri, String> {
     let (p, _) = path.split_once('?').unwrap_or((path, ""));
-    if !p.starts_with('/') || p.contains("//") || p.split('/').any(|seg| seg == ".." || seg == ".")
-    {
+    if !p.starts_with('/') || p.contains("//") || has_dot_segment(p) {
         return Err(format!(
             "the rendered path `{path}` is not a plain absolute path"
         ));

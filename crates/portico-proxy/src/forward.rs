@@ -105,7 +105,7 @@ fn upstream_path(
     let ctx = &fin.ctx;
     let query = req.uri.query();
     let mut p = if let Some(t) = &route.rewrite {
-        ctx.render(Some(req), t)
+        ctx.render_path(Some(req), t)
     } else if let (true, Some(n)) = (route.strip_prefix, prefix_len) {
         let rest = ctx.path.get(n..).unwrap_or("");
         if rest.starts_with('/') {
@@ -144,7 +144,16 @@ pub async fn forward(
     let pq = match parts.uri.path_and_query() {
         Some(pq) if unchanged => pq.clone(),
         _ => {
-            PathAndQuery::try_from(upstream_path(route, fin, &parts, prefix_len)).map_err(|_| {
+            let p = upstream_path(route, fin, &parts, prefix_len);
+            // A substituted value of exactly `.` or `..` (path captures never are:
+            // routing removed dot segments) would climb out of the rewritten path.
+            if route.rewrite.is_some() && portico_plugins::ctx::has_dot_segment(&p) {
+                return Err(GatewayError::new(
+                    ErrorKind::BadRequest,
+                    "a value substituted into the route's rewrite makes a `.` or `..` path segment",
+                ));
+            }
+            PathAndQuery::try_from(p).map_err(|_| {
                 GatewayError::new(
                     ErrorKind::BadRequest,
                     "the rewritten path is not a valid URI path",
