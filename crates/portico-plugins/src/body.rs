@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -124,7 +124,7 @@ impl http_body::Body for Body {
             } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(r) => {
                     if let (Some(t), Some(d)) = (timer.as_mut(), idle) {
-                        t.as_mut().reset(Instant::now() + *d);
+                        t.as_mut().reset(crate::clock::now() + *d);
                     }
                     if let (Some(c), Some(Ok(f))) = (counter.as_ref(), r.as_ref()) {
                         if let Some(data) = f.data_ref() {

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod clock;
 pub mod ctx;
 pub mod error;
 pub mod plugins;

@@ -35,7 +35,7 @@ impl BodyClock {
             return (body, None);
         }
         let clock = Arc::new(BodyClock {
-            base: Instant::now(),
+            base: portico_plugins::clock::now(),
             last_ms: AtomicU64::new(0),
             done: AtomicBool::new(false),
             waiting: AtomicBool::new(false),
@@ -48,7 +48,7 @@ impl BodyClock {
     }
 
     fn touch(&self) {
-        let ms = self.base.elapsed().as_millis() as u64;
+        let ms = portico_plugins::clock::since(self.base).as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
@@ -58,7 +58,7 @@ impl BodyClock {
         if self.done.load(Ordering::Relaxed) {
             (last + request, false)
         } else if self.waiting.load(Ordering::Relaxed) {
-            (Instant::now() + idle, true)
+            (portico_plugins::clock::now() + idle, true)
         } else {
             (last + idle, true)
         }
@@ -121,6 +121,7 @@ pub fn send<F: Future>(
     Deadline {
         fut,
         sleep: tokio::time::sleep_until(first),
+        armed: false,
         clock,
         request,
         idle,
@@ -136,6 +137,9 @@ pin_project_lite::pin_project! {
         fut: F,
         #[pin]
         sleep: tokio::time::Sleep,
+        // The sleep is registered with the task (polled once, pending, not reset since):
+        // until it fires, there is no need to poll it again at each wake-up.
+        armed: bool,
         clock: Option<&'a BodyClock>,
         request: Duration,
         idle: Duration,
@@ -160,10 +164,16 @@ impl<F: Future> Future for Deadline<'_, F> {
             let (at, streaming) = deadline(*this.clock);
             if this.sleep.deadline() != at {
                 this.sleep.as_mut().reset(at);
+                *this.armed = false;
             }
-            if this.sleep.as_mut().poll(cx).is_pending() {
+            if *this.armed && !this.sleep.is_elapsed() {
                 return Poll::Pending;
             }
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                *this.armed = true;
+                return Poll::Pending;
+            }
+            *this.armed = false;
             let (again, _) = deadline(*this.clock);
             if again > Instant::now() {
                 continue;

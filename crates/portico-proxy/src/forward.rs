@@ -21,6 +21,7 @@ use http_body::Body as _;
 use portico_config::model::Timeouts;
 use portico_config::resilience::{HedgeDelay, Hedging};
 use portico_plugins::body::{BodyTooLarge, IdleTimeout};
+use portico_plugins::clock;
 use portico_plugins::{Body, ErrorKind, GatewayError};
 use portico_upstream::{
     now_ms, Circuit, ConnectTimeout, Field, Overlay, Permit, Rejected, RetryOn, SendError, Target,
@@ -381,7 +382,7 @@ pub async fn forward(
                 parts.headers.clone(),
             )
         });
-        let mut sent = Instant::now();
+        let mut sent = clock::now();
         let first_in_flight = first.health.enter();
         // Boxed: the exchange's state is large and would otherwise be copied each time
         // the futures around it move (measured: ~1k instructions per request).
@@ -420,7 +421,7 @@ pub async fn forward(
                                 p2.version = Version::HTTP_11;
                                 let mut ov2 = overlay.clone();
                                 ov2.host = host_for(route, t2, client_host.as_ref());
-                                let sent2 = Instant::now();
+                                let sent2 = clock::now();
                                 let per_try2 = deadline.map_or(timeouts.request.0, |d| {
                                     timeouts.request.0.min(d.saturating_duration_since(sent2))
                                 });
@@ -468,7 +469,7 @@ pub async fn forward(
         let target = &set.targets[idx];
         fin.target = Some(target.url.clone());
         if snap.access_log {
-            fin.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+            fin.upstream_ms = Some(clock::since(sent).as_secs_f64() * 1000.0);
         }
         // What happened: the answer, the retry condition met, and the breaker outcome
         // (`None`: the outcome says nothing about the upstream).
@@ -477,7 +478,7 @@ pub async fn forward(
                 up.responded(&set, idx, resp.status());
                 up.answered(&set, idx, sent, resp.status());
                 if admitted.is_some() || up.hedging.is_some() {
-                    let took = sent.elapsed();
+                    let took = clock::since(sent);
                     if let Some(a) = &admitted {
                         a.sample(took, now_ms());
                     }
@@ -527,7 +528,7 @@ pub async fn forward(
                 up.failed(&set, idx, sent);
                 up.timed_out(&set, idx);
                 if let Some(a) = &admitted {
-                    a.sample(sent.elapsed(), now_ms());
+                    a.sample(clock::since(sent), now_ms());
                 }
                 if let (Some(d), Some(t)) = (deadline, timeouts.total) {
                     if Instant::now() >= d {

@@ -551,23 +551,30 @@ impl<R: AsyncRead + Unpin + Send> ClientBody for RequestBody<R> {
     }
 }
 
-/// The `Date` header value, formatted once per second per thread.
+/// The `Date` header value, formatted once per second per thread. The wall clock is
+/// read only when the cached value's second has passed by the request path's clock.
 fn date() -> HeaderValue {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {
-        static CACHE: RefCell<(u64, Option<HeaderValue>)> = const { RefCell::new((0, None)) };
+        static CACHE: RefCell<Option<(tokio::time::Instant, HeaderValue)>> = const { RefCell::new(None) };
     }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mono = portico_plugins::clock::now();
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if c.0 != secs || c.1.is_none() {
-            let v = HeaderValue::from_str(&httpdate::fmt_http_date(now))
-                .unwrap_or_else(|_| HeaderValue::from_static(""));
-            *c = (secs, Some(v));
+        match &*c {
+            Some((until, v)) if mono < *until => v.clone(),
+            _ => {
+                let now = SystemTime::now();
+                let into_second = now.duration_since(UNIX_EPOCH).map_or(Duration::ZERO, |d| {
+                    Duration::from_nanos(d.subsec_nanos().into())
+                });
+                let v = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+                    .unwrap_or_else(|_| HeaderValue::from_static(""));
+                *c = Some((mono + (Duration::from_secs(1) - into_second), v.clone()));
+                v
+            }
         }
-        c.1.clone().unwrap_or_else(|| HeaderValue::from_static(""))
     })
 }
 

@@ -148,7 +148,7 @@ impl Finish {
     }
 
     fn emit(mut self, bytes_out: u64) {
-        let elapsed = self.started.elapsed();
+        let elapsed = portico_plugins::clock::since(self.started);
         if let Some(c) = &self.bytes_in_counter {
             self.bytes_in = c.load(std::sync::atomic::Ordering::Relaxed);
         }

@@ -9,7 +9,6 @@ use http::header::{HeaderValue, ALLOW, HOST};
 use http::{Request, Response};
 use portico_plugins::{client_ip, BackgroundRefresh, Body, Ctx, ErrorKind, Flow, GatewayError};
 use portico_router::{normalize_host, normalize_path, Match, Params};
-use tokio::time::Instant;
 
 use crate::forward;
 use crate::gateway::Gateway;
@@ -58,7 +57,7 @@ pub async fn handle(
     req: Request<Body>,
     meta: Meta,
 ) -> Result<Response<LogBody>, Infallible> {
-    let started = Instant::now();
+    let started = portico_plugins::clock::now();
     let snap = gw.snapshot();
     let (parts, body) = req.into_parts();
     let request_id = request_id(meta.request_id.as_ref());

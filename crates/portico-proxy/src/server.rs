@@ -4,9 +4,11 @@
 //! Sockets are bound once and kept across reloads that keep them.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::server::conn::http2;
@@ -267,21 +269,37 @@ async fn idle_guard<F: std::future::Future>(
     let sleep = tokio::time::sleep(timeout);
     let mut sleep = std::pin::pin!(sleep);
     let timeout_ms = timeout.as_millis() as u64;
-    loop {
-        tokio::select! {
-            out = &mut conn_fut => return Some(out),
-            () = &mut sleep => {
-                let now = portico_upstream::now_ms();
-                let idle_since = conn.idle_since.load(Relaxed);
-                if conn.in_flight.load(Relaxed) == 0 && now.saturating_sub(idle_since) >= timeout_ms {
-                    return None;
-                }
-                let next = if conn.in_flight.load(Relaxed) > 0 { now + timeout_ms } else { idle_since + timeout_ms };
-                let wait = Duration::from_millis(next.saturating_sub(now).max(1));
-                sleep.as_mut().reset(tokio::time::Instant::now() + wait);
-            }
+    // The timer is registered with this task once polled: until it fires, the task's
+    // wake-ups (every read and write of the connection) need not poll it again.
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = conn_fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
         }
-    }
+        loop {
+            if armed && !sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                armed = true;
+                return Poll::Pending;
+            }
+            armed = false;
+            let now = portico_upstream::now_ms();
+            let idle_since = conn.idle_since.load(Relaxed);
+            if conn.in_flight.load(Relaxed) == 0 && now.saturating_sub(idle_since) >= timeout_ms {
+                return Poll::Ready(None);
+            }
+            let next = if conn.in_flight.load(Relaxed) > 0 {
+                now + timeout_ms
+            } else {
+                idle_since + timeout_ms
+            };
+            let wait = Duration::from_millis(next.saturating_sub(now).max(1));
+            sleep.as_mut().reset(tokio::time::Instant::now() + wait);
+        }
+    })
+    .await
 }
 
 fn serve(

@@ -32,7 +32,7 @@ use portico_plugins::body::IdleTimeout;
 use portico_plugins::{Body, BoxError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tokio_util::io::poll_read_buf;
 
 use crate::overlay::Overlay;
@@ -979,7 +979,7 @@ pub fn poll_body<R: AsyncRead + Unpin>(
             Ok(Step::End) => return Poll::Ready(Read::End),
             Ok(Step::Data(data)) => {
                 if let (Some(t), Some(d)) = (timer.as_mut(), idle) {
-                    t.as_mut().reset(Instant::now() + d);
+                    t.as_mut().reset(portico_plugins::clock::now() + d);
                 }
                 return Poll::Ready(match decoder.settle(buf) {
                     Err(e) => Read::Failed(e),

@@ -17,7 +17,7 @@ fn base() -> Instant {
 
 /// Milliseconds on the process's monotonic clock (tokio's, so tests can pause time).
 pub fn now_ms() -> u64 {
-    ms_at(Instant::now())
+    ms_at(portico_plugins::clock::now())
 }
 
 /// The same clock, read at `t`.

@@ -196,7 +196,7 @@ impl Upstream {
             return;
         }
         if let Some(t) = set.targets.get(i) {
-            let now = Instant::now();
+            let now = portico_plugins::clock::now();
             let elapsed = now.saturating_duration_since(sent);
             if counts_as_failure(status) {
                 t.health.observe_failure(elapsed, ms_at(now));
@@ -214,7 +214,7 @@ impl Upstream {
             return;
         }
         if let Some(t) = set.targets.get(i) {
-            let now = Instant::now();
+            let now = portico_plugins::clock::now();
             t.health
                 .observe_failure(now.saturating_duration_since(sent), ms_at(now));
         }

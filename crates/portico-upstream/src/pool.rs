@@ -173,7 +173,7 @@ impl TargetPool {
 
     /// Take back an HTTP/1.1 connection whose exchange completed cleanly.
     pub(crate) fn put_h1(&self, conn: h1::Conn) {
-        let now = Instant::now();
+        let now = portico_plugins::clock::now();
         let mut idle = self.idle.lock();
         // The list is used as a stack, so the oldest connections sit at the front:
         // close those past their keep time here (a closed upstream connection would
@@ -236,7 +236,7 @@ impl TargetPool {
         loop {
             let c = self.idle.lock().pop()?;
             let mut conn = c.conn;
-            if c.since.elapsed() < self.connector.keepalive && conn.usable() {
+            if portico_plugins::clock::since(c.since) < self.connector.keepalive && conn.usable() {
                 return Some(Conn::H1(conn));
             }
         }

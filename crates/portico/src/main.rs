@@ -150,12 +150,14 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let rt = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
             .thread_name("portico-worker")
+            .on_thread_unpark(portico_plugins::clock::tick)
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("portico-worker")
+            .on_thread_unpark(portico_plugins::clock::tick)
             .enable_all()
             .build()
     }
