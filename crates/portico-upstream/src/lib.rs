@@ -398,13 +398,6 @@ impl UpstreamState {
                 l
             }
         };
-        if cfg.health.active.is_none() {
-            // Active checks off (or turned off by this reload): what they last said
-            // must not keep targets out of rotation.
-            for t in &live.current().targets {
-                t.health.clear_active();
-            }
-        }
         let circuit = match &cfg.circuit_breaker {
             Some(cb) => Some(self.circuit_for(name, cb, &mut objects, &mut staged.transitions)?),
             None => None,
@@ -752,5 +745,39 @@ mod tests {
         // And the next unchanged compile reuses all of it.
         let third = publish(&state, &changed);
         assert!(Arc::ptr_eq(&third.live, &second.live));
+    }
+
+    #[tokio::test]
+    async fn turning_active_checks_off_clears_their_verdict_once_published() {
+        let state = UpstreamState::default();
+        let sup = supervise::Supervisor::default();
+        let ctx = discovery::SourceCtx::default();
+        let checked = config(json!({
+            "targets": [{"url": "http://127.0.0.1:1"}],
+            "health": {"active": {"path": "/health", "interval": "1h"}},
+        }));
+        let first = publish(&state, &checked);
+        sup.sync(&HashMap::from([("u".to_string(), first.clone())]), &ctx);
+        let health = first.live.current().targets[0].health.clone();
+        assert_eq!(health.checked(false, 1, 1), Some(false));
+
+        // Compiled without checks but not published: the verdict stands.
+        let unchecked = config(json!({"targets": [{"url": "http://127.0.0.1:1"}]}));
+        reject(&state, &unchecked);
+        assert!(health.active_down());
+
+        // Published: the checker stops and its verdict goes.
+        let second = publish(&state, &unchecked);
+        sup.sync(&HashMap::from([("u".to_string(), second)]), &ctx);
+        assert!(!health.active_down());
+        sup.stop();
+    }
+
+    #[test]
+    fn a_stopped_task_acts_no_more() {
+        let stop = supervise::Stop::default();
+        assert_eq!(stop.unless_stopped(|| 1), Some(1));
+        stop.stop();
+        assert_eq!(stop.unless_stopped(|| 1), None);
     }
 }
