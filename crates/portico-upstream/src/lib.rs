@@ -389,7 +389,8 @@ impl UpstreamState {
         let live = match old {
             Some(l) if l.built_from(&spec) => l,
             old => {
-                // Same source: what it found stays until it reports again.
+                // Same source: what it found stays until it reports again (publishing
+                // carries over what it found meanwhile).
                 let seed = old
                     .filter(|o| o.built_from_discovery(&spec))
                     .and_then(|o| o.discovered());
@@ -555,8 +556,11 @@ impl UpstreamState {
 
     /// The snapshot compiled with `staged` is being published (call it just before the
     /// snapshot is, when nothing can reject it any more): what it made becomes shared
-    /// state.
+    /// state. A target set it replaces hands over to the new one (what discovery found
+    /// meanwhile carries over; its task's later answers go to the new set) and is no
+    /// longer updated.
     pub fn commit(&self, staged: Staged) {
+        let _updating = self.maps.updates.lock();
         self.maps.adopt(staged.targets);
         self.connectors.lock().extend(staged.connectors);
         self.transitions.lock().extend(staged.transitions);
@@ -565,14 +569,16 @@ impl UpstreamState {
         self.recent.lock().extend(staged.recent);
         let mut lives = self.lives.lock();
         for (name, l) in staged.lives {
-            live::publish(&l);
+            live::publish(&l, lives.get(&name).map(|o| &**o));
             lives.insert(name, l);
         }
     }
 
     /// Forget the state of upstreams and targets that the current snapshot (its
-    /// `upstreams`) no longer uses: what is not in any live target set.
+    /// `upstreams`) no longer uses: what is not in any live target set. Target sets
+    /// dropped are retired (their discovery task's last answers are ignored).
     pub fn retain(&self, current: &HashMap<String, Arc<Upstream>>) {
+        let _updating = self.maps.updates.lock();
         let live: HashMap<&str, Vec<Arc<str>>> = current
             .iter()
             .map(|(n, u)| {
@@ -605,9 +611,13 @@ impl UpstreamState {
         self.recent
             .lock()
             .retain(|n, _| live.contains_key(n.as_str()));
-        self.lives
-            .lock()
-            .retain(|n, l| current.get(n).is_some_and(|u| Arc::ptr_eq(&u.live, l)));
+        self.lives.lock().retain(|n, l| {
+            let used = current.get(n).is_some_and(|u| Arc::ptr_eq(&u.live, l));
+            if !used {
+                l.retire();
+            }
+            used
+        });
     }
 }
 
@@ -638,6 +648,23 @@ mod tests {
     fn reject(state: &UpstreamState, cfg: &UpstreamConfig) -> Upstream {
         let mut staged = Staged::default();
         state.compile("u", cfg, &resolve, &mut staged).unwrap()
+    }
+
+    fn endpoint(url: &str) -> Endpoint {
+        Endpoint {
+            url: url.into(),
+            weight: 1,
+            host: None,
+        }
+    }
+
+    fn urls(u: &Upstream) -> Vec<String> {
+        u.live
+            .current()
+            .targets
+            .iter()
+            .map(|t| t.url.to_string())
+            .collect()
     }
 
     #[test]
@@ -745,6 +772,75 @@ mod tests {
         // And the next unchanged compile reuses all of it.
         let third = publish(&state, &changed);
         assert!(Arc::ptr_eq(&third.live, &second.live));
+    }
+
+    #[test]
+    fn discovery_answers_while_a_replacement_compiles_are_not_lost() {
+        let state = UpstreamState::default();
+        let discovery = json!({"registry": {"service": "s"}});
+        let first = publish(&state, &config(json!({"discovery": discovery})));
+        first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:1")]);
+
+        // A reload changing the balancing compiles, seeded with what discovery had
+        // found; discovery answers again before it is published.
+        let changed = config(json!({"discovery": discovery, "balance": "least_connections"}));
+        let mut staged = Staged::default();
+        let second = Arc::new(state.compile("u", &changed, &resolve, &mut staged).unwrap());
+        assert_eq!(urls(&second), ["http://127.0.0.1:1"]);
+        assert!(first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:2")]));
+        state.commit(staged);
+        assert_eq!(urls(&second), ["http://127.0.0.1:2"], "the answer was lost");
+
+        // The old set's task answers once more before it is stopped: the answer goes
+        // to the published set.
+        assert!(first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:3")]));
+        assert_eq!(urls(&second), ["http://127.0.0.1:3"]);
+        assert_eq!(urls(&first), ["http://127.0.0.1:2"]);
+        state.retain(&HashMap::from([("u".to_string(), second.clone())]));
+        let key = ("u".to_string(), "http://127.0.0.1:3".to_string());
+        let health = state.maps.health.lock().get(&key).cloned().unwrap();
+        assert!(Arc::ptr_eq(
+            &health,
+            &second.live.current().targets[0].health
+        ));
+    }
+
+    #[test]
+    fn a_replaced_set_with_another_source_no_longer_changes_anything() {
+        let state = UpstreamState::default();
+        let discovery = json!({"registry": {"service": "s"}});
+        let first = publish(&state, &config(json!({"discovery": discovery})));
+        first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:1")]);
+        let statics = config(json!({"targets": [{"url": "http://127.0.0.1:9"}]}));
+        let second = publish(&state, &statics);
+        // A late answer of the old set's task neither changes the published set nor
+        // prunes the state of its targets.
+        assert!(!first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:2")]));
+        assert_eq!(urls(&second), ["http://127.0.0.1:9"]);
+        let key = ("u".to_string(), "http://127.0.0.1:9".to_string());
+        assert!(state.maps.health.lock().contains_key(&key));
+        assert!(state.maps.pools.lock().contains_key(&key));
+        // Nor does one of a set whose upstream is gone.
+        let third = publish(&state, &config(json!({"discovery": discovery})));
+        third
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:4")]);
+        state.retain(&HashMap::new());
+        assert!(!third
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:5")]));
+        assert!(state.maps.health.lock().is_empty());
+        assert!(state.maps.pools.lock().is_empty());
     }
 
     #[tokio::test]

@@ -10,12 +10,14 @@
 //! Compiling a snapshot changes none of this state: a new `Live`, and the pools,
 //! health and breakers made for it, are staged ([`StagedMaps`]) and only become shared
 //! when the snapshot is published ([`publish`]); a rejected snapshot leaves nothing
-//! behind.
+//! behind. From then on, a `Live` the published snapshot replaced passes what its
+//! discovery task still reports to its replacement (or drops it), so that an answer
+//! given during a reload is neither lost nor applied to a set no longer served.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 use http::uri::Scheme;
@@ -74,11 +76,17 @@ pub(crate) struct Maps {
     /// Breakers by upstream and target URL (`""` for an upstream-wide one), kept while
     /// their settings are unchanged.
     pub breakers: Mutex<HashMap<TargetKey, KeptBreaker>>,
+    /// Held while a published target set is rebuilt (a discovery answer), while a
+    /// snapshot's staged state is published, and while unused state is pruned: so that
+    /// pruning never drops what a set just built uses, and a discovery answer is applied
+    /// either before a `Live` is replaced (and carried over) or after (and passed on).
+    pub updates: Mutex<()>,
 }
 
 impl Maps {
     /// Make what a published snapshot staged shared: each object unless the maps
     /// meanwhile got one that fits as well (a discovery answer of the same target).
+    /// Called with [`Maps::updates`] held.
     pub fn adopt(&self, staged: StagedMaps) {
         let mut health = self.health.lock();
         for (k, h) in staged.health {
@@ -263,6 +271,10 @@ struct Inner {
     spec: Spec,
     /// What discovery last reported (`None`: nothing yet).
     discovered: Option<Vec<Endpoint>>,
+    /// Set once the published snapshot no longer uses this set: what its discovery
+    /// task still reports (until it is stopped) goes to the set that replaced it with
+    /// the same source, or nowhere (a dangling `Weak`).
+    retired: Option<Weak<Live>>,
 }
 
 impl Live {
@@ -278,7 +290,11 @@ impl Live {
         Arc::new(Live {
             name: name.into(),
             set: ArcSwap::from_pointee(set),
-            inner: Mutex::new(Inner { spec, discovered }),
+            inner: Mutex::new(Inner {
+                spec,
+                discovered,
+                retired: None,
+            }),
             maps,
             discovery: DiscoveryStatus::default(),
         })
@@ -311,7 +327,21 @@ impl Live {
 
     /// A discovery source's answer: the endpoints it knows now. Rebuilds and publishes
     /// the target set when they differ from the last answer. Returns whether it did.
-    pub fn set_discovered(&self, mut endpoints: Vec<Endpoint>) -> bool {
+    /// A set the published snapshot replaced passes the answer on to its replacement
+    /// (same source) or drops it.
+    pub fn set_discovered(&self, endpoints: Vec<Endpoint>) -> bool {
+        let _updating = self.maps.updates.lock();
+        self.apply_discovered(endpoints)
+    }
+
+    /// [`Live::set_discovered`] with [`Maps::updates`] held.
+    fn apply_discovered(&self, mut endpoints: Vec<Endpoint>) -> bool {
+        let mut inner = self.inner.lock();
+        if let Some(next) = &inner.retired {
+            let next = next.upgrade();
+            drop(inner);
+            return next.is_some_and(|n| n.apply_discovered(endpoints));
+        }
         endpoints.sort_by(|a, b| a.url.cmp(&b.url));
         endpoints.dedup_by(|a, b| a.url == b.url);
         self.discovery.updates.fetch_add(1, Ordering::Relaxed);
@@ -319,7 +349,6 @@ impl Live {
             .last_ok_ms
             .store(crate::now_ms(), Ordering::Relaxed);
         *self.discovery.last_error.lock() = None;
-        let mut inner = self.inner.lock();
         if inner.discovered.as_ref() == Some(&endpoints) {
             return false;
         }
@@ -356,17 +385,39 @@ impl Live {
     }
 
     /// A discovery source could not be reached: the last known targets stay in use.
+    /// (A set the published snapshot replaced ignores it: its task is being stopped.)
     pub fn discovery_failed(&self, error: &str) {
+        if self.inner.lock().retired.is_some() {
+            return;
+        }
         self.discovery.errors.fetch_add(1, Ordering::Relaxed);
         *self.discovery.last_error.lock() = Some(error.to_string());
     }
+
+    /// The published snapshot no longer has this set's upstream: what its discovery
+    /// task still reports is dropped. Called with [`Maps::updates`] held.
+    pub(crate) fn retire(&self) {
+        self.inner.lock().retired.get_or_insert_with(Weak::new);
+    }
 }
 
-/// Publish `new`, compiled for the snapshot being published, once the maps adopted
-/// what that snapshot staged: its set is rebuilt from the shared maps, so that it uses
-/// the very objects they keep.
-pub(crate) fn publish(new: &Live) {
-    let inner = new.inner.lock();
+/// Publish `new`, compiled in place of `old` (if any), with [`Maps::updates`] held and
+/// the snapshot's staged objects already adopted by the maps. With the same discovery
+/// source, `new` starts from what `old` found last (answers given since `new` was
+/// compiled included), and `old`'s later answers come to `new`; otherwise `old`'s are
+/// dropped. `new`'s set is rebuilt from the shared maps, so that it uses the very
+/// objects they keep.
+pub(crate) fn publish(new: &Arc<Live>, old: Option<&Live>) {
+    let mut inner = new.inner.lock();
+    if let Some(old) = old {
+        let mut was = old.inner.lock();
+        if was.spec.discovery.is_some() && was.spec.discovery == inner.spec.discovery {
+            inner.discovered = was.discovered.clone();
+            was.retired = Some(Arc::downgrade(new));
+        } else {
+            was.retired = Some(Weak::new());
+        }
+    }
     let set = build(
         &new.name,
         &inner.spec,
