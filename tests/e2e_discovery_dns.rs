@@ -373,3 +373,85 @@ routes:
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_valid_reload_after_a_rejected_one_keeps_what_discovery_found_in_between() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let at = |ip: [u8; 4]| SocketAddr::from((ip, port));
+    let _a = Upstream::start_on("a", at([127, 0, 0, 2])).await;
+    let _b = Upstream::start_on("b", at([127, 0, 0, 3])).await;
+    let dns_port = free_port();
+    let mut dns = Dnsmasq::start(dir.path(), dns_port, &[]);
+    dns.set_hosts(&[("127.0.0.2", "web.svc.test")]);
+    let config = |balance: &str, extra: &str| {
+        format!(
+            "upstreams:
+  web:
+    balance: {balance}
+    discovery:
+      dns: {{name: web.svc.test, record: a, port: {port}, resolver: \"127.0.0.1:{dns_port}\"}}
+{extra}routes:
+  - {{name: web, paths: [\"/*\"], upstream: web}}
+"
+        )
+    };
+    let env = LocalGateway::start(Path::new(BIN), &config("round_robin", "")).await;
+    let reload = |rest: String| {
+        env.gw.write_config(&format!(
+            "listen: [\"{}\"]\nadmin:\n  listen: \"{}\"\n{rest}",
+            env.addr, env.admin
+        ));
+        let admin = env.admin;
+        async move {
+            let r = http_client()
+                .post(format!("http://{admin}/admin/reload"))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    let only = |name: &'static str| {
+        let addr = env.addr;
+        move || async move { tally(addr, 6).await.keys().map(String::as_str).eq([name]) }
+    };
+    assert!(
+        wait_until(DEADLINE, Duration::from_millis(100), only("a")).await,
+        "a was not discovered:\n{}",
+        env.gw.logs()
+    );
+
+    // A reload that changes the upstream's balancing, rejected because of another
+    // upstream (its CA bundle is missing, which only compiling finds).
+    let broken =
+        "  broken:\n    targets: [{url: \"https://127.0.0.1:9\"}]\n    tls: {ca: missing-ca.pem}\n";
+    let (code, body) = reload(config("least_connections", broken)).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("upstreams.broken.tls.ca"), "{body}");
+
+    // Discovery moves the upstream to b, then its DNS server goes away.
+    dns.set_hosts(&[("127.0.0.3", "web.svc.test")]);
+    assert!(
+        wait_until(DEADLINE, Duration::from_millis(100), only("b")).await,
+        "the gateway did not follow the new A record:\n{}",
+        env.gw.logs()
+    );
+    dns.daemon.kill();
+
+    // The rejected change, now valid: the new target set starts from what discovery
+    // found last (b), not from what it had found when the rejected reload compiled.
+    let (code, body) = reload(config("least_connections", "")).await;
+    assert_eq!(code, 200, "{body}");
+    let errors = "portico_discovery_errors_total{upstream=\"web\",source=\"dns\"}";
+    assert!(
+        wait_until(DEADLINE, Duration::from_millis(100), || async {
+            metric(env.admin, errors).await > 0
+        })
+        .await,
+        "the restarted discovery did not try the DNS server"
+    );
+    let count = tally(env.addr, 20).await;
+    assert_eq!(count.get("b"), Some(&20), "{count:?}");
+}

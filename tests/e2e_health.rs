@@ -347,3 +347,63 @@ fn bad_health_settings_are_reported_with_their_keys() {
         assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
     }
 }
+
+/// `POST /admin/reload` after writing `rest` (below the listen and admin keys) to the
+/// gateway's file: the status and the answer.
+async fn reload_with(env: &LocalGateway, rest: &str) -> (u16, Value) {
+    env.gw.write_config(&format!(
+        "listen: [\"{}\"]\nadmin:\n  listen: \"{}\"\n{rest}",
+        env.addr, env.admin
+    ));
+    let r = http_client()
+        .post(format!("http://{}/admin/reload", env.admin))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_reload_that_would_turn_active_checks_off_keeps_a_failed_target_out() {
+    let ha = cell(200);
+    let a = upstream_on("a", None, ha.clone(), cell(200)).await;
+    let b = upstream_on("b", None, cell(200), cell(200)).await;
+    // Slow checks: once `a` is down, putting it down again would take two more failed
+    // probes (2s at least), so a verdict cleared by mistake shows at once.
+    let upstream = |health: &str| {
+        format!(
+            "upstreams:\n  u:\n    targets: [{{url: \"{}\"}}, {{url: \"{}\"}}]\n    health:\n      passive: {{enabled: false}}\n{health}",
+            a.url(),
+            b.url()
+        )
+    };
+    let checks = "      active: {path: /health, interval: 1s, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2}\n";
+    let routes = "routes:\n  - {name: r, paths: [\"/*\"], upstream: u}\n";
+    let env = start(&format!("{}{routes}", upstream(checks))).await;
+    ha.store(503, Ordering::SeqCst);
+    wait_healthy(&env, &a.url(), false).await;
+
+    // A reload without active checks, rejected because of another upstream (its CA
+    // bundle is missing, which only compiling finds).
+    let broken =
+        "  broken:\n    targets: [{url: \"https://127.0.0.1:9\"}]\n    tls: {ca: missing-ca.pem}\n";
+    let (code, v) = reload_with(&env, &format!("{}{broken}{routes}", upstream(""))).await;
+    assert_eq!(code, 422, "{v}");
+    assert!(v.to_string().contains("upstreams.broken.tls.ca"), "{v}");
+
+    // The checks still run and still say `a` is down: it stays out of rotation.
+    let t = target(&env, &a.url()).await;
+    assert_eq!(t["healthy"], false, "a rejected reload put `a` back: {t}");
+    assert_eq!(t["active_check"], "down", "{t}");
+    let only_b = spread(&env, 20).await;
+    assert_eq!(only_b.get("b:200"), Some(&20), "{only_b:?}");
+
+    // Turning the checks off for real forgets their verdict.
+    let (code, v) = reload_with(&env, &format!("{}{routes}", upstream(""))).await;
+    assert_eq!(code, 200, "{v}");
+    wait_healthy(&env, &a.url(), true).await;
+    let both = spread(&env, 20).await;
+    assert_eq!(both.get("a:200"), Some(&10), "{both:?}");
+    assert_eq!(both.get("b:200"), Some(&10), "{both:?}");
+}

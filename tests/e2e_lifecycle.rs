@@ -552,6 +552,116 @@ routes:
     assert_eq!(t["healthy"], false, "{later}");
 }
 
+/// `POST /admin/reload`: the status and the answer.
+async fn admin_reload(p: &Ports) -> (u16, Value) {
+    let r = http_client()
+        .post(p.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The admin view of upstream `name`'s circuit breaker.
+async fn breaker_of(p: &Ports, name: &str) -> Value {
+    let (_, v) = get_json(&p.admin_url("/admin/upstreams")).await;
+    v["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == name)
+        .unwrap_or_else(|| panic!("no upstream {name}: {v}"))["circuit_breaker"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_reload_leaves_breakers_and_pools_to_the_next_one() {
+    let live = Upstream::start("live").await;
+    let flaky = Upstream::start("flaky").await;
+    let p = Ports::new();
+    // `main` and `flaky` as first configured, or with other connection and breaker
+    // settings; `extra` adds upstreams, `other` renames an unrelated route.
+    let cfg = |changed: bool, extra: &str, other: &str| {
+        format!(
+            r#"listen: ["127.0.0.1:{http}"]
+admin: {{listen: "127.0.0.1:{admin}"}}
+upstreams:
+  main:
+    targets: [{{url: "{live}"}}]
+    max_idle_connections: {idle}
+  flaky:
+    targets: [{{url: "{flaky}"}}]
+    circuit_breaker: {{consecutive_failures: {failures}, open_for: 5m}}
+{extra}routes:
+  - {{name: main, paths: ["/main/*"], upstream: main}}
+  - {{name: flaky, paths: ["/flaky/*"], upstream: flaky, strip_prefix: true}}
+  - {{name: other, paths: ["{other}"], plugins: {{echo: {{}}}}}}
+"#,
+            http = p.http,
+            admin = p.admin,
+            live = live.url(),
+            flaky = flaky.url(),
+            idle = if changed { 3 } else { 16 },
+            failures = if changed { 3 } else { 2 },
+        )
+    };
+    let gw = start(&cfg(false, "", "/other"), &p).await;
+    let client = http_client();
+
+    // Two 502s open `flaky`'s breaker; `main` has a pooled connection.
+    for _ in 0..2 {
+        assert_eq!(
+            get_status(&client, &p.url("/flaky/status/502")).await,
+            Some(502)
+        );
+    }
+    assert_eq!(
+        get_status(&client, &p.url("/flaky/status/502")).await,
+        Some(503)
+    );
+    assert_eq!(breaker_of(&p, "flaky").await["state"], "open");
+    assert_eq!(get_status(&client, &p.url("/main/a")).await, Some(200));
+    let conns = live.connections();
+
+    // A reload that changes both upstreams' settings, rejected because of a third
+    // upstream (its CA bundle is missing, which only compiling finds).
+    let broken =
+        "  broken:\n    targets: [{url: \"https://127.0.0.1:9\"}]\n    tls: {ca: missing-ca.pem}\n";
+    gw.write_config(&cfg(true, broken, "/other"));
+    let (code, v) = admin_reload(&p).await;
+    assert_eq!(code, 422, "{v}");
+    assert!(v.to_string().contains("upstreams.broken.tls.ca"), "{v}");
+    assert_eq!(breaker_of(&p, "flaky").await["state"], "open");
+
+    // The next reload, which changes neither upstream, keeps the open breaker and the
+    // pooled connection.
+    gw.write_config(&cfg(false, "", "/other-renamed"));
+    let (code, v) = admin_reload(&p).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        get_status(&client, &p.url("/other-renamed")).await,
+        Some(200)
+    );
+    let breaker = breaker_of(&p, "flaky").await;
+    assert_eq!(
+        breaker["state"], "open",
+        "breaker closed by the reload: {breaker}"
+    );
+    assert_eq!(breaker["transitions"]["open"], 1, "{breaker}");
+    let hits = flaky.hits();
+    assert_eq!(
+        get_status(&client, &p.url("/flaky/status/502")).await,
+        Some(503)
+    );
+    assert_eq!(flaky.hits(), hits, "an open breaker let a request through");
+    assert_eq!(get_status(&client, &p.url("/main/b")).await, Some(200));
+    assert_eq!(
+        live.connections(),
+        conns,
+        "upstream pool not kept across the reload"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changing_listen_opens_the_new_port_and_drains_the_old_one() {
     let up = Upstream::start("up").await;

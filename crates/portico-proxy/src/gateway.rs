@@ -96,7 +96,8 @@ impl Gateway {
         let identity = Arc::new(identity);
         identity.watch(STORE_POLL);
         let policy_state = Arc::new(portico_plugins::PolicyState::default());
-        let snap = compile(loaded, &upstreams, &metrics, 1, &identity, &policy_state)?;
+        let (snap, staged) = compile(loaded, &upstreams, &metrics, 1, &identity, &policy_state)?;
+        upstreams.commit(staged);
         let sources = SourceCtx {
             base_dir: Some(snap.loaded.base_dir.clone()),
             ..SourceCtx::default()
@@ -198,7 +199,9 @@ impl Gateway {
                 loaded.locate(Diagnostic::new(KeyPath::root().key("consumers"), e))
             ])
         })?;
-        let snap = compile(
+        // Compiling changes no serving state: what the snapshot makes anew is staged
+        // and committed only once nothing can reject it.
+        let (snap, staged) = compile(
             loaded,
             &self.upstreams,
             &self.metrics,
@@ -212,6 +215,7 @@ impl Gateway {
         if let Err(e) = self.identity.set_declared(declared) {
             tracing::error!(error = %e, "cannot re-read the store; consumers from the file apply once it reads");
         }
+        self.upstreams.commit(staged);
         let snap = Arc::new(snap);
         self.snapshot.store(snap.clone());
         self.generation.store(generation, Ordering::Relaxed);

@@ -14,7 +14,7 @@ use portico_config::{Diagnostic, Diagnostics, KeyPath, Loaded};
 use portico_plugins::{build_chain, build_global, BuildEnv, ChainEntry, HYGIENE_PRIORITY};
 use portico_router::{RouteSpec, Router};
 use portico_store::{Consumer, Identity, Source};
-use portico_upstream::{Upstream, UpstreamState};
+use portico_upstream::{Staged, Upstream, UpstreamState};
 
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::tls;
@@ -85,6 +85,10 @@ pub struct Snapshot {
 
 /// Compile a validated configuration. Problems found here (files, certificates) are
 /// located like validation problems.
+///
+/// The upstream state is only read: what the snapshot needs made anew comes back as
+/// [`Staged`], for [`UpstreamState::commit`] when (and only if) the snapshot is
+/// published.
 pub fn compile(
     loaded: Loaded,
     upstream_state: &UpstreamState,
@@ -92,7 +96,7 @@ pub fn compile(
     generation: u64,
     identity: &Arc<Identity>,
     state: &Arc<portico_plugins::PolicyState>,
-) -> Result<Snapshot, Diagnostics> {
+) -> Result<(Snapshot, Staged), Diagnostics> {
     let cfg = &loaded.config;
     let mut diags: Vec<Diagnostic> = Vec::new();
     let resolve = |p: &str| loaded.resolve(p);
@@ -104,8 +108,9 @@ pub fn compile(
     };
 
     let mut upstreams = HashMap::new();
+    let mut staged = Staged::default();
     for (name, u) in &cfg.upstreams {
-        match upstream_state.compile(name, u, &resolve) {
+        match upstream_state.compile(name, u, &resolve, &mut staged) {
             Ok(c) => {
                 upstreams.insert(name.clone(), Arc::new(c));
             }
@@ -302,21 +307,24 @@ pub fn compile(
     secret_params.sort();
     secret_params.dedup();
     match router {
-        Some(router) if diags.is_empty() => Ok(Snapshot {
-            routes,
-            router,
-            upstreams,
-            trusted_proxies,
-            limits: cfg.limits.clone(),
-            access_log: cfg.access_log.enabled,
-            tls,
-            unrouted: metrics.route("", ""),
-            loaded,
-            generation,
-            identity: identity.clone(),
-            consumer_headers,
-            secret_params,
-        }),
+        Some(router) if diags.is_empty() => Ok((
+            Snapshot {
+                routes,
+                router,
+                upstreams,
+                trusted_proxies,
+                limits: cfg.limits.clone(),
+                access_log: cfg.access_log.enabled,
+                tls,
+                unrouted: metrics.route("", ""),
+                loaded,
+                generation,
+                identity: identity.clone(),
+                consumer_headers,
+                secret_params,
+            },
+            staged,
+        )),
         _ => Err(Diagnostics(
             diags.into_iter().map(|d| loaded.locate(d)).collect(),
         )),

@@ -18,6 +18,7 @@ use portico_plugins::Body;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{timeout, Instant};
 
+use crate::supervise::Stop;
 use crate::{Live, Overlay, Target};
 
 /// The most of a probe's response body read to look for `body_contains`.
@@ -25,12 +26,12 @@ const MAX_PROBE_BODY: u64 = 64 * 1024;
 
 static USER_AGENT: HeaderValue = HeaderValue::from_static("portico-health-check");
 
-/// Start the checker of upstream `name`.
-pub fn spawn(name: Arc<str>, cfg: ActiveCheck, live: Arc<Live>) -> JoinHandle<()> {
-    tokio::spawn(run(name, Arc::new(cfg), live))
+/// Start the checker of upstream `name`; once `stop` says so, it records no verdict.
+pub fn spawn(name: Arc<str>, cfg: ActiveCheck, live: Arc<Live>, stop: Arc<Stop>) -> JoinHandle<()> {
+    tokio::spawn(run(name, Arc::new(cfg), live, stop))
 }
 
-async fn run(name: Arc<str>, cfg: Arc<ActiveCheck>, live: Arc<Live>) {
+async fn run(name: Arc<str>, cfg: Arc<ActiveCheck>, live: Arc<Live>, stop: Arc<Stop>) {
     let interval = cfg.interval.0;
     let jitter = cfg.jitter.map_or(interval / 10, |j| j.0);
     loop {
@@ -51,10 +52,13 @@ async fn run(name: Arc<str>, cfg: Arc<ActiveCheck>, live: Arc<Live>) {
             let Ok((i, result)) = done else { continue };
             let t = &set.targets[i];
             let ok = result.is_ok();
-            match t
-                .health
-                .checked(ok, cfg.healthy_threshold, cfg.unhealthy_threshold)
-            {
+            let Some(changed) = stop.unless_stopped(|| {
+                t.health
+                    .checked(ok, cfg.healthy_threshold, cfg.unhealthy_threshold)
+            }) else {
+                return;
+            };
+            match changed {
                 Some(true) => {
                     tracing::info!(upstream = %name, target = %t.url, "target healthy again (active checks)")
                 }

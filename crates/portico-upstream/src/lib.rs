@@ -5,6 +5,9 @@
 //! pooled HTTP/1.1 + HTTP/2 clients (plain and TLS). The state that must outlive a
 //! configuration snapshot (clients and connection pools, target health, breakers, live
 //! target sets) lives in [`UpstreamState`], keyed by upstream name and target URL.
+//! Compiling a snapshot only stages what it would add to that state ([`Staged`]); the
+//! state changes when the snapshot is published ([`UpstreamState::commit`]), so a
+//! rejected one leaves the serving state exactly as it was.
 //!
 //! Does not own: sending a request through the pipeline (`portico-proxy`).
 #![forbid(unsafe_code)]
@@ -295,6 +298,9 @@ struct ConnectorKey(
 
 /// State that outlives snapshots: connectors, connection pools, target health,
 /// breakers, retry budgets and live target sets.
+///
+/// [`UpstreamState::compile`] reads it but changes nothing: what it makes anew goes into
+/// a [`Staged`], which [`UpstreamState::commit`] adds when the snapshot is published.
 #[derive(Default)]
 pub struct UpstreamState {
     connectors: Mutex<HashMap<String, (ConnectorKey, Arc<Connector>)>>,
@@ -306,6 +312,23 @@ pub struct UpstreamState {
     recent: Mutex<HashMap<String, Arc<adaptive::RecentLatency>>>,
 }
 
+/// What compiling a snapshot's upstreams made anew (connectors, target sets with their
+/// pools, health and breakers, retry budgets, adaptive limits, ...) because the
+/// [`UpstreamState`] had nothing that fit. Nothing of it is shared until
+/// [`UpstreamState::commit`], when the snapshot is published; dropping it (a rejected
+/// snapshot, `portico validate`) leaves the state as it was.
+#[must_use = "commit it when the snapshot is published"]
+#[derive(Default)]
+pub struct Staged {
+    connectors: HashMap<String, (ConnectorKey, Arc<Connector>)>,
+    targets: live::StagedMaps,
+    transitions: HashMap<String, Arc<TransitionCounts>>,
+    budgets: HashMap<String, (BudgetSettings, Arc<RetryBudget>)>,
+    lives: HashMap<String, Arc<Live>>,
+    adaptive: HashMap<String, Arc<adaptive::AdaptiveLimit>>,
+    recent: HashMap<String, Arc<adaptive::RecentLatency>>,
+}
+
 /// A problem compiling an upstream, with the config keys below `upstreams.NAME` it concerns.
 #[derive(Debug)]
 pub struct CompileError {
@@ -315,12 +338,13 @@ pub struct CompileError {
 
 impl UpstreamState {
     /// Compile an upstream, reusing its client, target health and live target set
-    /// when unchanged.
+    /// when unchanged. What it makes anew goes into `staged`, not into this state.
     pub fn compile(
         &self,
         name: &str,
         cfg: &UpstreamConfig,
         resolve: &dyn Fn(&str) -> std::path::PathBuf,
+        staged: &mut Staged,
     ) -> Result<Upstream, CompileError> {
         if let Some(source) = cfg.discovery.as_ref().and_then(discovery::unavailable) {
             return Err(CompileError {
@@ -328,7 +352,7 @@ impl UpstreamState {
                 message: format!("discovery source `{source}` is not available in this build yet"),
             });
         }
-        let connector = self.connector_for(name, cfg, resolve)?;
+        let connector = self.connector_for(name, cfg, resolve, &mut staged.connectors)?;
         let statics: Vec<Endpoint> = cfg
             .targets
             .iter()
@@ -349,38 +373,34 @@ impl UpstreamState {
                 .map(BreakerSettings::from),
             discovery: cfg.discovery.clone(),
         };
+        let mut objects = live::Objects {
+            maps: &self.maps,
+            staged: Some(&mut staged.targets),
+        };
         // Static targets are checked here so that a bad one is a compile error with
         // its key (a discovered one is only skipped).
         for (i, e) in spec.statics.iter().enumerate() {
-            live::target(name, e, &spec, &self.maps).map_err(|m| CompileError {
+            live::target(name, e, &spec, &mut objects).map_err(|m| CompileError {
                 key: vec!["targets".into(), i.to_string(), "url".into()],
                 message: m,
             })?;
         }
-        let live = {
-            let mut lives = self.lives.lock();
-            match lives.get(name) {
-                Some(l) if l.built_from(&spec) => l.clone(),
-                old => {
-                    // Same source: what it found stays until it reports again.
-                    let seed = old
-                        .filter(|o| o.built_from_discovery(&spec))
-                        .and_then(|o| o.discovered());
-                    let l = Live::new(name, spec, seed, self.maps.clone());
-                    lives.insert(name.to_string(), l.clone());
-                    l
-                }
+        let old = self.lives.lock().get(name).cloned();
+        let live = match old {
+            Some(l) if l.built_from(&spec) => l,
+            old => {
+                // Same source: what it found stays until it reports again (publishing
+                // carries over what it found meanwhile).
+                let seed = old
+                    .filter(|o| o.built_from_discovery(&spec))
+                    .and_then(|o| o.discovered());
+                let l = Live::new(name, spec, seed, self.maps.clone(), &mut objects);
+                staged.lives.insert(name.to_string(), l.clone());
+                l
             }
         };
-        if cfg.health.active.is_none() {
-            // Active checks off (or turned off by this reload): what they last said
-            // must not keep targets out of rotation.
-            for t in &live.current().targets {
-                t.health.clear_active();
-            }
-        }
         let circuit = match &cfg.circuit_breaker {
-            Some(cb) => Some(self.circuit_for(name, cb)?),
+            Some(cb) => Some(self.circuit_for(name, cb, &mut objects, &mut staged.transitions)?),
             None => None,
         };
         let budget_settings = cfg
@@ -388,34 +408,30 @@ impl UpstreamState {
             .as_ref()
             .map(|r| BudgetSettings::from(&r.budget))
             .unwrap_or_default();
-        let budget = {
-            let mut budgets = self.budgets.lock();
-            match budgets.get(name) {
-                Some((s, b)) if *s == budget_settings => b.clone(),
-                _ => {
-                    let b = Arc::new(RetryBudget::new(budget_settings));
-                    budgets.insert(name.to_string(), (budget_settings, b.clone()));
-                    b
-                }
-            }
-        };
+        let budget = live::find_or_make(
+            &self.budgets,
+            Some(&mut staged.budgets),
+            name.to_string(),
+            |(s, _)| *s == budget_settings,
+            || (budget_settings, Arc::new(RetryBudget::new(budget_settings))),
+        )
+        .1;
         let adaptive = cfg.adaptive_concurrency.map(|s| {
-            let mut map = self.adaptive.lock();
-            match map.get(name) {
-                Some(a) if *a.settings() == s => a.clone(),
-                _ => {
-                    let a = Arc::new(adaptive::AdaptiveLimit::new(s, now_ms()));
-                    map.insert(name.to_string(), a.clone());
-                    a
-                }
-            }
+            live::find_or_make(
+                &self.adaptive,
+                Some(&mut staged.adaptive),
+                name.to_string(),
+                |a| *a.settings() == s,
+                || Arc::new(adaptive::AdaptiveLimit::new(s, now_ms())),
+            )
         });
-        let recent = self
-            .recent
-            .lock()
-            .entry(name.to_string())
-            .or_default()
-            .clone();
+        let recent = live::find_or_make(
+            &self.recent,
+            Some(&mut staged.recent),
+            name.to_string(),
+            |_| true,
+            Default::default,
+        );
         Ok(Upstream {
             adaptive,
             hedging: cfg.hedging,
@@ -441,9 +457,11 @@ impl UpstreamState {
         &self,
         name: &str,
         cfg: &breaker::CircuitBreakerConfig,
+        objects: &mut live::Objects<'_>,
+        transitions: &mut HashMap<String, Arc<TransitionCounts>>,
     ) -> Result<Circuit, CompileError> {
         let settings = BreakerSettings::from(cfg);
-        let upstream_wide = (!cfg.per_target).then(|| self.maps.breaker(name, "", settings));
+        let upstream_wide = (!cfg.per_target).then(|| objects.breaker(name, "", settings));
         let fallback = match &cfg.fallback {
             None => None,
             Some(fb) => {
@@ -480,12 +498,13 @@ impl UpstreamState {
                 })
             }
         };
-        let transitions = self
-            .transitions
-            .lock()
-            .entry(name.to_string())
-            .or_default()
-            .clone();
+        let transitions = live::find_or_make(
+            &self.transitions,
+            Some(transitions),
+            name.to_string(),
+            |_| true,
+            Default::default,
+        );
         Ok(Circuit {
             per_target: cfg.per_target,
             upstream_wide,
@@ -494,12 +513,14 @@ impl UpstreamState {
         })
     }
 
-    /// The connector for `name` (shared while its settings and files are unchanged).
+    /// The connector for `name` (shared while its settings and files are unchanged; a
+    /// new one is staged).
     fn connector_for(
         &self,
         name: &str,
         cfg: &UpstreamConfig,
         resolve: &dyn Fn(&str) -> std::path::PathBuf,
+        staged: &mut HashMap<String, (ConnectorKey, Arc<Connector>)>,
     ) -> Result<Arc<Connector>, CompileError> {
         let tls = &cfg.tls;
         let files = [
@@ -517,23 +538,47 @@ impl UpstreamState {
             cfg.timeouts.keepalive.0,
             files,
         );
-        let mut connectors = self.connectors.lock();
-        if let Some((k, c)) = connectors.get(name) {
-            if *k == key {
-                return Ok(c.clone());
-            }
+        let kept = |m: &HashMap<String, (ConnectorKey, Arc<Connector>)>| {
+            m.get(name)
+                .filter(|(k, _)| *k == key)
+                .map(|(_, c)| c.clone())
+        };
+        if let Some(c) = kept(staged).or_else(|| kept(&self.connectors.lock())) {
+            return Ok(c);
         }
         let c = Arc::new(client::build(cfg, resolve).map_err(|e| CompileError {
             key: e.key.iter().map(|s| s.to_string()).collect(),
             message: e.message,
         })?);
-        connectors.insert(name.to_string(), (key, c.clone()));
+        staged.insert(name.to_string(), (key, c.clone()));
         Ok(c)
     }
 
+    /// The snapshot compiled with `staged` is being published (call it just before the
+    /// snapshot is, when nothing can reject it any more): what it made becomes shared
+    /// state. A target set it replaces hands over to the new one (what discovery found
+    /// meanwhile carries over; its task's later answers go to the new set) and is no
+    /// longer updated.
+    pub fn commit(&self, staged: Staged) {
+        let _updating = self.maps.updates.lock();
+        self.maps.adopt(staged.targets);
+        self.connectors.lock().extend(staged.connectors);
+        self.transitions.lock().extend(staged.transitions);
+        self.budgets.lock().extend(staged.budgets);
+        self.adaptive.lock().extend(staged.adaptive);
+        self.recent.lock().extend(staged.recent);
+        let mut lives = self.lives.lock();
+        for (name, l) in staged.lives {
+            live::publish(&l, lives.get(&name).map(|o| &**o));
+            lives.insert(name, l);
+        }
+    }
+
     /// Forget the state of upstreams and targets that the current snapshot (its
-    /// `upstreams`) no longer uses: what is not in any live target set.
+    /// `upstreams`) no longer uses: what is not in any live target set. Target sets
+    /// dropped are retired (their discovery task's last answers are ignored).
     pub fn retain(&self, current: &HashMap<String, Arc<Upstream>>) {
+        let _updating = self.maps.updates.lock();
         let live: HashMap<&str, Vec<Arc<str>>> = current
             .iter()
             .map(|(n, u)| {
@@ -566,8 +611,269 @@ impl UpstreamState {
         self.recent
             .lock()
             .retain(|n, _| live.contains_key(n.as_str()));
-        self.lives
-            .lock()
-            .retain(|n, l| current.get(n).is_some_and(|u| Arc::ptr_eq(&u.live, l)));
+        self.lives.lock().retain(|n, l| {
+            let used = current.get(n).is_some_and(|u| Arc::ptr_eq(&u.live, l));
+            if !used {
+                l.retire();
+            }
+            used
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn config(v: serde_json::Value) -> UpstreamConfig {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn resolve(p: &str) -> std::path::PathBuf {
+        p.into()
+    }
+
+    /// Compile `cfg` as upstream `u` and publish it (as a reload does).
+    fn publish(state: &UpstreamState, cfg: &UpstreamConfig) -> Arc<Upstream> {
+        let mut staged = Staged::default();
+        let u = Arc::new(state.compile("u", cfg, &resolve, &mut staged).unwrap());
+        state.commit(staged);
+        state.retain(&HashMap::from([("u".to_string(), u.clone())]));
+        u
+    }
+
+    /// Compile `cfg` as upstream `u` and drop it (a rejected reload, `validate`).
+    fn reject(state: &UpstreamState, cfg: &UpstreamConfig) -> Upstream {
+        let mut staged = Staged::default();
+        state.compile("u", cfg, &resolve, &mut staged).unwrap()
+    }
+
+    fn endpoint(url: &str) -> Endpoint {
+        Endpoint {
+            url: url.into(),
+            weight: 1,
+            host: None,
+        }
+    }
+
+    fn urls(u: &Upstream) -> Vec<String> {
+        u.live
+            .current()
+            .targets
+            .iter()
+            .map(|t| t.url.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_rejected_compile_leaves_the_state_to_the_next_one() {
+        let state = UpstreamState::default();
+        let base = config(json!({
+            "targets": [{"url": "http://127.0.0.1:1"}],
+            "circuit_breaker": {"consecutive_failures": 1},
+            "retries": {"attempts": 1},
+            "adaptive_concurrency": {},
+        }));
+        let first = publish(&state, &base);
+        let now = now_ms();
+        let breaker = first
+            .circuit
+            .as_ref()
+            .unwrap()
+            .upstream_wide
+            .clone()
+            .unwrap();
+        assert!(breaker.try_acquire(now).unwrap().failure(now).is_some());
+        assert_eq!(breaker.state(now), State::Open);
+
+        // Every setting that makes new state changes, and the compile is dropped.
+        let changed = config(json!({
+            "targets": [{"url": "http://127.0.0.1:1"}, {"url": "http://127.0.0.1:2"}],
+            "balance": "least_connections",
+            "max_idle_connections": 3,
+            "circuit_breaker": {"consecutive_failures": 2},
+            "retries": {"attempts": 1, "budget": {"min_per_second": 50}},
+            "adaptive_concurrency": {"initial_limit": 7},
+        }));
+        let rejected = reject(&state, &changed);
+        assert!(!Arc::ptr_eq(&rejected.live, &first.live));
+
+        // The next reload, as first configured, finds what the first one made.
+        let again = publish(&state, &base);
+        assert!(Arc::ptr_eq(&again.live, &first.live), "live set replaced");
+        let c = again.circuit.as_ref().unwrap();
+        assert!(Arc::ptr_eq(c.upstream_wide.as_ref().unwrap(), &breaker));
+        assert_eq!(breaker.state(now_ms()), State::Open);
+        let c1 = first.circuit.as_ref().unwrap();
+        assert!(Arc::ptr_eq(&c.transitions, &c1.transitions));
+        assert!(Arc::ptr_eq(&again.budget, &first.budget), "budget replaced");
+        assert!(Arc::ptr_eq(
+            again.adaptive.as_ref().unwrap(),
+            first.adaptive.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(&again.recent, &first.recent));
+        let (t1, t2) = (
+            &first.live.current().targets[0],
+            &again.live.current().targets[0],
+        );
+        assert!(Arc::ptr_eq(&t1.pool, &t2.pool), "pool replaced");
+        assert!(Arc::ptr_eq(&t1.health, &t2.health));
+        // The target only the rejected config had left nothing behind.
+        let key = ("u".to_string(), "http://127.0.0.1:2".to_string());
+        assert!(!state.maps.health.lock().contains_key(&key));
+        assert!(!state.maps.pools.lock().contains_key(&key));
+    }
+
+    #[test]
+    fn a_published_compile_replaces_what_changed_and_keeps_the_rest() {
+        let state = UpstreamState::default();
+        let base = config(json!({
+            "targets": [{"url": "http://127.0.0.1:1"}],
+            "circuit_breaker": {"consecutive_failures": 1},
+        }));
+        let first = publish(&state, &base);
+        let changed = config(json!({
+            "targets": [{"url": "http://127.0.0.1:1"}, {"url": "http://127.0.0.1:2"}],
+            "circuit_breaker": {"consecutive_failures": 2},
+        }));
+        let second = publish(&state, &changed);
+        assert!(!Arc::ptr_eq(&second.live, &first.live));
+        let (b1, b2) = (
+            first
+                .circuit
+                .as_ref()
+                .unwrap()
+                .upstream_wide
+                .as_ref()
+                .unwrap(),
+            second
+                .circuit
+                .as_ref()
+                .unwrap()
+                .upstream_wide
+                .as_ref()
+                .unwrap(),
+        );
+        assert!(!Arc::ptr_eq(b1, b2), "new breaker settings, new breaker");
+        let (t1, t2) = (
+            &first.live.current().targets[0],
+            &second.live.current().targets[0],
+        );
+        assert!(Arc::ptr_eq(&t1.health, &t2.health), "health kept");
+        assert!(Arc::ptr_eq(&t1.pool, &t2.pool), "pool kept");
+        // The published set uses what the maps keep.
+        for t in &second.live.current().targets {
+            let key = ("u".to_string(), t.url.to_string());
+            assert!(Arc::ptr_eq(&state.maps.health.lock()[&key], &t.health));
+            assert!(Arc::ptr_eq(&state.maps.pools.lock()[&key], &t.pool));
+        }
+        // And the next unchanged compile reuses all of it.
+        let third = publish(&state, &changed);
+        assert!(Arc::ptr_eq(&third.live, &second.live));
+    }
+
+    #[test]
+    fn discovery_answers_while_a_replacement_compiles_are_not_lost() {
+        let state = UpstreamState::default();
+        let discovery = json!({"registry": {"service": "s"}});
+        let first = publish(&state, &config(json!({"discovery": discovery})));
+        first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:1")]);
+
+        // A reload changing the balancing compiles, seeded with what discovery had
+        // found; discovery answers again before it is published.
+        let changed = config(json!({"discovery": discovery, "balance": "least_connections"}));
+        let mut staged = Staged::default();
+        let second = Arc::new(state.compile("u", &changed, &resolve, &mut staged).unwrap());
+        assert_eq!(urls(&second), ["http://127.0.0.1:1"]);
+        assert!(first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:2")]));
+        state.commit(staged);
+        assert_eq!(urls(&second), ["http://127.0.0.1:2"], "the answer was lost");
+
+        // The old set's task answers once more before it is stopped: the answer goes
+        // to the published set.
+        assert!(first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:3")]));
+        assert_eq!(urls(&second), ["http://127.0.0.1:3"]);
+        assert_eq!(urls(&first), ["http://127.0.0.1:2"]);
+        state.retain(&HashMap::from([("u".to_string(), second.clone())]));
+        let key = ("u".to_string(), "http://127.0.0.1:3".to_string());
+        let health = state.maps.health.lock().get(&key).cloned().unwrap();
+        assert!(Arc::ptr_eq(
+            &health,
+            &second.live.current().targets[0].health
+        ));
+    }
+
+    #[test]
+    fn a_replaced_set_with_another_source_no_longer_changes_anything() {
+        let state = UpstreamState::default();
+        let discovery = json!({"registry": {"service": "s"}});
+        let first = publish(&state, &config(json!({"discovery": discovery})));
+        first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:1")]);
+        let statics = config(json!({"targets": [{"url": "http://127.0.0.1:9"}]}));
+        let second = publish(&state, &statics);
+        // A late answer of the old set's task neither changes the published set nor
+        // prunes the state of its targets.
+        assert!(!first
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:2")]));
+        assert_eq!(urls(&second), ["http://127.0.0.1:9"]);
+        let key = ("u".to_string(), "http://127.0.0.1:9".to_string());
+        assert!(state.maps.health.lock().contains_key(&key));
+        assert!(state.maps.pools.lock().contains_key(&key));
+        // Nor does one of a set whose upstream is gone.
+        let third = publish(&state, &config(json!({"discovery": discovery})));
+        third
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:4")]);
+        state.retain(&HashMap::new());
+        assert!(!third
+            .live
+            .set_discovered(vec![endpoint("http://127.0.0.1:5")]));
+        assert!(state.maps.health.lock().is_empty());
+        assert!(state.maps.pools.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn turning_active_checks_off_clears_their_verdict_once_published() {
+        let state = UpstreamState::default();
+        let sup = supervise::Supervisor::default();
+        let ctx = discovery::SourceCtx::default();
+        let checked = config(json!({
+            "targets": [{"url": "http://127.0.0.1:1"}],
+            "health": {"active": {"path": "/health", "interval": "1h"}},
+        }));
+        let first = publish(&state, &checked);
+        sup.sync(&HashMap::from([("u".to_string(), first.clone())]), &ctx);
+        let health = first.live.current().targets[0].health.clone();
+        assert_eq!(health.checked(false, 1, 1), Some(false));
+
+        // Compiled without checks but not published: the verdict stands.
+        let unchecked = config(json!({"targets": [{"url": "http://127.0.0.1:1"}]}));
+        reject(&state, &unchecked);
+        assert!(health.active_down());
+
+        // Published: the checker stops and its verdict goes.
+        let second = publish(&state, &unchecked);
+        sup.sync(&HashMap::from([("u".to_string(), second)]), &ctx);
+        assert!(!health.active_down());
+        sup.stop();
+    }
+
+    #[test]
+    fn a_stopped_task_acts_no_more() {
+        let stop = supervise::Stop::default();
+        assert_eq!(stop.unless_stopped(|| 1), Some(1));
+        stop.stop();
+        assert_eq!(stop.unless_stopped(|| 1), None);
     }
 }

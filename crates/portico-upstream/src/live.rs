@@ -6,10 +6,18 @@
 //! A [`Live`] outlives snapshots: a reload that leaves an upstream's static targets,
 //! balancing, connection settings and discovery source unchanged keeps the same one
 //! (and with it what discovery found).
+//!
+//! Compiling a snapshot changes none of this state: a new `Live`, and the pools,
+//! health and breakers made for it, are staged ([`StagedMaps`]) and only become shared
+//! when the snapshot is published ([`publish`]); a rejected snapshot leaves nothing
+//! behind. From then on, a `Live` the published snapshot replaced passes what its
+//! discovery task still reports to its replacement (or drops it), so that an answer
+//! given during a reload is neither lost nor applied to a set no longer served.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 use http::uri::Scheme;
@@ -55,67 +63,164 @@ impl TargetSet {
 /// A breaker kept across reloads, with the settings it was built with.
 type KeptBreaker = (BreakerSettings, Arc<CircuitBreaker>);
 
+/// Upstream name and target URL.
+type TargetKey = (String, String);
+
 /// State shared by every upstream's targets, keyed by upstream name and target URL, so
 /// that a target keeps its connections, health and breaker across reloads and target
 /// set changes.
 #[derive(Default)]
 pub(crate) struct Maps {
-    pub pools: Mutex<HashMap<(String, String), Arc<TargetPool>>>,
-    pub health: Mutex<HashMap<(String, String), Arc<TargetHealth>>>,
+    pub pools: Mutex<HashMap<TargetKey, Arc<TargetPool>>>,
+    pub health: Mutex<HashMap<TargetKey, Arc<TargetHealth>>>,
     /// Breakers by upstream and target URL (`""` for an upstream-wide one), kept while
     /// their settings are unchanged.
-    pub breakers: Mutex<HashMap<(String, String), KeptBreaker>>,
+    pub breakers: Mutex<HashMap<TargetKey, KeptBreaker>>,
+    /// Held while a published target set is rebuilt (a discovery answer), while a
+    /// snapshot's staged state is published, and while unused state is pruned: so that
+    /// pruning never drops what a set just built uses, and a discovery answer is applied
+    /// either before a `Live` is replaced (and carried over) or after (and passed on).
+    pub updates: Mutex<()>,
 }
 
 impl Maps {
-    pub fn health(&self, name: &str, url: &str) -> Arc<TargetHealth> {
-        self.health
-            .lock()
-            .entry((name.to_string(), url.to_string()))
-            .or_default()
-            .clone()
-    }
-
-    pub fn breaker(&self, name: &str, url: &str, settings: BreakerSettings) -> Arc<CircuitBreaker> {
-        let mut map = self.breakers.lock();
-        let key = (name.to_string(), url.to_string());
-        match map.get(&key) {
-            Some((s, b)) if *s == settings => b.clone(),
-            _ => {
-                let b = Arc::new(CircuitBreaker::new(settings));
-                map.insert(key, (settings, b.clone()));
-                b
+    /// Make what a published snapshot staged shared: each object unless the maps
+    /// meanwhile got one that fits as well (a discovery answer of the same target).
+    /// Called with [`Maps::updates`] held.
+    pub fn adopt(&self, staged: StagedMaps) {
+        let mut health = self.health.lock();
+        for (k, h) in staged.health {
+            health.entry(k).or_insert(h);
+        }
+        drop(health);
+        let mut pools = self.pools.lock();
+        for (k, p) in staged.pools {
+            if !pools
+                .get(&k)
+                .is_some_and(|q| Arc::ptr_eq(q.connector(), p.connector()))
+            {
+                pools.insert(k, p);
             }
         }
+        drop(pools);
+        let mut breakers = self.breakers.lock();
+        for (k, b) in staged.breakers {
+            if !breakers.get(&k).is_some_and(|(s, _)| *s == b.0) {
+                breakers.insert(k, b);
+            }
+        }
+    }
+}
+
+/// Pools, health and breakers a snapshot being compiled made because the shared
+/// [`Maps`] had none that fit (a new target, new connection or breaker settings). They
+/// become shared when the snapshot is published ([`Maps::adopt`]); a rejected snapshot
+/// drops them.
+#[derive(Default)]
+pub(crate) struct StagedMaps {
+    pools: HashMap<TargetKey, Arc<TargetPool>>,
+    health: HashMap<TargetKey, Arc<TargetHealth>>,
+    breakers: HashMap<TargetKey, KeptBreaker>,
+}
+
+/// The value for `key` that `fits`: with `staged` (a snapshot being compiled), the one
+/// it already staged, else the shared one, else a new one from `make`, which is staged
+/// and leaves `shared` as it is; without (a published set), the shared one, else a new
+/// one, which `shared` keeps.
+pub(crate) fn find_or_make<K: Hash + Eq, V: Clone>(
+    shared: &Mutex<HashMap<K, V>>,
+    staged: Option<&mut HashMap<K, V>>,
+    key: K,
+    fits: impl Fn(&V) -> bool,
+    make: impl FnOnce() -> V,
+) -> V {
+    let Some(staged) = staged else {
+        let mut map = shared.lock();
+        return match map.get(&key) {
+            Some(v) if fits(v) => v.clone(),
+            _ => {
+                let v = make();
+                map.insert(key, v.clone());
+                v
+            }
+        };
+    };
+    if let Some(v) = staged.get(&key).filter(|v| fits(v)) {
+        return v.clone();
+    }
+    if let Some(v) = shared.lock().get(&key).filter(|v| fits(v)) {
+        return v.clone();
+    }
+    let v = make();
+    staged.insert(key, v.clone());
+    v
+}
+
+/// Where the pools, health and breakers of targets come from: the shared maps, and
+/// while a snapshot compiles, what it staged.
+pub(crate) struct Objects<'a> {
+    pub maps: &'a Maps,
+    pub staged: Option<&'a mut StagedMaps>,
+}
+
+impl<'a> Objects<'a> {
+    /// For a published set: straight from (and into) the shared maps.
+    pub fn shared(maps: &'a Maps) -> Objects<'a> {
+        Objects { maps, staged: None }
+    }
+
+    pub fn health(&mut self, name: &str, url: &str) -> Arc<TargetHealth> {
+        find_or_make(
+            &self.maps.health,
+            self.staged.as_deref_mut().map(|s| &mut s.health),
+            (name.to_string(), url.to_string()),
+            |_| true,
+            Default::default,
+        )
+    }
+
+    pub fn breaker(
+        &mut self,
+        name: &str,
+        url: &str,
+        settings: BreakerSettings,
+    ) -> Arc<CircuitBreaker> {
+        find_or_make(
+            &self.maps.breakers,
+            self.staged.as_deref_mut().map(|s| &mut s.breakers),
+            (name.to_string(), url.to_string()),
+            |(s, _)| *s == settings,
+            || (settings, Arc::new(CircuitBreaker::new(settings))),
+        )
+        .1
     }
 
     /// The pool of a target, kept while its connector is the same.
     pub fn pool(
-        &self,
+        &mut self,
         name: &str,
         url: &str,
         uri: &http::Uri,
         c: &Arc<Connector>,
     ) -> Arc<TargetPool> {
-        let mut pools = self.pools.lock();
-        let key = (name.to_string(), url.to_string());
-        if let Some(p) = pools.get(&key) {
-            if Arc::ptr_eq(p.connector(), c) {
-                return p.clone();
-            }
-        }
-        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-        let host = uri.host().unwrap_or_default().to_string();
-        let port = uri
-            .port_u16()
-            .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
-        let authority = uri
-            .authority()
-            .cloned()
-            .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
-        let p = TargetPool::new(scheme, authority, host, port, c.clone());
-        pools.insert(key, p.clone());
-        p
+        find_or_make(
+            &self.maps.pools,
+            self.staged.as_deref_mut().map(|s| &mut s.pools),
+            (name.to_string(), url.to_string()),
+            |p| Arc::ptr_eq(p.connector(), c),
+            || {
+                let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+                let host = uri.host().unwrap_or_default().to_string();
+                let port = uri
+                    .port_u16()
+                    .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
+                let authority = uri
+                    .authority()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+                TargetPool::new(scheme, authority, host, port, c.clone())
+            },
+        )
     }
 }
 
@@ -166,20 +271,30 @@ struct Inner {
     spec: Spec,
     /// What discovery last reported (`None`: nothing yet).
     discovered: Option<Vec<Endpoint>>,
+    /// Set once the published snapshot no longer uses this set: what its discovery
+    /// task still reports (until it is stopped) goes to the set that replaced it with
+    /// the same source, or nowhere (a dangling `Weak`).
+    retired: Option<Weak<Live>>,
 }
 
 impl Live {
+    /// A new set, built from `objects` (staged while a snapshot compiles).
     pub(crate) fn new(
         name: &str,
         spec: Spec,
         discovered: Option<Vec<Endpoint>>,
         maps: Arc<Maps>,
+        objects: &mut Objects<'_>,
     ) -> Arc<Live> {
-        let set = build(name, &spec, discovered.as_deref(), &maps);
+        let set = build(name, &spec, discovered.as_deref(), objects);
         Arc::new(Live {
             name: name.into(),
             set: ArcSwap::from_pointee(set),
-            inner: Mutex::new(Inner { spec, discovered }),
+            inner: Mutex::new(Inner {
+                spec,
+                discovered,
+                retired: None,
+            }),
             maps,
             discovery: DiscoveryStatus::default(),
         })
@@ -212,7 +327,21 @@ impl Live {
 
     /// A discovery source's answer: the endpoints it knows now. Rebuilds and publishes
     /// the target set when they differ from the last answer. Returns whether it did.
-    pub fn set_discovered(&self, mut endpoints: Vec<Endpoint>) -> bool {
+    /// A set the published snapshot replaced passes the answer on to its replacement
+    /// (same source) or drops it.
+    pub fn set_discovered(&self, endpoints: Vec<Endpoint>) -> bool {
+        let _updating = self.maps.updates.lock();
+        self.apply_discovered(endpoints)
+    }
+
+    /// [`Live::set_discovered`] with [`Maps::updates`] held.
+    fn apply_discovered(&self, mut endpoints: Vec<Endpoint>) -> bool {
+        let mut inner = self.inner.lock();
+        if let Some(next) = &inner.retired {
+            let next = next.upgrade();
+            drop(inner);
+            return next.is_some_and(|n| n.apply_discovered(endpoints));
+        }
         endpoints.sort_by(|a, b| a.url.cmp(&b.url));
         endpoints.dedup_by(|a, b| a.url == b.url);
         self.discovery.updates.fetch_add(1, Ordering::Relaxed);
@@ -220,7 +349,6 @@ impl Live {
             .last_ok_ms
             .store(crate::now_ms(), Ordering::Relaxed);
         *self.discovery.last_error.lock() = None;
-        let mut inner = self.inner.lock();
         if inner.discovered.as_ref() == Some(&endpoints) {
             return false;
         }
@@ -235,7 +363,12 @@ impl Live {
             .filter(|e| !before.contains(&e.url))
             .count();
         let removed = before.len() + added - endpoints.len();
-        let set = build(&self.name, &inner.spec, Some(&endpoints), &self.maps);
+        let set = build(
+            &self.name,
+            &inner.spec,
+            Some(&endpoints),
+            &mut Objects::shared(&self.maps),
+        );
         tracing::info!(upstream = %self.name, targets = set.targets.len(), added, removed, "discovered targets changed");
         inner.discovered = Some(endpoints);
         // Targets gone for good take their connections and health with them.
@@ -252,22 +385,63 @@ impl Live {
     }
 
     /// A discovery source could not be reached: the last known targets stay in use.
+    /// (A set the published snapshot replaced ignores it: its task is being stopped.)
     pub fn discovery_failed(&self, error: &str) {
+        if self.inner.lock().retired.is_some() {
+            return;
+        }
         self.discovery.errors.fetch_add(1, Ordering::Relaxed);
         *self.discovery.last_error.lock() = Some(error.to_string());
     }
+
+    /// The published snapshot no longer has this set's upstream: what its discovery
+    /// task still reports is dropped. Called with [`Maps::updates`] held.
+    pub(crate) fn retire(&self) {
+        self.inner.lock().retired.get_or_insert_with(Weak::new);
+    }
+}
+
+/// Publish `new`, compiled in place of `old` (if any), with [`Maps::updates`] held and
+/// the snapshot's staged objects already adopted by the maps. With the same discovery
+/// source, `new` starts from what `old` found last (answers given since `new` was
+/// compiled included), and `old`'s later answers come to `new`; otherwise `old`'s are
+/// dropped. `new`'s set is rebuilt from the shared maps, so that it uses the very
+/// objects they keep.
+pub(crate) fn publish(new: &Arc<Live>, old: Option<&Live>) {
+    let mut inner = new.inner.lock();
+    if let Some(old) = old {
+        let mut was = old.inner.lock();
+        if was.spec.discovery.is_some() && was.spec.discovery == inner.spec.discovery {
+            inner.discovered = was.discovered.clone();
+            was.retired = Some(Arc::downgrade(new));
+        } else {
+            was.retired = Some(Weak::new());
+        }
+    }
+    let set = build(
+        &new.name,
+        &inner.spec,
+        inner.discovered.as_deref(),
+        &mut Objects::shared(&new.maps),
+    );
+    new.set.store(Arc::new(set));
 }
 
 /// Build the target set of `spec` plus what discovery found (static targets first; a
 /// discovered URL equal to a static one is not added twice).
-fn build(name: &str, spec: &Spec, discovered: Option<&[Endpoint]>, maps: &Maps) -> TargetSet {
+fn build(
+    name: &str,
+    spec: &Spec,
+    discovered: Option<&[Endpoint]>,
+    objects: &mut Objects<'_>,
+) -> TargetSet {
     let mut targets = Vec::new();
     let mut seen = HashSet::new();
     for e in spec.statics.iter().chain(discovered.into_iter().flatten()) {
         if !seen.insert(e.url.as_str()) {
             continue;
         }
-        match target(name, e, spec, maps) {
+        match target(name, e, spec, objects) {
             Ok(t) => targets.push(t),
             Err(m) => {
                 tracing::warn!(upstream = %name, target = %e.url, "ignoring a discovered target: {m}")
@@ -281,7 +455,12 @@ fn build(name: &str, spec: &Spec, discovered: Option<&[Endpoint]>, maps: &Maps) 
 }
 
 /// One target: its URL parsed, its pool, health and breaker found or made.
-pub(crate) fn target(name: &str, e: &Endpoint, spec: &Spec, maps: &Maps) -> Result<Target, String> {
+pub(crate) fn target(
+    name: &str,
+    e: &Endpoint,
+    spec: &Spec,
+    objects: &mut Objects<'_>,
+) -> Result<Target, String> {
     let uri = portico_config::load::check_target_url(&e.url)?;
     let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
     let authority = uri
@@ -294,13 +473,13 @@ pub(crate) fn target(name: &str, e: &Endpoint, spec: &Spec, maps: &Maps) -> Resu
     }
     .map_err(|_| format!("`{}` is not a valid host", e.url))?;
     Ok(Target {
-        pool: maps.pool(name, &e.url, &uri, &spec.connector),
+        pool: objects.pool(name, &e.url, &uri, &spec.connector),
         url: e.url.as_str().into(),
         scheme,
         authority,
         host_header,
         weight: e.weight,
-        health: maps.health(name, &e.url),
-        breaker: spec.per_target.map(|s| maps.breaker(name, &e.url, s)),
+        health: objects.health(name, &e.url),
+        breaker: spec.per_target.map(|s| objects.breaker(name, &e.url, s)),
     })
 }
