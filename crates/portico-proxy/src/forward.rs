@@ -253,7 +253,8 @@ pub async fn forward(
             replay = Some(Bytes::new());
         } else if known_length(b, &parts.headers).is_some_and(|n| n <= r.max_replay_body.0) {
             if let Some(b) = body.take() {
-                replay = Some(read_body(b).await?);
+                // Boxed: only requests kept for a retry read their body here.
+                replay = Some(Box::pin(read_body(b)).await?);
             }
         }
         up.budget.deposit(now_ms());
@@ -401,67 +402,36 @@ pub async fn forward(
             timeouts.idle.0,
         );
         let result = match (hedge, hedge_head) {
+            // Boxed, and in a function of its own: the second try's state would
+            // otherwise enlarge (and be copied with) every request's future.
             (Some((delay, hbody)), Some(head)) => {
-                let mut primary = std::pin::pin!(primary);
-                tokio::select! {
-                    biased;
-                    r = &mut primary => r,
-                    () = tokio::time::sleep(delay) => {
-                        match pick_hedge(up, &set, idx, &excluded[..n_excluded], key_hash) {
-                            None => primary.await,
-                            Some((i2, permit2)) => {
-                                let t2 = &set.targets[i2];
-                                if let (Some(p), Some(c)) = (&permit2, &up.circuit) {
-                                    if let Some(t) = p.transition() {
-                                        c.note(&up.name, &t2.url, t);
-                                    }
-                                }
-                                let (mut p2, ()) = Request::new(()).into_parts();
-                                (p2.method, p2.uri, p2.headers) = head;
-                                p2.version = Version::HTTP_11;
-                                let mut ov2 = overlay.clone();
-                                ov2.host = host_for(route, t2, client_host.as_ref());
-                                let sent2 = clock::now();
-                                let per_try2 = deadline.map_or(timeouts.request.0, |d| {
-                                    timeouts.request.0.min(d.saturating_duration_since(sent2))
-                                });
-                                up.recent.hedges_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                let second_in_flight = t2.health.enter();
-                                let second = bodyclock::send(
-                                    Box::pin(t2.pool.send(
-                                        &mut p2,
-                                        if hbody.is_empty() { Body::Empty } else { Body::full(hbody) },
-                                        &ov2,
-                                        timeouts.connect.0,
-                                        Some(timeouts.idle.0),
-                                        true,
-                                    )),
-                                    None,
-                                    sent2,
-                                    per_try2,
-                                    timeouts.idle.0,
-                                );
-                                let (r, hedge_won) = race(primary, second).await;
-                                drop(second_in_flight);
-                                if hedge_won {
-                                    up.recent.hedges_won.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    idx = i2;
-                                    sent = sent2;
-                                    // A breaker of its own: its permit; else the
-                                    // upstream's, which the first try holds.
-                                    if permit2.is_some() {
-                                        permit = permit2;
-                                    }
-                                    if n_excluded < MAX_EXCLUDED {
-                                        excluded[n_excluded] = i2;
-                                        n_excluded += 1;
-                                    }
-                                }
-                                r
-                            }
-                        }
+                let h = Hedge {
+                    up,
+                    set: &set,
+                    first: idx,
+                    excluded: (excluded, n_excluded),
+                    key_hash,
+                    route,
+                    overlay: &overlay,
+                    client_host: client_host.as_ref(),
+                    deadline,
+                    timeouts,
+                };
+                let (r, won) = Box::pin(hedged(primary, delay, hbody, head, h)).await;
+                if let Some((i2, sent2, permit2)) = won {
+                    idx = i2;
+                    sent = sent2;
+                    // A breaker of its own: its permit; else the upstream's, which
+                    // the first try holds.
+                    if permit2.is_some() {
+                        permit = permit2;
+                    }
+                    if n_excluded < MAX_EXCLUDED {
+                        excluded[n_excluded] = i2;
+                        n_excluded += 1;
                     }
                 }
+                r
             }
             _ => primary.await,
         };
@@ -574,10 +544,12 @@ pub async fn forward(
         last = Some(Box::new(outcome));
         if let Some(r) = retries {
             let pause = r.backoff(attempt as u32, fastrand::f64());
-            match deadline {
-                Some(d) => tokio::time::sleep_until((Instant::now() + pause).min(d)).await,
-                None => tokio::time::sleep(pause).await,
-            }
+            // Boxed: a timer is large, and only retried requests wait.
+            let until = Instant::now() + pause;
+            Box::pin(tokio::time::sleep_until(
+                deadline.map_or(until, |d| until.min(d)),
+            ))
+            .await;
         }
     }
     last.map(|b| *b).unwrap_or_else(|| {
@@ -656,6 +628,95 @@ fn pick_hedge<'s>(
 }
 
 type TryResult = Result<Result<Response<Body>, portico_upstream::Failed>, GatewayError>;
+
+/// What a hedge needs to know of the request's first try.
+struct Hedge<'s> {
+    up: &'s Upstream,
+    set: &'s TargetSet,
+    first: usize,
+    /// The targets already tried or refused (a copy: the caller adds to its own).
+    excluded: ([usize; MAX_EXCLUDED], usize),
+    key_hash: Option<u64>,
+    route: &'s CompiledRoute,
+    overlay: &'s Overlay,
+    client_host: Option<&'s HeaderValue>,
+    deadline: Option<Instant>,
+    timeouts: &'s Timeouts,
+}
+
+/// The first try, and after `delay` without an answer a second one on another target
+/// (when one may be tried): the first good answer wins ([`race`]). Returns the answer,
+/// and when the second try won, its target, start and breaker permit.
+async fn hedged<'s>(
+    primary: impl std::future::Future<Output = TryResult>,
+    delay: Duration,
+    hbody: Bytes,
+    (method, uri, headers): (Method, Uri, HeaderMap),
+    h: Hedge<'s>,
+) -> (TryResult, Option<(usize, Instant, Option<Permit<'s>>)>) {
+    let mut primary = std::pin::pin!(primary);
+    tokio::select! {
+        biased;
+        r = &mut primary => return (r, None),
+        () = tokio::time::sleep(delay) => {}
+    }
+    let Some((i2, permit2)) = pick_hedge(
+        h.up,
+        h.set,
+        h.first,
+        &h.excluded.0[..h.excluded.1],
+        h.key_hash,
+    ) else {
+        return (primary.await, None);
+    };
+    let (up, timeouts) = (h.up, h.timeouts);
+    let t2 = &h.set.targets[i2];
+    if let (Some(p), Some(c)) = (&permit2, &up.circuit) {
+        if let Some(t) = p.transition() {
+            c.note(&up.name, &t2.url, t);
+        }
+    }
+    let (mut p2, ()) = Request::new(()).into_parts();
+    (p2.method, p2.uri, p2.headers) = (method, uri, headers);
+    p2.version = Version::HTTP_11;
+    let mut ov2 = h.overlay.clone();
+    ov2.host = host_for(h.route, t2, h.client_host);
+    let sent2 = clock::now();
+    let per_try2 = h.deadline.map_or(timeouts.request.0, |d| {
+        timeouts.request.0.min(d.saturating_duration_since(sent2))
+    });
+    up.recent
+        .hedges_sent
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let second_in_flight = t2.health.enter();
+    let second = bodyclock::send(
+        Box::pin(t2.pool.send(
+            &mut p2,
+            if hbody.is_empty() {
+                Body::Empty
+            } else {
+                Body::full(hbody)
+            },
+            &ov2,
+            timeouts.connect.0,
+            Some(timeouts.idle.0),
+            true,
+        )),
+        None,
+        sent2,
+        per_try2,
+        timeouts.idle.0,
+    );
+    let (r, hedge_won) = race(primary, second).await;
+    drop(second_in_flight);
+    if !hedge_won {
+        return (r, None);
+    }
+    up.recent
+        .hedges_won
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (r, Some((i2, sent2, permit2)))
+}
 
 /// The first good answer of two tries in flight: an answer (any status) wins; a
 /// failure waits for the other, and if both fail the first try's failure is kept. The

@@ -89,6 +89,34 @@ enum Refusal {
     Status(ErrorKind, &'static str),
 }
 
+/// A client connection split into a read half and a write half. Plain TCP splits into
+/// tokio's owned halves, which need no lock; other streams (TLS) share one stream behind
+/// `tokio::io::split`, which takes a lock at every read and write.
+pub trait SplitIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn split_io(self) -> (Self::Read, Self::Write);
+}
+
+impl SplitIo for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split_io(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl<IO> SplitIo for tokio_rustls::server::TlsStream<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn split_io(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// Serve HTTP/1.1 on `io` until the client closes, an error, or `stop` turns true
 /// (graceful shutdown: the exchange in progress finishes, then the connection closes).
 pub async fn serve<S>(
@@ -98,9 +126,9 @@ pub async fn serve<S>(
     settings: Settings,
     stop: watch::Receiver<bool>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: SplitIo,
 {
-    let (r, mut w) = tokio::io::split(io);
+    let (r, mut w) = io.split_io();
     let mut reader = Some(Reader {
         io: r,
         buf: BytesMut::with_capacity(READ_SIZE),

@@ -222,7 +222,7 @@ async fn serve_io<I>(
     h2: bool,
     conn: Arc<ConnInfo>,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: h1server::SplitIo,
 {
     let ended = if h2 {
         let svc_conn = conn.clone();
