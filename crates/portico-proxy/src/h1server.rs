@@ -191,7 +191,7 @@ pub async fn serve<S>(
         let mut continued = false;
         let resp = {
             // Pinned where it is made: the request's future is large, moving it costs.
-            let mut fut = std::pin::pin!(handle(gw.clone(), conn.clone(), req, meta));
+            let mut fut = std::pin::pin!(handle(&gw, &conn, req, meta));
             match &continue_wanted {
                 None => fut.await,
                 Some(n) => loop {

@@ -147,7 +147,7 @@ impl Finish {
         Response::from_parts(parts, lb)
     }
 
-    fn emit(mut self, bytes_out: u64) {
+    fn emit(&mut self, bytes_out: u64) {
         let elapsed = portico_plugins::clock::since(self.started);
         if let Some(c) = &self.bytes_in_counter {
             self.bytes_in = c.load(std::sync::atomic::Ordering::Relaxed);
@@ -220,7 +220,7 @@ pub struct LogBody {
 
 impl LogBody {
     fn finish(&mut self) {
-        if let Some(f) = self.fin.take() {
+        if let Some(mut f) = self.fin.take() {
             f.emit(self.bytes);
         }
     }

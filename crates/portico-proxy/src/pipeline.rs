@@ -52,8 +52,8 @@ impl ConnInfo {
 
 /// Handle one request from a client.
 pub async fn handle(
-    gw: Arc<Gateway>,
-    conn: Arc<ConnInfo>,
+    gw: &Arc<Gateway>,
+    conn: &Arc<ConnInfo>,
     req: Request<Body>,
     meta: Meta,
 ) -> Result<Response<LogBody>, Infallible> {
@@ -122,13 +122,10 @@ pub async fn handle(
             "route table out of sync",
         )));
     };
-    fin.ctx = Ctx::new(
-        std::mem::take(&mut fin.ctx.request_id),
-        ip,
-        route.name.clone(),
-        path,
-        params,
-    );
+    // The context made with `fin` is still untouched: fill in what routing found.
+    fin.ctx.route_name = route.name.clone();
+    fin.ctx.path = path;
+    fin.ctx.params = params;
     fin.ctx.client_cert.clone_from(&conn.client_cert);
     fin.ctx.underscores = meta.underscores;
     fin.ctx.tls = conn.tls;
@@ -168,7 +165,7 @@ pub async fn handle(
             Flow::Respond(resp) => {
                 let resp = *resp;
                 if let Some(bg) = fin.ctx.extensions.remove::<BackgroundRefresh>() {
-                    refresh_in_background(&gw, &conn, &req, &meta, bg);
+                    refresh_in_background(gw, conn, &req, &meta, bg);
                 }
                 linger(std::mem::take(req.body_mut()), req.version());
                 // The body phase of the policies after this one (a cache hit gets the
@@ -217,7 +214,7 @@ pub async fn handle(
         (None, None) if route.aggregate.is_some() => {
             linger(std::mem::take(req.body_mut()), req.version());
             let (parts, _) = req.into_parts();
-            let (overlay, identity) = forward::own_request_headers(&snap, &fin, &parts, &conn);
+            let (overlay, identity) = forward::own_request_headers(&snap, &fin, &parts, conn);
             let result = match &route.aggregate {
                 Some(a) => Box::pin(a.run(&fin.ctx, &parts, &overlay, &identity)).await,
                 None => Err(GatewayError::new(ErrorKind::Internal, "no aggregate")),
@@ -244,7 +241,7 @@ pub async fn handle(
         (upstream, timeouts),
         &mut fin,
         req,
-        &conn,
+        conn,
         prefix_len,
     )
     .await
@@ -305,7 +302,7 @@ fn refresh_in_background(
     };
     let (gw, conn) = (gw.clone(), conn.clone());
     tokio::spawn(async move {
-        let Ok(resp) = Box::pin(handle(gw, conn, copy, meta)).await;
+        let Ok(resp) = Box::pin(handle(&gw, &conn, copy, meta)).await;
         let mut body = std::pin::pin!(resp.into_body());
         while let Some(Ok(_)) =
             std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx)).await

@@ -228,12 +228,8 @@ async fn serve_io<I>(
         let svc_conn = conn.clone();
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let meta = Meta::of(req.headers());
-            handle(
-                gw.clone(),
-                svc_conn.clone(),
-                req.map(|b| Body::incoming(b, None)),
-                meta,
-            )
+            let (gw, conn) = (gw.clone(), svc_conn.clone());
+            async move { handle(&gw, &conn, req.map(|b| Body::incoming(b, None)), meta).await }
         });
         let c = watcher.watch(builders.h2.serve_connection(TokioIo::new(io), service));
         match idle_guard(c, &conn, builders.idle).await {

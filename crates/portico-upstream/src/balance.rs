@@ -325,6 +325,11 @@ impl Schedule {
         if n == 0 {
             return None;
         }
+        if n == 1 {
+            // One target: no turn to take (and no shared counter to bump).
+            let idx = self.order[0] as usize;
+            return usable(idx).then_some(idx);
+        }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for k in 0..n {
             let idx = self.order[(start + k) % n] as usize;
