@@ -44,7 +44,11 @@ HAPROXY_PORT="${HAPROXY_PORT:-$((BASE_PORT + 2))}"
 PORTICO_PORT="${PORTICO_PORT:-$((BASE_PORT + 3))}"
 PORTICO_ADMIN_PORT="${PORTICO_ADMIN_PORT:-$((BASE_PORT + 4))}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT_DIR/target}"
-PORTICO_BIN="${PORTICO_BIN:-$TARGET_DIR/release/portico}"
+# Portico is built with the `dist` profile (fat LTO, one codegen unit: how a release
+# binary ships); PROFILE=release measures the everyday build instead. The upstream is
+# always the release build, so that ratios compare with earlier runs.
+PROFILE="${PROFILE:-dist}"
+PORTICO_BIN="${PORTICO_BIN:-$TARGET_DIR/$PROFILE/portico}"
 UPSTREAM_BIN="${UPSTREAM_BIN:-$TARGET_DIR/release/portico-bench-upstream}"
 RESULTS_DIR="${RESULTS_DIR:-$BENCH_DIR/results}"
 # Portico's upstream: PORTICO_BALANCE sets its `balance:` (unset: the configuration's
@@ -122,8 +126,9 @@ build() {
         log "SKIP_BUILD=1: using existing binaries"
         return
     fi
-    log "cargo build --release -p portico -p portico-bench-upstream"
-    if ! (cd "$ROOT_DIR" && cargo build --release -p portico -p portico-bench-upstream); then
+    log "cargo build --profile $PROFILE -p portico; cargo build --release -p portico-bench-upstream"
+    if ! (cd "$ROOT_DIR" && cargo build --release -p portico-bench-upstream \
+        && cargo build --profile "$PROFILE" -p portico); then
         warn "building portico failed; building the upstream alone"
         PORTICO_STALE=1
         (cd "$ROOT_DIR" && cargo build --release -p portico-bench-upstream) \
