@@ -400,6 +400,37 @@ async fn total_timeout_bounds_every_try_together() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn total_timeout_bounds_a_request_body_that_keeps_streaming() {
+    // The upload never stalls long enough for `idle`, and `request` only starts once
+    // the body ends: `total` alone ends the exchange while the body still streams.
+    let a = Upstream::start("a").await;
+    let env = start(&format!(
+        "upstreams:\n  u:\n    targets: [{{url: \"{}\"}}]\n    timeouts: {{request: 10s, idle: 5s, total: 800ms}}\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n",
+        a.url()
+    ))
+    .await;
+    // 15 pieces, one every 200 ms: 3 s of upload.
+    let chunks = futures_util::stream::unfold(0u32, |i| async move {
+        if i == 15 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((Ok::<_, std::io::Error>(vec![b'u'; 1024]), i + 1))
+    });
+    let r = http_client()
+        .post(format!("http://{}/upload", env.addr))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("the gateway answers while the body is still being sent");
+    let code = r.status().as_u16();
+    let body = r.text().await.unwrap_or_default();
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("upstream_timeout"), "{body}");
+    assert!(body.contains("total timeout (800ms"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn keepalive_closes_unused_pooled_connections() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;

@@ -105,23 +105,26 @@ impl http_body::Body for Clocked {
 
 /// Awaits `fut` (the upstream exchange up to the response headers): within `request`
 /// of the end of the request body (of the start, without one), and, while the body is
-/// being sent, within `idle` of its last progress.
+/// being sent, within `idle` of its last progress; never after `total` (the route's
+/// `total` timeout, which a body that keeps streaming must not outlast).
 /// `start` is now (the caller's clock reading, reused).
 pub fn send<F: Future>(
     fut: F,
     clock: Option<&BodyClock>,
     start: Instant,
-    request: Duration,
-    idle: Duration,
+    (request, idle): (Duration, Duration),
+    total: Option<Instant>,
 ) -> Deadline<'_, F> {
     let first = match clock {
         Some(c) => c.deadline(request, idle).0,
         None => start + request,
     };
+    let first = total.map_or(first, |t| first.min(t));
     Deadline {
         fut,
         sleep: tokio::time::sleep_until(first),
         armed: false,
+        total,
         clock,
         request,
         idle,
@@ -140,6 +143,7 @@ pin_project_lite::pin_project! {
         // The sleep is registered with the task (polled once, pending, not reset since):
         // until it fires, there is no need to poll it again at each wake-up.
         armed: bool,
+        total: Option<Instant>,
         clock: Option<&'a BodyClock>,
         request: Duration,
         idle: Duration,
@@ -155,10 +159,16 @@ impl<F: Future> Future for Deadline<'_, F> {
         if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        let (request, idle, start) = (*this.request, *this.idle, *this.start);
-        let deadline = |c: Option<&BodyClock>| match c {
-            Some(c) => c.deadline(request, idle),
-            None => (start + request, false),
+        let (request, idle, start, total) = (*this.request, *this.idle, *this.start, *this.total);
+        let deadline = |c: Option<&BodyClock>| {
+            let (at, streaming) = match c {
+                Some(c) => c.deadline(request, idle),
+                None => (start + request, false),
+            };
+            match total {
+                Some(t) if t < at => (t, streaming),
+                _ => (at, streaming),
+            }
         };
         loop {
             let (at, streaming) = deadline(*this.clock);

@@ -398,8 +398,8 @@ pub async fn forward(
             )),
             clock.as_deref(),
             sent,
-            per_try,
-            timeouts.idle.0,
+            (per_try, timeouts.idle.0),
+            deadline,
         );
         let result = match (hedge, hedge_head) {
             // Boxed, and in a function of its own: the second try's state would
@@ -704,8 +704,8 @@ async fn hedged<'s>(
         )),
         None,
         sent2,
-        per_try2,
-        timeouts.idle.0,
+        (per_try2, timeouts.idle.0),
+        h.deadline,
     );
     let (r, hedge_won) = race(primary, second).await;
     drop(second_in_flight);
