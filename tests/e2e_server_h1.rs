@@ -1575,6 +1575,29 @@ async fn heads_over_the_raw_buffer_get_json_414_or_431() {
     assert_eq!(up.heads(), 1, "nothing else reached the upstream");
 }
 
+/// With the default limits the raw head buffer holds more than a URI can be (the
+/// `http` crate stops at 65534 bytes): a 70 KB target is too long (414), not a malformed
+/// one (400).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_longer_than_any_uri_is_414_with_default_limits() {
+    let up = RawUpstream::counting().await;
+    let env = gateway(&format!(
+        "upstreams:\n  u: {{targets: [{{url: \"http://{}\"}}]}}\n\
+         routes:\n  - {{name: r, paths: [\"/*\"], upstream: u}}\n",
+        up.addr
+    ))
+    .await;
+    for n in [20_000, 70_000] {
+        let what = format!("{n}-byte target");
+        let req = format!("GET /{} HTTP/1.1\r\nHost: gateway\r\n\r\n", "a".repeat(n));
+        let mut c = Client::connect(env.addr).await;
+        c.send_lenient(req.as_bytes()).await;
+        let r = c.response(&what).await;
+        assert_error(&r, 414, "uri_too_long", &what);
+    }
+    assert_eq!(up.heads(), 0, "nothing reached the upstream");
+}
+
 // ---------------------------------------------------------------------------------
 // Regressions from the review of the HTTP/1.1 codec
 // ---------------------------------------------------------------------------------

@@ -369,6 +369,14 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
     let mut spans = FieldSpans::default();
     spans.record(buf, req.headers);
     let head = buf.split_to(len).freeze();
+    // A URI has at most 65534 bytes (the `http` crate's limit, far above the default
+    // `limits.max_uri_length`): a longer target is too long, not malformed.
+    if path_at.1 > usize::from(u16::MAX - 1) {
+        return Err(Refusal::Status(
+            ErrorKind::UriTooLong,
+            "the request target is longer than 65534 bytes",
+        ));
+    }
     let uri = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1))
         .map_err(|_| bad("the request target is not a valid URI"))?;
     let mut headers = HeaderMap::with_capacity(count);
