@@ -181,8 +181,30 @@ fn one_slot(url: &str, retries: &str) -> String {
     )
 }
 
+/// `adaptive_concurrency` of upstream `u` in the admin API.
 async fn adaptive_state(env: &LocalGateway) -> Value {
-    admin_json(env, "/admin/upstreams").await["upstreams"][0]["adaptive_concurrency"].clone()
+    let v = admin_json(env, "/admin/upstreams").await;
+    let u = v["upstreams"]
+        .as_array()
+        .and_then(|a| a.iter().find(|u| u["name"] == "u"));
+    u.unwrap()["adaptive_concurrency"].clone()
+}
+
+/// Wait until upstream `u` has no try in flight (the first try's answer reached the
+/// gateway).
+async fn until_idle(env: &LocalGateway) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let a = adaptive_state(env).await;
+        if a["in_flight"] == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still in flight: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -281,6 +303,9 @@ async fn the_pause_between_retries_holds_no_concurrency_slot() {
         async move { http_client().get(format!("{url}/flaky")).send().await }
     });
     until_count(&hits, 1).await;
+    // Its answer is in: the retry waits, and nothing is in flight meanwhile.
+    until_idle(&env).await;
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the retry has not gone yet");
     let r = http_client()
         .get(format!("{url}/other"))
         .send()
@@ -317,6 +342,7 @@ async fn a_retry_refused_by_the_limit_gives_the_last_answer() {
         }
     });
     until_count(&hits, 1).await;
+    until_idle(&env).await;
     let slow = tokio::spawn({
         let url = url.clone();
         async move {
@@ -337,4 +363,47 @@ async fn a_retry_refused_by_the_limit_gives_the_last_answer() {
         assert_eq!(adaptive_state(&env).await["shed"], 1);
         assert_eq!(slow.await.unwrap().status(), 200);
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_refused_by_the_limit_is_not_mirrored() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let up = flaky(hits, Duration::from_secs(2)).await;
+    let mirror = Upstream::start("mirror").await;
+    let env = start(&format!(
+        "upstreams:\n  u:\n    targets: [{{url: \"{}\"}}]\n    adaptive_concurrency: {{initial_limit: 1, min_limit: 1, max_limit: 1, min_samples: 1000}}\n  m:\n    targets: [{{url: \"{}\"}}]\nroutes:\n  - {{name: r, paths: [\"/*\"], upstream: u, mirror: {{upstream: m}}}}\n",
+        up.url(),
+        mirror.url()
+    ))
+    .await;
+    let url = format!("http://{}", env.addr);
+    let slow = tokio::spawn({
+        let url = url.clone();
+        async move {
+            http_client()
+                .get(format!("{url}/slow"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while up.hits() < 1 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let r = http_client().get(format!("{url}/b")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_overloaded", "{v}");
+    assert_eq!(slow.await.unwrap().status(), 200);
+    // The first request's copy arrives; the refused one's never does.
+    while mirror.hits() < 1 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mirror.hits(), 1);
+    assert_eq!(adaptive_state(&env).await["shed"], 1);
 }

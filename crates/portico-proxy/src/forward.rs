@@ -210,6 +210,11 @@ pub async fn forward(
     // A copy for the route's mirror (sampled), taken as the request goes upstream.
     let body = match &route.mirror {
         Some(m) => {
+            // A request the adaptive limit would refuse now is not copied either (its
+            // first try takes its own slot below).
+            if let Some(a) = up.adaptive.as_deref().filter(|a| a.shed_if_full()) {
+                return Err(overloaded(up, a));
+            }
             let len = known_length(&body, &parts.headers);
             let (b, pending) = m.begin(&parts, &overlay, body, len);
             fin.mirror = pending;

@@ -141,6 +141,17 @@ impl AdaptiveLimit {
         })
     }
 
+    /// Whether a try would be refused now; if so it counts as refused (`shed`). For a
+    /// request about to start work on the upstream's behalf before its first try (a
+    /// mirrored copy): one the limit would refuse does not start it.
+    pub fn shed_if_full(&self) -> bool {
+        let full = self.in_flight.load(Ordering::Relaxed) >= self.limit.load(Ordering::Relaxed);
+        if full {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+        }
+        full
+    }
+
     fn sample(&self, latency: Duration, now: u64, epoch: u64) {
         let measuring = self.measuring.load(Ordering::Relaxed);
         if measuring && epoch != self.epoch.load(Ordering::Relaxed) {
@@ -314,7 +325,11 @@ mod tests {
         let held: Vec<_> = (0..3).map(|_| l.try_acquire().unwrap()).collect();
         assert!(l.try_acquire().is_none());
         assert_eq!(l.shed.load(Ordering::Relaxed), 1);
+        assert!(l.shed_if_full());
+        assert_eq!(l.shed.load(Ordering::Relaxed), 2);
         drop(held);
+        assert!(!l.shed_if_full());
+        assert_eq!(l.shed.load(Ordering::Relaxed), 2);
         assert!(l.try_acquire().is_some());
     }
 }
