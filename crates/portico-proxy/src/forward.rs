@@ -207,27 +207,14 @@ pub async fn forward(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     let replayable = idempotent && body.is_end_stream();
-    // Adaptive concurrency: above the learnt limit, the request is not sent.
-    let admitted = match &up.adaptive {
-        Some(a) => match a.try_acquire() {
-            Some(adm) => Some(adm),
-            None => {
-                return Err(GatewayError::new(
-                    ErrorKind::UpstreamOverloaded,
-                    format!(
-                        "upstream `{}` is at its adaptive concurrency limit ({} in flight); the request was not sent",
-                        up.name,
-                        a.limit()
-                    ),
-                )
-                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")))
-            }
-        },
-        None => None,
-    };
     // A copy for the route's mirror (sampled), taken as the request goes upstream.
     let body = match &route.mirror {
         Some(m) => {
+            // A request the adaptive limit would refuse now is not copied either (its
+            // first try takes its own slot below).
+            if let Some(a) = up.adaptive.as_deref().filter(|a| a.shed_if_full()) {
+                return Err(overloaded(up, a));
+            }
             let len = known_length(&body, &parts.headers);
             let (b, pending) = m.begin(&parts, &overlay, body, len);
             fin.mirror = pending;
@@ -311,6 +298,19 @@ pub async fn forward(
             (Some(b), _) => Body::full(b.clone()),
             (None, Some(b)) => b,
             (None, None) => break,
+        };
+        // Adaptive concurrency: a slot for as long as this try is in flight to the
+        // upstream (until its response head, or its failure), taken only now: not
+        // while a kept body is read from the client, nor during the pause between
+        // tries. Above the learnt limit the try is not sent: a first try is refused
+        // with 503, a retry leaves the client the last answer (as the budget does).
+        let admitted = match &up.adaptive {
+            Some(a) => match a.try_acquire() {
+                Some(adm) => Some(adm),
+                None if last.is_some() => break,
+                None => return Err(overloaded(up, a)),
+            },
+            None => None,
         };
         // The target, and the breaker's permit.
         let mut refused: Option<Rejected> = None;
@@ -512,6 +512,8 @@ pub async fn forward(
                 (Err(timeout), Some(RetryOn::Timeout), Some(true))
             }
         };
+        // The try is over: its slot is free before any pause for a retry.
+        drop(admitted);
         if let (Some(p), Some(circuit)) = (permit, &up.circuit) {
             let now = now_ms();
             let t = match failure {
@@ -743,6 +745,20 @@ async fn race(
             (first.await, false)
         }
     }
+}
+
+/// The answer when the adaptive concurrency limit refused a request's first try.
+#[cold]
+fn overloaded(up: &Upstream, a: &portico_upstream::adaptive::AdaptiveLimit) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::UpstreamOverloaded,
+        format!(
+            "upstream `{}` is at its adaptive concurrency limit ({} in flight); the request was not sent",
+            up.name,
+            a.limit()
+        ),
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
 
 /// The answer when the breaker refused the request: the configured fallback, or the

@@ -17,7 +17,12 @@
 //!   A window in which the upstream never had half the limit in flight does not raise
 //!   the limit (low load says nothing about capacity).
 //!
-//! Per request: one `fetch_add` to enter (refused at the limit), at the end one
+//! What is limited is each try while it is in flight to the upstream: the caller
+//! takes a slot ([`AdaptiveLimit::try_acquire`]) just before sending, samples the
+//! time to the response head, and frees the slot then (or when the try fails), not
+//! while it reads a request body from the client or pauses between retries.
+//!
+//! Per try: one `fetch_add` to enter (refused at the limit), at the end one
 //! `fetch_sub`, a few `fetch_add`s to the window and a clock read; the window's end
 //! is claimed by one thread with a compare-exchange. No locks.
 
@@ -51,11 +56,11 @@ pub struct AdaptiveLimit {
     /// Counts phase changes: only samples of requests admitted in the current
     /// measuring phase count towards `min_rtt`.
     epoch: AtomicU64,
-    /// Requests refused.
+    /// Tries refused.
     pub shed: AtomicU64,
 }
 
-/// A request admitted; dropping it releases its slot.
+/// A try admitted (in flight to the upstream); dropping it releases its slot.
 #[derive(Debug)]
 pub struct Admitted<'a> {
     limit: &'a AdaptiveLimit,
@@ -120,7 +125,8 @@ impl AdaptiveLimit {
         self.measuring.load(Ordering::Relaxed)
     }
 
-    /// Admit a request, or refuse it (`None`) when the limit is reached.
+    /// Admit a try about to be sent, or refuse it (`None`, counted in `shed`) when the
+    /// limit is reached. Hold the slot only while the try is in flight.
     pub fn try_acquire(&self) -> Option<Admitted<'_>> {
         let n = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         if n > self.limit.load(Ordering::Relaxed) {
@@ -133,6 +139,17 @@ impl AdaptiveLimit {
             limit: self,
             epoch: self.epoch.load(Ordering::Relaxed),
         })
+    }
+
+    /// Whether a try would be refused now; if so it counts as refused (`shed`). For a
+    /// request about to start work on the upstream's behalf before its first try (a
+    /// mirrored copy): one the limit would refuse does not start it.
+    pub fn shed_if_full(&self) -> bool {
+        let full = self.in_flight.load(Ordering::Relaxed) >= self.limit.load(Ordering::Relaxed);
+        if full {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+        }
+        full
     }
 
     fn sample(&self, latency: Duration, now: u64, epoch: u64) {
@@ -308,7 +325,11 @@ mod tests {
         let held: Vec<_> = (0..3).map(|_| l.try_acquire().unwrap()).collect();
         assert!(l.try_acquire().is_none());
         assert_eq!(l.shed.load(Ordering::Relaxed), 1);
+        assert!(l.shed_if_full());
+        assert_eq!(l.shed.load(Ordering::Relaxed), 2);
         drop(held);
+        assert!(!l.shed_if_full());
+        assert_eq!(l.shed.load(Ordering::Relaxed), 2);
         assert!(l.try_acquire().is_some());
     }
 }

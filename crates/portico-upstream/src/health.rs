@@ -148,13 +148,18 @@ impl TargetHealth {
     /// on ejected targets). The ejection lasts `base` × (1 + level), at most `max`,
     /// where the level counts recent ejections: it drops by one per `base` the target
     /// has spent in rotation since its last ejection ended.
-    pub fn failure(
+    ///
+    /// `may_eject` is only called once the streak reaches the threshold; what it
+    /// returns (`Some`: allowed) is held until the ejection is recorded, so a guard
+    /// that serializes the decisions of a target set makes the cap's check and the
+    /// ejection one step (the cap then holds under concurrent failures).
+    pub fn failure<G>(
         &self,
         kind: Streak,
         now: u64,
         threshold: u32,
         ej: Ejection,
-        may_eject: impl FnOnce() -> bool,
+        may_eject: impl FnOnce() -> Option<G>,
     ) -> bool {
         // While ejected, late failures (requests sent before the ejection, panic
         // mode) do not count: the target starts afresh when it returns.
@@ -162,7 +167,14 @@ impl TargetHealth {
             return false;
         }
         let n = self.streaks[kind.slot()].fetch_add(1, Ordering::Relaxed) + 1;
-        if n < threshold || !may_eject() {
+        if n < threshold {
+            return false;
+        }
+        let Some(_allowed) = may_eject() else {
+            return false;
+        };
+        // Another failure of this target may have ejected it meanwhile: once is enough.
+        if self.ejected(now) {
             return false;
         }
         for s in &self.streaks {
@@ -300,7 +312,7 @@ mod tests {
     };
 
     fn fail(h: &TargetHealth, now: u64) -> bool {
-        h.failure(Streak::Connect, now, 3, EJ, || true)
+        h.failure(Streak::Connect, now, 3, EJ, || Some(()))
     }
 
     #[test]
@@ -343,19 +355,19 @@ mod tests {
     fn streaks_are_counted_apart_and_capped() {
         let h = TargetHealth::default();
         // 5xx answers do not end a 5xx streak; other answers do.
-        assert!(!h.failure(Streak::Status5xx, 0, 2, EJ, || true));
+        assert!(!h.failure(Streak::Status5xx, 0, 2, EJ, || Some(())));
         h.success(true);
-        assert!(h.failure(Streak::Status5xx, 0, 2, EJ, || true));
+        assert!(h.failure(Streak::Status5xx, 0, 2, EJ, || Some(())));
         let h = TargetHealth::default();
-        assert!(!h.failure(Streak::Timeout, 0, 2, EJ, || true));
+        assert!(!h.failure(Streak::Timeout, 0, 2, EJ, || Some(())));
         h.success(false);
-        assert!(!h.failure(Streak::Timeout, 0, 2, EJ, || true));
+        assert!(!h.failure(Streak::Timeout, 0, 2, EJ, || Some(())));
         // The cap refuses: no ejection, the target stays available.
-        assert!(!h.failure(Streak::Timeout, 0, 2, EJ, || false));
+        assert!(!h.failure(Streak::Timeout, 0, 2, EJ, || None::<()>));
         assert!(h.available(1));
         // Threshold 0: never.
         for _ in 0..10 {
-            assert!(!h.failure(Streak::Connect, 0, 0, EJ, || true));
+            assert!(!h.failure(Streak::Connect, 0, 0, EJ, || Some(())));
         }
     }
 

@@ -264,9 +264,14 @@ impl Upstream {
             base_ms: p.ejection_time.0.as_millis() as u64,
             max_ms: p.max_ejection_time.0.as_millis() as u64,
         };
+        // The cap's check and the ejection are one step: decisions of the upstream's
+        // target set are taken one at a time (only when a streak reaches its threshold,
+        // never on the way of an ordinary request), and the ejected targets are counted
+        // under the gate from their ejection times, so expiry needs no bookkeeping.
         let may_eject = || {
+            let gate = self.live.eject_gate();
             let cap = (set.targets.len() * p.max_ejected_percent as usize / 100).max(1);
-            set.targets.iter().filter(|t| t.health.ejected(now)).count() < cap
+            (set.targets.iter().filter(|t| t.health.ejected(now)).count() < cap).then_some(gate)
         };
         if t.health.failure(kind, now, threshold, ej, may_eject) {
             let secs = (t.health.ejected_until().saturating_sub(now)) as f64 / 1000.0;
@@ -875,5 +880,72 @@ mod tests {
         assert_eq!(stop.unless_stopped(|| 1), Some(1));
         stop.stop();
         assert_eq!(stop.unless_stopped(|| 1), None);
+    }
+
+    /// An upstream of `n` targets (nothing listens) whose every connect failure ejects
+    /// its target for an hour, at most `percent` of them at once.
+    fn ejecting(n: usize, percent: u32) -> Arc<Upstream> {
+        let targets: Vec<_> = (0..n)
+            .map(|i| json!({"url": format!("http://127.0.0.1:{}", 1 + i)}))
+            .collect();
+        let cfg = config(json!({
+            "targets": targets,
+            "health": {"passive": {
+                "consecutive_failures": 1,
+                "ejection_time": "1h",
+                "max_ejection_time": "1h",
+                "max_ejected_percent": percent,
+            }},
+        }));
+        publish(&UpstreamState::default(), &cfg)
+    }
+
+    fn ejected_now(set: &TargetSet) -> usize {
+        let now = now_ms();
+        set.targets.iter().filter(|t| t.health.ejected(now)).count()
+    }
+
+    #[test]
+    fn concurrent_failures_never_eject_more_than_the_cap() {
+        // 10 targets at 20 %: at most 2 ejected, however many threads fail at once.
+        const THREADS: usize = 4;
+        for round in 0..200 {
+            let u = ejecting(10, 20);
+            let set = u.live.current();
+            let start = std::sync::Barrier::new(THREADS);
+            let peak = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for k in 0..THREADS {
+                    let (u, set, start, peak) = (&u, &set, &start, &peak);
+                    s.spawn(move || {
+                        start.wait();
+                        for j in 0..set.targets.len() {
+                            // Each thread starts on other targets.
+                            let i = (j + k * 3) % set.targets.len();
+                            u.connect_failed(set, i);
+                            peak.fetch_max(ejected_now(set), std::sync::atomic::Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+            let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(peak <= 2, "round {round}: {peak} of 10 ejected at once");
+            // Every target failed: the cap is reached, not undershot.
+            assert_eq!(ejected_now(&set), 2, "round {round}");
+            let ejections: u64 = set.targets.iter().map(|t| t.health.ejections()).sum();
+            assert_eq!(ejections, 2, "round {round}: one ejection per target");
+        }
+    }
+
+    #[test]
+    fn one_target_may_always_be_ejected() {
+        // 1 % of 3 rounds down to none: one is ejected all the same, not two.
+        let u = ejecting(3, 1);
+        let set = u.live.current();
+        for i in 0..3 {
+            u.connect_failed(&set, i);
+        }
+        assert_eq!(ejected_now(&set), 1);
+        assert!(set.targets[0].health.ejected(now_ms()));
     }
 }

@@ -265,6 +265,9 @@ pub struct Live {
     inner: Mutex<Inner>,
     maps: Arc<Maps>,
     pub discovery: DiscoveryStatus,
+    /// Held while passive health decides whether one of this upstream's targets is
+    /// ejected (`max_ejected_percent`): the count and the ejection are one step.
+    eject_gate: Mutex<()>,
 }
 
 struct Inner {
@@ -297,7 +300,15 @@ impl Live {
             }),
             maps,
             discovery: DiscoveryStatus::default(),
+            eject_gate: Mutex::new(()),
         })
+    }
+
+    /// Serializes passive health's ejection decisions for this upstream (see
+    /// [`crate::Upstream`]'s streak handling): taken only when a failure streak reaches
+    /// its threshold.
+    pub(crate) fn eject_gate(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.eject_gate.lock()
     }
 
     pub fn name(&self) -> &str {
