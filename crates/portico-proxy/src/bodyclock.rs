@@ -122,7 +122,7 @@ pub fn send<F: Future>(
     let first = total.map_or(first, |t| first.min(t));
     Deadline {
         fut,
-        sleep: tokio::time::sleep_until(first),
+        sleep: PooledSleep::take(first),
         armed: false,
         total,
         clock,
@@ -132,14 +132,56 @@ pub fn send<F: Future>(
     }
 }
 
+/// A try's timer, taken from (and given back to) a small per-thread pool: a timer
+/// reset to a new deadline costs less than one made, registered and cancelled for
+/// every request.
+pub struct PooledSleep(Option<Pin<Box<tokio::time::Sleep>>>);
+
+const POOLED_SLEEPS: usize = 64;
+
+thread_local! {
+    static SLEEPS: std::cell::RefCell<Vec<Pin<Box<tokio::time::Sleep>>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl PooledSleep {
+    fn take(at: Instant) -> PooledSleep {
+        let pooled = SLEEPS.with(|s| s.borrow_mut().pop());
+        PooledSleep(Some(match pooled {
+            Some(mut s) => {
+                s.as_mut().reset(at);
+                s
+            }
+            None => Box::pin(tokio::time::sleep_until(at)),
+        }))
+    }
+
+    fn get(&mut self) -> &mut Pin<Box<tokio::time::Sleep>> {
+        self.0
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now())))
+    }
+}
+
+impl Drop for PooledSleep {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            SLEEPS.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOLED_SLEEPS {
+                    p.push(s);
+                }
+            });
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// The future returned by [`send`]: the exchange under its moving deadline. A
     /// hand-written future (not an `async fn`) so the exchange is stored once, in place.
     pub struct Deadline<'a, F> {
         #[pin]
         fut: F,
-        #[pin]
-        sleep: tokio::time::Sleep,
+        sleep: PooledSleep,
         // The sleep is registered with the task (polled once, pending, not reset since):
         // until it fires, there is no need to poll it again at each wake-up.
         armed: bool,
@@ -155,7 +197,7 @@ impl<F: Future> Future for Deadline<'_, F> {
     type Output = Result<F::Output, GatewayError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Ok(out));
         }
@@ -172,14 +214,15 @@ impl<F: Future> Future for Deadline<'_, F> {
         };
         loop {
             let (at, streaming) = deadline(*this.clock);
-            if this.sleep.deadline() != at {
-                this.sleep.as_mut().reset(at);
+            let sleep = this.sleep.get();
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
                 *this.armed = false;
             }
-            if *this.armed && !this.sleep.is_elapsed() {
+            if *this.armed && !sleep.is_elapsed() {
                 return Poll::Pending;
             }
-            if this.sleep.as_mut().poll(cx).is_pending() {
+            if sleep.as_mut().poll(cx).is_pending() {
                 *this.armed = true;
                 return Poll::Pending;
             }
