@@ -386,6 +386,25 @@ impl Shared {
             .collect()
     }
 
+    /// One call per limit for the cluster store: its key, size and period end.
+    fn redis_calls<'k>(
+        &self,
+        keys: &'k [String],
+        periods: &[(i64, i64)],
+    ) -> Vec<cluster::Call<'k>> {
+        self.limits
+            .iter()
+            .zip(keys)
+            .zip(periods)
+            .map(|((l, k), (_, end))| cluster::Call {
+                key: k,
+                amount: l.amount,
+                requests: l.requests,
+                end: *end,
+            })
+            .collect()
+    }
+
     /// Record the verdict in `ctx` (for the headers and the log phase) and answer.
     fn conclude(
         &self,
@@ -455,18 +474,7 @@ impl Policy for Quota {
                 on_error,
             } => Step::Pending(Box::pin(async move {
                 let keys = q.redis_keys(prefix, &periods, &key);
-                let calls: Vec<cluster::Call<'_>> = q
-                    .limits
-                    .iter()
-                    .zip(&keys)
-                    .zip(&periods)
-                    .map(|((l, k), (_, end))| cluster::Call {
-                        key: k,
-                        amount: l.amount,
-                        requests: l.requests,
-                        end: *end,
-                    })
-                    .collect();
+                let calls = q.redis_calls(&keys, &periods);
                 match cluster::admit(store, &calls).await {
                     Ok((admitted, used)) => {
                         q.conclude(ctx, key.into(), admitted, &used, &periods, now)
@@ -527,18 +535,7 @@ impl Policy for Quota {
                     let Backend::Cluster { store, .. } = &q.backend else {
                         return;
                     };
-                    let calls: Vec<cluster::Call<'_>> = q
-                        .limits
-                        .iter()
-                        .zip(&keys)
-                        .zip(&periods)
-                        .map(|((l, k), (_, end))| cluster::Call {
-                            key: k,
-                            amount: l.amount,
-                            requests: l.requests,
-                            end: *end,
-                        })
-                        .collect();
+                    let calls = q.redis_calls(&keys, &periods);
                     if cluster::add_bytes(store, &calls, bytes).await.is_err() {
                         q.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                     }
