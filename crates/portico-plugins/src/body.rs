@@ -44,6 +44,9 @@ pub enum Body {
     },
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
     Client(Box<dyn ClientBody>),
+    /// A body boxed where it was made (an upstream's HTTP/1.1 response body): no
+    /// wrapper, and no second move into a box.
+    Stream(Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send>>),
 }
 
 impl Body {
@@ -116,6 +119,7 @@ impl http_body::Body for Body {
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
             Body::Client(b) => Pin::new(&mut **b).poll_frame(cx),
+            Body::Stream(b) => b.as_mut().poll_frame(cx),
             Body::Incoming {
                 inner,
                 idle,
@@ -152,6 +156,7 @@ impl http_body::Body for Body {
             Body::Incoming { inner, .. } => inner.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
             Body::Client(b) => b.is_end_stream(),
+            Body::Stream(b) => b.is_end_stream(),
         }
     }
 
@@ -162,6 +167,7 @@ impl http_body::Body for Body {
             Body::Incoming { inner, .. } => inner.size_hint(),
             Body::Boxed(b) => b.size_hint(),
             Body::Client(b) => b.size_hint(),
+            Body::Stream(b) => b.size_hint(),
         }
     }
 }

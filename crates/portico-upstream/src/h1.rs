@@ -505,7 +505,7 @@ impl Sending {
     }
 
     /// The whole request has been written and flushed.
-    fn done(&self) -> bool {
+    pub fn done(&self) -> bool {
         self.finished
     }
 }
@@ -1013,10 +1013,10 @@ pub fn poll_body<R: AsyncRead + Unpin>(
 /// A streamed response body read from an HTTP/1.1 connection; the connection goes back
 /// to its pool when the body has been read to the end.
 pub struct ResponseBody {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     decoder: Decoder,
     /// The rest of the request, when the upstream answered before taking all of it.
-    sending: Option<Sending>,
+    sending: Option<Box<Sending>>,
     keep_alive: bool,
     pool: Option<Arc<TargetPool>>,
     idle: Option<Duration>,
@@ -1024,33 +1024,37 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    /// The body of `head`, read from `conn`. Returns `None` when there is no body (the
-    /// connection has then already been given back, when it can be).
+    /// The body of `head`, read from `conn`; `unsent` is the rest of the request when
+    /// the upstream answered before taking all of it. Returns `None` when there is no
+    /// body (the connection has then already been given back, when it can be).
+    /// Boxed here, where it is made: it is large, and it goes into the response.
     pub fn new(
-        conn: Conn,
+        conn: Box<Conn>,
         head: &Head,
-        sending: Sending,
+        unsent: Option<Box<Sending>>,
         pool: Option<Arc<TargetPool>>,
         idle: Option<Duration>,
-    ) -> Option<ResponseBody> {
-        let unsent = !sending.done();
-        let mut body = ResponseBody {
+    ) -> Option<Pin<Box<ResponseBody>>> {
+        // An answer that came before the whole request was sent: the rest is still
+        // sent (the upstream may be reading it), but the connection is not reused,
+        // since an upstream that stopped reading could take it for a next request.
+        let keep_alive = head.keep_alive && unsent.is_none();
+        let decoder = Decoder::new(head.framing);
+        if decoder.is_done() {
+            if let (Some(pool), true) = (pool, keep_alive) {
+                give_back(conn, &pool);
+            }
+            return None;
+        }
+        Some(Box::pin(ResponseBody {
             conn: Some(conn),
-            decoder: Decoder::new(head.framing),
-            sending: unsent.then_some(sending),
-            // An answer that came before the whole request was sent: the rest is still
-            // sent (the upstream may be reading it), but the connection is not reused,
-            // since an upstream that stopped reading could take it for a next request.
-            keep_alive: head.keep_alive && !unsent,
+            decoder,
+            sending: unsent,
+            keep_alive,
             pool,
             idle,
             timer: None,
-        };
-        if body.decoder.is_done() {
-            body.finish();
-            return None;
-        }
-        Some(body)
+        }))
     }
 
     /// The body is complete: give the connection back if it can carry another request.
@@ -1061,27 +1065,33 @@ impl ResponseBody {
         if let (Some(conn), Some(pool), true, true) =
             (conn, self.pool.take(), self.keep_alive, sent)
         {
-            if conn.rbuf.is_empty() {
-                pool.put_h1(conn);
-            }
+            give_back(conn, &pool);
         }
     }
 
-    fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+    fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.conn = None;
         self.decoder.finish();
-        Poll::Ready(Some(Err(e)))
+        Poll::Ready(Some(Err(Box::new(e))))
+    }
+}
+
+/// A connection whose exchange ended cleanly goes back to its pool, unless the
+/// upstream sent more than the response (nothing may follow an answer unasked).
+fn give_back(conn: Box<Conn>, pool: &TargetPool) {
+    if conn.rbuf.is_empty() {
+        pool.put_h1(conn);
     }
 }
 
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
-    type Error = Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let Some(conn) = this.conn.as_mut() else {
             return Poll::Ready(None);

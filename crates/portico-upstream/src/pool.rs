@@ -95,7 +95,7 @@ impl SendError {
 }
 
 struct Idle {
-    conn: h1::Conn,
+    conn: Box<h1::Conn>,
     since: Instant,
 }
 
@@ -124,8 +124,11 @@ impl std::fmt::Debug for TargetPool {
     }
 }
 
+/// A connection checked out for one exchange. An HTTP/1.1 connection is boxed once,
+/// when it is made: it moves from the pool to the exchange to the response body and
+/// back for every request, and a pointer is cheaper to move than its state.
 enum Conn {
-    H1(h1::Conn),
+    H1(Box<h1::Conn>),
     H2(http2::SendRequest<Body>),
 }
 
@@ -172,7 +175,7 @@ impl TargetPool {
     }
 
     /// Take back an HTTP/1.1 connection whose exchange completed cleanly.
-    pub(crate) fn put_h1(&self, conn: h1::Conn) {
+    pub(crate) fn put_h1(&self, conn: Box<h1::Conn>) {
         let now = portico_plugins::clock::now();
         let mut idle = self.idle.lock();
         // The list is used as a stack, so the oldest connections sit at the front:
@@ -283,7 +286,9 @@ impl TargetPool {
         loop {
             let outcome = match conn {
                 Conn::H1(c) => self.send_h1(c, reused, parts, body, overlay, t).await,
-                Conn::H2(c) => self.send_h2(c, reused, parts, body, overlay, t).await,
+                // Boxed: hyper's exchange state is large, and only HTTP/2 upstreams
+                // need it.
+                Conn::H2(c) => Box::pin(self.send_h2(c, reused, parts, body, overlay, t)).await,
             };
             match outcome {
                 Outcome::Done(r) => return r,
@@ -294,7 +299,7 @@ impl TargetPool {
 
     async fn send_h1(
         &self,
-        mut conn: h1::Conn,
+        mut conn: Box<h1::Conn>,
         mut reused: bool,
         parts: &mut http::request::Parts,
         body: Body,
@@ -321,10 +326,17 @@ impl TargetPool {
                     let mut resp = Response::new(Body::Empty);
                     *resp.status_mut() = h.status;
                     *resp.version_mut() = h.version;
-                    let body = ResponseBody::new(conn, &h, sending, self.me.upgrade(), idle);
+                    // The rest of the request, when the upstream answered before taking all of
+                    // it (rare: boxed only then).
+                    let unsent = if sending.done() {
+                        None
+                    } else {
+                        Some(Box::new(sending))
+                    };
+                    let body = ResponseBody::new(conn, &h, unsent, self.me.upgrade(), idle);
                     *resp.headers_mut() = h.headers;
                     if let Some(b) = body {
-                        *resp.body_mut() = Body::boxed(b);
+                        *resp.body_mut() = Body::Stream(b);
                     }
                     return Outcome::Done(Ok(resp));
                 }
@@ -469,12 +481,14 @@ impl TargetPool {
             if h2 {
                 self.handshake_h2(TokioIo::new(tls)).await
             } else {
-                Ok(Conn::H1(h1::Conn::new(Stream::Tls(Box::new(tls)))))
+                Ok(Conn::H1(Box::new(h1::Conn::new(Stream::Tls(Box::new(
+                    tls,
+                ))))))
             }
         } else if matches!(c.protocol, Protocol::H2 | Protocol::H2c) {
             self.handshake_h2(TokioIo::new(tcp)).await
         } else {
-            Ok(Conn::H1(h1::Conn::new(Stream::Tcp(tcp))))
+            Ok(Conn::H1(Box::new(h1::Conn::new(Stream::Tcp(tcp)))))
         }
     }
 
