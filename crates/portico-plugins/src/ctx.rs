@@ -74,6 +74,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    #[inline]
     pub fn new(
         request_id: String,
         client_ip: IpAddr,

@@ -130,14 +130,13 @@ pub async fn forward(
     route: &CompiledRoute,
     (up, timeouts): (&Upstream, &Timeouts),
     fin: &mut Finish,
-    req: Request<Body>,
+    (parts, body): (&mut http::request::Parts, Body),
     conn: &ConnInfo,
     prefix_len: Option<usize>,
 ) -> Result<Response<Body>, GatewayError> {
-    let (mut parts, body) = req.into_parts();
     // `consistent_hash`: the request key, on the request as the client sent it (only
     // evaluated when the upstream has one).
-    let key_hash = up.key_hash(|k| fin.ctx.key(&parts, k));
+    let key_hash = up.key_hash(|k| fin.ctx.key(parts, k));
     // Most requests go upstream with the path they came with: reuse it, unparsed.
     let unchanged = route.rewrite.is_none()
         && !(route.strip_prefix && prefix_len.is_some())
@@ -145,7 +144,7 @@ pub async fn forward(
     let pq = match parts.uri.path_and_query() {
         Some(pq) if unchanged => pq.clone(),
         _ => {
-            let p = upstream_path(route, fin, &parts, prefix_len);
+            let p = upstream_path(route, fin, parts, prefix_len);
             // A substituted value of exactly `.` or `..` (path captures never are:
             // routing removed dot segments) would climb out of the rewritten path.
             if route.rewrite.is_some() && portico_plugins::ctx::has_dot_segment(&p) {
@@ -194,7 +193,7 @@ pub async fn forward(
         // they will be sent.
         overlay.apply(&mut parts.headers);
         for entry in &route.chain {
-            entry.policy.upstream_request(&mut fin.ctx, &mut parts);
+            entry.policy.upstream_request(&mut fin.ctx, parts);
         }
     }
 
@@ -216,7 +215,7 @@ pub async fn forward(
                 return Err(overloaded(up, a));
             }
             let len = known_length(&body, &parts.headers);
-            let (b, pending) = m.begin(&parts, &overlay, body, len);
+            let (b, pending) = m.begin(parts, &overlay, body, len);
             fin.mirror = pending;
             b
         }
@@ -389,7 +388,7 @@ pub async fn forward(
         // the futures around it move (measured: ~1k instructions per request).
         let primary = bodyclock::send(
             Box::pin(first.pool.send(
-                &mut parts,
+                parts,
                 request_body,
                 &overlay,
                 timeouts.connect.0,

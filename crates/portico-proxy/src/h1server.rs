@@ -33,8 +33,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use portico_plugins::body::{ClientBody, IdleTimeout, DRAIN_MAX_TIME};
 use portico_plugins::{Body, BoxError, ErrorKind, GatewayError};
@@ -49,7 +49,7 @@ use tokio_util::io::poll_read_buf;
 
 use crate::gateway::Gateway;
 use crate::logbody::LogBody;
-use crate::pipeline::{handle, ConnInfo, Meta};
+use crate::pipeline::{handle, ConnInfo, Received};
 
 /// Header fields parsed on the stack; a larger configured limit parses into the heap.
 const STACK_HEADERS: usize = 128;
@@ -150,7 +150,7 @@ pub async fn serve<S>(
             p = read_head(rd, &settings) => p,
             _ = &mut stopping => return,
         };
-        let (req, info, meta) = match parsed {
+        let (mut req, info) = match parsed {
             Ok(Some(p)) => p,
             Ok(None) => return,
             Err(Refusal::Status(kind, msg)) => {
@@ -169,8 +169,8 @@ pub async fn serve<S>(
         // The body takes the read side along; it comes back when the body is read.
         let mut returned = None;
         let mut continue_wanted = None;
-        let req = match info.body {
-            None => req,
+        match info.body {
+            None => {}
             Some(framing) => {
                 let (tx, rx) = oneshot::channel();
                 returned = Some(rx);
@@ -185,13 +185,13 @@ pub async fn serve<S>(
                     counter: None,
                     continue_wanted: notify,
                 };
-                req.map(|_| Body::Client(Box::new(body)))
+                req.body = Body::Client(Box::new(body));
             }
-        };
+        }
         let mut continued = false;
         let resp = {
             // Pinned where it is made: the request's future is large, moving it costs.
-            let mut fut = std::pin::pin!(handle(&gw, &conn, req, meta));
+            let mut fut = std::pin::pin!(handle(&gw, &conn, req));
             match &continue_wanted {
                 None => fut.await,
                 Some(n) => loop {
@@ -328,7 +328,7 @@ fn bad(msg: &'static str) -> Refusal {
 }
 
 /// A parsed request head.
-type Parsed = (Request<Body>, Info, Meta);
+type Parsed = (Box<Received>, Info);
 
 /// Parse a complete request head off the front of `buf`; `None` while incomplete.
 fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refusal> {
@@ -369,6 +369,9 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
     let mut spans = FieldSpans::default();
     spans.record(buf, req.headers);
     let head = buf.split_to(len).freeze();
+    // The request is made in its box, where the pipeline keeps it.
+    let mut rx = Received::empty();
+    let Received { parts, meta, .. } = &mut *rx;
     // A URI has at most 65534 bytes (the `http` crate's limit, far above the default
     // `limits.max_uri_length`): a longer target is too long, not malformed.
     if path_at.1 > usize::from(u16::MAX - 1) {
@@ -379,14 +382,14 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
     }
     let uri = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1))
         .map_err(|_| bad("the request target is not a valid URI"))?;
-    let mut headers = HeaderMap::with_capacity(count);
+    parts.headers.reserve(count);
+    let headers = &mut parts.headers;
     let mut length: Option<u64> = None;
     let mut te_seen = false;
     let mut chunked = false;
     let mut close = false;
     let mut keep = false;
     let mut expect_continue = false;
-    let mut meta = Meta::default();
     for (raw_name, value) in spans.fields(&head) {
         meta.underscores |= raw_name.contains(&b'_');
         let name = HeaderName::from_bytes(raw_name).map_err(|_| bad("invalid header name"))?;
@@ -460,13 +463,11 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
         return Err(bad("an HTTP/1.1 request must carry a Host header"));
     }
     let head_request = method == Method::HEAD;
-    let mut r = Request::new(Body::Empty);
-    *r.method_mut() = method;
-    *r.uri_mut() = uri;
-    *r.version_mut() = version;
-    *r.headers_mut() = headers;
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
     Ok(Some((
-        r,
+        rx,
         Info {
             expect_continue: expect_continue && body.is_some() && version == Version::HTTP_11,
             body,
@@ -474,7 +475,6 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
             head_request,
             version,
         },
-        meta,
     )))
 }
 

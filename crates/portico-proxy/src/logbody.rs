@@ -77,40 +77,44 @@ impl Finish {
     ) -> Box<Finish> {
         let request_id_hv = HeaderValue::from_str(&request_id).ok();
         let logged = snap.access_log;
-        let ctx = Ctx::new(
-            request_id,
-            ip,
-            gw.no_route_name.clone(),
-            String::new(),
-            Params::default(),
-        );
         // Boxed once here: it is moved through the pipeline and into the response body.
-        Box::new(Finish {
-            gw,
-            snap,
-            started,
-            method: parts.method.clone(),
-            // Only the access log needs these; skip the copies when it is off.
-            uri: if logged {
-                parts.uri.clone()
-            } else {
-                Uri::default()
+        // The box is allocated first and the value written into it, so that it is built
+        // in place rather than on the stack and then copied (it is large).
+        Box::write(
+            Box::new_uninit(),
+            Finish {
+                ctx: Ctx::new(
+                    request_id,
+                    ip,
+                    gw.no_route_name.clone(),
+                    String::new(),
+                    Params::default(),
+                ),
+                gw,
+                snap,
+                started,
+                method: parts.method.clone(),
+                // Only the access log needs these; skip the copies when it is off.
+                uri: if logged {
+                    parts.uri.clone()
+                } else {
+                    Uri::default()
+                },
+                // Set by the pipeline when the access log is on.
+                host: None,
+                version: parts.version,
+                route: None,
+                bytes_in: 0,
+                bytes_in_counter: None,
+                target: None,
+                upstream_ms: None,
+                status: 0,
+                error: None,
+                request_id_hv,
+                mirror: None,
+                conn: InFlight::start(conn),
             },
-            // Set by the pipeline when the access log is on.
-            host: None,
-            version: parts.version,
-            ctx,
-            route: None,
-            bytes_in: 0,
-            bytes_in_counter: None,
-            target: None,
-            upstream_ms: None,
-            status: 0,
-            error: None,
-            request_id_hv,
-            mirror: None,
-            conn: InFlight::start(conn),
-        })
+        )
     }
 
     /// Answer with an error (the standard JSON shape).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::header::{HeaderValue, ALLOW, HOST};
 use http::{Request, Response};
 use portico_plugins::{client_ip, BackgroundRefresh, Body, Ctx, ErrorKind, Flow, GatewayError};
-use portico_router::{normalize_host, normalize_path, Match, Params};
+use portico_router::{normalize_host, normalize_path, Match};
 
 use crate::forward;
 use crate::gateway::Gateway;
@@ -50,23 +50,54 @@ impl ConnInfo {
     }
 }
 
+/// A request as a server read it: its head and body, and what the server noted about
+/// the head. Boxed once by the server; the head stays in place through the pipeline
+/// (it is large, and moving it at every step costs more than the allocation).
+pub struct Received {
+    pub parts: http::request::Parts,
+    pub body: Body,
+    pub meta: Meta,
+}
+
+impl Received {
+    pub fn new(req: Request<Body>, meta: Meta) -> Box<Received> {
+        let (parts, body) = req.into_parts();
+        Box::new(Received { parts, body, meta })
+    }
+
+    /// An empty one, to be filled in place. (The box is allocated first and the value
+    /// written into it, so that it is not built on the stack and then copied.)
+    pub fn empty() -> Box<Received> {
+        Box::write(
+            Box::new_uninit(),
+            Received {
+                parts: empty_parts(),
+                body: Body::Empty,
+                meta: Meta::default(),
+            },
+        )
+    }
+}
+
 /// Handle one request from a client.
 pub async fn handle(
     gw: &Arc<Gateway>,
     conn: &Arc<ConnInfo>,
-    req: Request<Body>,
-    meta: Meta,
+    mut received: Box<Received>,
 ) -> Result<Response<LogBody>, Infallible> {
     let started = portico_plugins::clock::now();
     let snap = gw.snapshot();
-    let (parts, body) = req.into_parts();
+    // The head and the server's notes stay in the box; the body is taken out.
+    let Received { parts, body, meta } = &mut *received;
+    let meta: &Meta = meta;
+    let mut body = std::mem::take(body);
     let request_id = request_id(meta.request_id.as_ref());
     let ip = client_ip(conn.peer_ip, &parts.headers, &snap.trusted_proxies);
     let mut fin = Finish::new(
         gw.clone(),
         snap.clone(),
         started,
-        &parts,
+        parts,
         request_id,
         ip,
         conn.clone(),
@@ -77,7 +108,7 @@ pub async fn handle(
     let body_len = meta.content_length;
     fin.bytes_in = body_len.unwrap_or(0);
 
-    if let Some(e) = check_limits(&snap, &parts).or_else(|| check_framing(&parts, &meta)) {
+    if let Some(e) = check_limits(&snap, parts).or_else(|| check_framing(parts, meta)) {
         linger(body, parts.version);
         return Ok(fin.error(e));
     }
@@ -96,17 +127,18 @@ pub async fn handle(
         .host()
         .or_else(|| meta.host.as_ref().and_then(|h| h.to_str().ok()));
     let host = host_raw.map(normalize_host);
-    let matched = snap
-        .router
-        .route(host.as_deref(), &path, &parts.method, &parts.headers);
+    // The captures go straight into the context.
+    let matched = snap.router.route(
+        host.as_deref(),
+        &path,
+        &parts.method,
+        &parts.headers,
+        &mut fin.ctx.params,
+    );
     drop(host);
-    let (route, params, prefix_len, allow) = match matched {
-        Match::Found {
-            route,
-            params,
-            prefix_len,
-        } => (route, params, prefix_len, None),
-        Match::MethodNotAllowed { allow, route } => (route, Params::default(), None, Some(allow)),
+    let (route, prefix_len, allow) = match matched {
+        Match::Found { route, prefix_len } => (route, prefix_len, None),
+        Match::MethodNotAllowed { allow, route } => (route, None, Some(allow)),
         Match::NotFound => {
             fin.ctx.path = path;
             linger(body, parts.version);
@@ -125,14 +157,12 @@ pub async fn handle(
     // The context made with `fin` is still untouched: fill in what routing found.
     fin.ctx.route_name = route.name.clone();
     fin.ctx.path = path;
-    fin.ctx.params = params;
     fin.ctx.client_cert.clone_from(&conn.client_cert);
     fin.ctx.underscores = meta.underscores;
     fin.ctx.tls = conn.tls;
     fin.route = Some(route.clone());
     let idle = Some(route.timeouts.idle.0);
     // Without a Content-Length (chunked, or HTTP/2 without one) count what is read.
-    let mut body = body;
     if body_len.is_none() && !http_body::Body::is_end_stream(&body) {
         let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         fin.bytes_in_counter = Some(counter.clone());
@@ -140,7 +170,6 @@ pub async fn handle(
     } else {
         body.configure(idle, None);
     }
-    let mut req = Request::from_parts(parts, body);
 
     // Request phase. When only the method failed, request hygiene still runs (e.g. so a
     // CORS preflight can answer) before the 405.
@@ -153,42 +182,50 @@ pub async fn handle(
         (Some(g), true) => g.at,
         _ => usize::MAX,
     };
-    for (i, entry) in route.chain[..upto].iter().enumerate() {
-        if i == gate_at {
-            if let Some(e) = auth_gate(&snap, &route, &mut fin.ctx) {
-                linger(std::mem::take(req.body_mut()), req.version());
-                return Ok(respond_error(&route, fin, e));
+    // The policies see the request whole: the head is lent to them (and put back).
+    if upto > 0 {
+        let head = std::mem::replace(parts, empty_parts());
+        let mut req = Request::from_parts(head, std::mem::take(&mut body));
+        for (i, entry) in route.chain[..upto].iter().enumerate() {
+            if i == gate_at {
+                if let Some(e) = auth_gate(&snap, &route, &mut fin.ctx) {
+                    linger(std::mem::take(req.body_mut()), req.version());
+                    return Ok(respond_error(&route, fin, e));
+                }
+            }
+            match entry.policy.on_request(&mut fin.ctx, &mut req).await {
+                Flow::Continue => {}
+                Flow::Respond(resp) => {
+                    let resp = *resp;
+                    if let Some(bg) = fin.ctx.extensions.remove::<BackgroundRefresh>() {
+                        refresh_in_background(gw, conn, &req, meta, bg);
+                    }
+                    linger(std::mem::take(req.body_mut()), req.version());
+                    // The body phase of the policies after this one (a cache hit gets the
+                    // same response transforms and masking as the upstream's answer).
+                    if route.response_body {
+                        return Ok(Box::pin(respond_upstream(&route, fin, resp, i + 1)).await);
+                    }
+                    return Ok(respond(&route, fin, resp));
+                }
+                Flow::Error(e) => {
+                    linger(std::mem::take(req.body_mut()), req.version());
+                    return Ok(respond_error(&route, fin, e));
+                }
             }
         }
-        match entry.policy.on_request(&mut fin.ctx, &mut req).await {
-            Flow::Continue => {}
-            Flow::Respond(resp) => {
-                let resp = *resp;
-                if let Some(bg) = fin.ctx.extensions.remove::<BackgroundRefresh>() {
-                    refresh_in_background(gw, conn, &req, &meta, bg);
-                }
-                linger(std::mem::take(req.body_mut()), req.version());
-                // The body phase of the policies after this one (a cache hit gets the
-                // same response transforms and masking as the upstream's answer).
-                if route.response_body {
-                    return Ok(Box::pin(respond_upstream(&route, fin, resp, i + 1)).await);
-                }
-                return Ok(respond(&route, fin, resp));
-            }
-            Flow::Error(e) => {
-                linger(std::mem::take(req.body_mut()), req.version());
-                return Ok(respond_error(&route, fin, e));
-            }
-        }
+        let (p, b) = req.into_parts();
+        *parts = p;
+        body = b;
     }
     if gate_at == upto {
         if let Some(e) = auth_gate(&snap, &route, &mut fin.ctx) {
-            linger(std::mem::take(req.body_mut()), req.version());
+            linger(body, parts.version);
             return Ok(respond_error(&route, fin, e));
         }
     }
     if let Some(allow) = allow {
-        linger(std::mem::take(req.body_mut()), req.version());
+        linger(body, parts.version);
         let list = allow
             .iter()
             .map(|m| m.as_str())
@@ -196,7 +233,7 @@ pub async fn handle(
             .join(", ");
         let mut e = GatewayError::new(
             ErrorKind::MethodNotAllowed,
-            format!("method {} is not allowed here", req.method()),
+            format!("method {} is not allowed here", parts.method),
         );
         if let Ok(v) = HeaderValue::from_str(&list) {
             e = e.with_header(ALLOW, v);
@@ -205,18 +242,15 @@ pub async fn handle(
     }
     let (upstream, timeouts) = match (&route.split, &route.upstream) {
         (Some(split), _) => {
-            let (parts, body) = req.into_parts();
-            let share = split.pick(&fin.ctx, &parts);
-            req = Request::from_parts(parts, body);
+            let share = split.pick(&fin.ctx, parts);
             (&share.upstream, &share.timeouts)
         }
         (None, Some(u)) => (u, &route.timeouts),
         (None, None) if route.aggregate.is_some() => {
-            linger(std::mem::take(req.body_mut()), req.version());
-            let (parts, _) = req.into_parts();
-            let (overlay, identity) = forward::own_request_headers(&snap, &fin, &parts, conn);
+            linger(std::mem::take(&mut body), parts.version);
+            let (overlay, identity) = forward::own_request_headers(&snap, &fin, parts, conn);
             let result = match &route.aggregate {
-                Some(a) => Box::pin(a.run(&fin.ctx, &parts, &overlay, &identity)).await,
+                Some(a) => Box::pin(a.run(&fin.ctx, parts, &overlay, &identity)).await,
                 None => Err(GatewayError::new(ErrorKind::Internal, "no aggregate")),
             };
             return Ok(match result {
@@ -240,7 +274,7 @@ pub async fn handle(
         &route,
         (upstream, timeouts),
         &mut fin,
-        req,
+        (parts, body),
         conn,
         prefix_len,
     )
@@ -302,13 +336,18 @@ fn refresh_in_background(
     };
     let (gw, conn) = (gw.clone(), conn.clone());
     tokio::spawn(async move {
-        let Ok(resp) = Box::pin(handle(&gw, &conn, copy, meta)).await;
+        let Ok(resp) = Box::pin(handle(&gw, &conn, Received::new(copy, meta))).await;
         let mut body = std::pin::pin!(resp.into_body());
         while let Some(Ok(_)) =
             std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx)).await
         {
         }
     });
+}
+
+/// Request parts with nothing in them (a placeholder while the head is lent).
+fn empty_parts() -> http::request::Parts {
+    Request::new(()).into_parts().0
 }
 
 /// After a route's authentication policies: a request none of them authenticated

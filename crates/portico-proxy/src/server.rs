@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::gateway::Gateway;
 use crate::h1server;
-use crate::pipeline::{handle, ConnInfo, Meta};
+use crate::pipeline::{handle, ConnInfo, Meta, Received};
 
 /// A listening socket: address and whether it speaks TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -229,7 +229,14 @@ async fn serve_io<I>(
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let meta = Meta::of(req.headers());
             let (gw, conn) = (gw.clone(), svc_conn.clone());
-            async move { handle(&gw, &conn, req.map(|b| Body::incoming(b, None)), meta).await }
+            async move {
+                handle(
+                    &gw,
+                    &conn,
+                    Received::new(req.map(|b| Body::incoming(b, None)), meta),
+                )
+                .await
+            }
         });
         let c = watcher.watch(builders.h2.serve_connection(TokioIo::new(io), service));
         match idle_guard(c, &conn, builders.idle).await {

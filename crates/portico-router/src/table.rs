@@ -49,10 +49,10 @@ impl Params {
 /// The outcome of routing one request.
 #[derive(Debug)]
 pub enum Match {
+    /// (The path's captures are written to the `params` given to [`Router::route`].)
     Found {
         /// Index of the route in the list given to [`Router::new`].
         route: usize,
-        params: Params,
         /// For `/*` matches: the length of the matched prefix (for `strip_prefix`).
         prefix_len: Option<usize>,
     },
@@ -151,20 +151,35 @@ impl Router {
         path: &str,
         method: &Method,
         headers: &HeaderMap,
+        params: &mut Params,
     ) -> Match {
+        params.0.clear();
         let mut allow: Vec<Method> = Vec::new();
         let mut path_matched: Option<usize> = None;
         let host = host.unwrap_or("");
         if let Some(t) = self.exact_hosts.get(host) {
-            if let Some(m) = self.scan(t, path, method, headers, &mut allow, &mut path_matched) {
+            if let Some(m) = self.scan(
+                t,
+                path,
+                method,
+                headers,
+                (&mut allow, &mut path_matched),
+                params,
+            ) {
                 return m;
             }
         }
         for (suffix, t) in &self.wildcard_hosts {
             // `*.example.org` matches any name ending in `.example.org` (one or more labels).
             if host.len() > suffix.len() && host.ends_with(&**suffix) {
-                if let Some(m) = self.scan(t, path, method, headers, &mut allow, &mut path_matched)
-                {
+                if let Some(m) = self.scan(
+                    t,
+                    path,
+                    method,
+                    headers,
+                    (&mut allow, &mut path_matched),
+                    params,
+                ) {
                     return m;
                 }
             }
@@ -174,8 +189,8 @@ impl Router {
             path,
             method,
             headers,
-            &mut allow,
-            &mut path_matched,
+            (&mut allow, &mut path_matched),
+            params,
         ) {
             return m;
         }
@@ -193,8 +208,8 @@ impl Router {
         path: &str,
         method: &Method,
         headers: &HeaderMap,
-        allow: &mut Vec<Method>,
-        path_matched: &mut Option<usize>,
+        (allow, path_matched): (&mut Vec<Method>, &mut Option<usize>),
+        params: &mut Params,
     ) -> Option<Match> {
         // Exact paths first: most requests stop here without walking the trie.
         if let Some(es) = t.exact.get(path) {
@@ -202,7 +217,6 @@ impl Router {
                 if self.accepts(e, method, headers, allow, path_matched) {
                     return Some(Match::Found {
                         route: e.route,
-                        params: Params::default(),
                         prefix_len: None,
                     });
                 }
@@ -210,7 +224,8 @@ impl Router {
         }
         let mut params_found: SmallVec<[Candidate<'_>; 4]> = SmallVec::new();
         let mut prefix_found: SmallVec<[Candidate<'_>; 4]> = SmallVec::new();
-        let segs: SmallVec<[Range<usize>; 16]> = segments(path);
+        let mut segs: SmallVec<[Range<usize>; 16]> = SmallVec::new();
+        segments(path, &mut segs);
         walk(
             &t.tree,
             path,
@@ -224,13 +239,11 @@ impl Router {
         prefix_found.sort_by_key(|c| c.entry.rank);
         for c in params_found.iter().chain(prefix_found.iter()) {
             if self.accepts(c.entry, method, headers, allow, path_matched) {
-                let mut params = Params::default();
                 for (n, r) in c.entry.names.iter().zip(c.caps.iter()) {
                     params.0.push((n.clone(), r.clone()));
                 }
                 return Some(Match::Found {
                     route: c.entry.route,
-                    params,
                     prefix_len: c.prefix,
                 });
             }
@@ -243,7 +256,6 @@ impl Router {
                 if !self.accepts(e, method, headers, allow, path_matched) {
                     continue;
                 }
-                let mut params = Params::default();
                 if let Some(caps) = re.captures(path) {
                     for name in e.names.iter() {
                         if let Some(m) = caps.name(name) {
@@ -253,7 +265,6 @@ impl Router {
                 }
                 return Some(Match::Found {
                     route: e.route,
-                    params,
                     prefix_len: None,
                 });
             }
@@ -288,8 +299,8 @@ impl Router {
     }
 }
 
-fn segments(path: &str) -> SmallVec<[Range<usize>; 16]> {
-    let mut out = SmallVec::new();
+/// The byte ranges of `path`'s segments, into `out` (filled in place: it is large).
+fn segments(path: &str, out: &mut SmallVec<[Range<usize>; 16]>) {
     let mut start = 1;
     for (i, b) in path.bytes().enumerate().skip(1) {
         if b == b'/' {
@@ -298,7 +309,6 @@ fn segments(path: &str) -> SmallVec<[Range<usize>; 16]> {
         }
     }
     out.push(start..path.len());
-    out
 }
 
 fn walk<'a>(

@@ -19,17 +19,15 @@ fn spec(hosts: &[&str], paths: &[&str], methods: &[&str], priority: i32) -> Rout
 }
 
 fn find(r: &Router, host: Option<&str>, path: &str, method: &str) -> String {
+    let mut params = Params::default();
     match r.route(
         host,
         path,
         &Method::from_bytes(method.as_bytes()).unwrap(),
         &HeaderMap::new(),
+        &mut params,
     ) {
-        Match::Found {
-            route,
-            params,
-            prefix_len,
-        } => {
+        Match::Found { route, prefix_len } => {
             let mut s = format!("{route}");
             for (n, v) in params.iter(path) {
                 s.push_str(&format!(" {n}={v}"));
@@ -138,12 +136,12 @@ fn headers_must_match() {
     let mut h = HeaderMap::new();
     h.insert("x-api-version", HeaderValue::from_static("2"));
     assert!(matches!(
-        r.route(None, "/h", &Method::GET, &h),
+        r.route(None, "/h", &Method::GET, &h, &mut Params::default()),
         Match::Found { route: 0, .. }
     ));
     h.insert("x-api-version", HeaderValue::from_static("1"));
     assert!(matches!(
-        r.route(None, "/h", &Method::GET, &h),
+        r.route(None, "/h", &Method::GET, &h, &mut Params::default()),
         Match::Found { route: 1, .. }
     ));
 }
