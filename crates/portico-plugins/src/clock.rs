@@ -15,6 +15,7 @@
 //! each time. Timers (`tokio::time::sleep`) keep their own exact clock.
 
 use std::cell::Cell;
+use std::sync::OnceLock;
 
 use tokio::time::Instant;
 
@@ -25,6 +26,9 @@ pub const MAX_READS: u32 = 64;
 struct Cache {
     enabled: bool,
     at: Option<Instant>,
+    /// `at` in [`ms_at`]'s milliseconds (worked out once per reading: comparing
+    /// `Instant`s costs a checked subtraction each time).
+    ms: u64,
     reads: u32,
 }
 
@@ -33,9 +37,22 @@ thread_local! {
         Cell::new(Cache {
             enabled: false,
             at: None,
+            ms: 0,
             reads: 0,
         })
     };
+}
+
+/// The origin of [`ms_at`]'s milliseconds: the first use in the process.
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Milliseconds from the process's clock origin to `t`, plus one (so that 0 can mean
+/// "never"). On tokio's clock, so tests can pause time.
+pub fn ms_at(t: Instant) -> u64 {
+    t.saturating_duration_since(base()).as_millis() as u64 + 1
 }
 
 /// A new turn of this thread's event loop: the next [`now`] reads the clock. Also turns
@@ -46,6 +63,7 @@ pub fn tick() {
         c.set(Cache {
             enabled: true,
             at: None,
+            ms: 0,
             reads: 0,
         })
     });
@@ -54,25 +72,39 @@ pub fn tick() {
 /// The time, as read at the first use in this turn of the event loop.
 #[inline]
 pub fn now() -> Instant {
+    reading().0
+}
+
+/// [`now`] in [`ms_at`]'s milliseconds.
+#[inline]
+pub fn now_ms() -> u64 {
+    reading().1
+}
+
+/// The cached reading and its milliseconds (read now where the cache is off).
+#[inline]
+fn reading() -> (Instant, u64) {
     CACHE.with(|c| {
         let mut v = c.get();
         if !v.enabled {
-            return Instant::now();
+            let t = Instant::now();
+            return (t, ms_at(t));
         }
-        let t = match v.at {
+        let r = match v.at {
             Some(t) if v.reads < MAX_READS => {
                 v.reads += 1;
-                t
+                (t, v.ms)
             }
             _ => {
                 let t = Instant::now();
                 v.at = Some(t);
+                v.ms = ms_at(t);
                 v.reads = 1;
-                t
+                (t, v.ms)
             }
         };
         c.set(v);
-        t
+        r
     })
 }
 
@@ -98,8 +130,10 @@ mod tests {
             let b = now();
             std::thread::sleep(Duration::from_millis(2));
             assert_eq!(now(), b, "the same turn shares one reading");
+            assert_eq!(now_ms(), ms_at(b), "milliseconds of the same reading");
             tick();
             assert!(now() > b, "a new turn reads the clock again");
+            assert!(now_ms() > ms_at(b));
             // A turn that never ends still moves on after MAX_READS uses.
             let c = now();
             std::thread::sleep(Duration::from_millis(2));

@@ -5,24 +5,19 @@
 //! This state outlives snapshots (keyed by upstream name and target URL).
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-fn base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
-}
-
-/// Milliseconds on the process's monotonic clock (tokio's, so tests can pause time).
+/// Milliseconds on the process's monotonic clock (tokio's, so tests can pause time),
+/// at the request path's cached reading ([`portico_plugins::clock`]).
 pub fn now_ms() -> u64 {
-    ms_at(portico_plugins::clock::now())
+    portico_plugins::clock::now_ms()
 }
 
 /// The same clock, read at `t`.
 pub fn ms_at(t: Instant) -> u64 {
-    t.saturating_duration_since(base()).as_millis() as u64 + 1
+    portico_plugins::clock::ms_at(t)
 }
 
 /// Time constant of the latency estimate, in milliseconds: an estimate not refreshed

@@ -23,7 +23,6 @@ use portico_config::model::Protocol;
 use portico_plugins::{Body, BoxError};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::h1::{self, ReqFraming, ResponseBody, Sending, Stream};
 use crate::overlay::Overlay;
@@ -61,6 +60,13 @@ pub struct Connector {
     pub keepalive: Duration,
 }
 
+impl Connector {
+    /// `keepalive` in milliseconds (idle connections are stamped in milliseconds).
+    fn keepalive_ms(&self) -> u64 {
+        u64::try_from(self.keepalive.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 /// Why a request could not be exchanged with a target.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -96,7 +102,8 @@ impl SendError {
 
 struct Idle {
     conn: Box<h1::Conn>,
-    since: Instant,
+    /// When it was put back ([`portico_plugins::clock::now_ms`]).
+    since_ms: u64,
 }
 
 /// The connections to one target.
@@ -176,20 +183,24 @@ impl TargetPool {
 
     /// Take back an HTTP/1.1 connection whose exchange completed cleanly.
     pub(crate) fn put_h1(&self, conn: Box<h1::Conn>) {
-        let now = portico_plugins::clock::now();
+        let now = portico_plugins::clock::now_ms();
+        let keep = self.connector.keepalive_ms();
         let mut idle = self.idle.lock();
         // The list is used as a stack, so the oldest connections sit at the front:
         // close those past their keep time here (a closed upstream connection would
         // otherwise hold its descriptor and buffer until the next quiet checkout).
         let expired = idle
             .iter()
-            .take_while(|c| now.saturating_duration_since(c.since) >= self.connector.keepalive)
+            .take_while(|c| now.saturating_sub(c.since_ms) >= keep)
             .count();
         if expired > 0 {
             idle.drain(..expired);
         }
         if idle.len() < self.connector.max_idle {
-            idle.push(Idle { conn, since: now });
+            idle.push(Idle {
+                conn,
+                since_ms: now,
+            });
         }
     }
 
@@ -236,10 +247,12 @@ impl TargetPool {
                 }
             }
         }
+        let now = portico_plugins::clock::now_ms();
+        let keep = self.connector.keepalive_ms();
         loop {
             let c = self.idle.lock().pop()?;
             let mut conn = c.conn;
-            if portico_plugins::clock::since(c.since) < self.connector.keepalive && conn.usable() {
+            if now.saturating_sub(c.since_ms) < keep && conn.usable() {
                 return Some(Conn::H1(conn));
             }
         }
