@@ -137,6 +137,8 @@ pub async fn serve<S>(
     // before every request costs more than the rest of reading it).
     // Response heads are encoded here; its memory is reused once a head is written.
     let mut wbuf = BytesMut::new();
+    // Each request is parsed into this, and the pipeline borrows it.
+    let mut received = Received::empty();
     let mut watched = stop.clone();
     let stopping = watched.changed();
     let mut stopping = std::pin::pin!(stopping);
@@ -147,10 +149,10 @@ pub async fn serve<S>(
         let Some(rd) = reader.as_mut() else { return };
         let parsed = tokio::select! {
             biased;
-            p = read_head(rd, &settings) => p,
+            p = read_head(rd, &settings, &mut received) => p,
             _ = &mut stopping => return,
         };
-        let (mut req, info) = match parsed {
+        let info = match parsed {
             Ok(Some(p)) => p,
             Ok(None) => return,
             Err(Refusal::Status(kind, msg)) => {
@@ -185,13 +187,13 @@ pub async fn serve<S>(
                     counter: None,
                     continue_wanted: notify,
                 };
-                req.body = Body::Client(Box::new(body));
+                received.body = Body::Client(Box::new(body));
             }
         }
         let mut continued = false;
         let resp = {
             // Pinned where it is made: the request's future is large, moving it costs.
-            let mut fut = std::pin::pin!(handle(&gw, &conn, req));
+            let mut fut = std::pin::pin!(handle(&gw, &conn, &mut received));
             match &continue_wanted {
                 None => fut.await,
                 Some(n) => loop {
@@ -278,14 +280,15 @@ async fn close<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(w: &mut W, rd: Optio
 async fn read_head<R: AsyncRead + Unpin>(
     rd: &mut Reader<R>,
     settings: &Settings,
-) -> Result<Option<Parsed>, Refusal> {
+    rx: &mut Received,
+) -> Result<Option<Info>, Refusal> {
     // Where the search for the end of the head resumes: a head trickling in is parsed
     // once it can be complete, not again on every read.
     let mut scanned: usize = 0;
     loop {
         let from = scanned.saturating_sub(3);
         if rd.buf.len() > from && head_may_end(&rd.buf[from..]) {
-            if let Some(p) = parse(&mut rd.buf, settings)? {
+            if let Some(p) = parse(&mut rd.buf, settings, rx)? {
                 return Ok(Some(p));
             }
         }
@@ -327,11 +330,13 @@ fn bad(msg: &'static str) -> Refusal {
     Refusal::Status(ErrorKind::BadRequest, msg)
 }
 
-/// A parsed request head.
-type Parsed = (Box<Received>, Info);
-
 /// Parse a complete request head off the front of `buf`; `None` while incomplete.
-fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refusal> {
+/// The head goes into `rx` (the connection's, reused: its header map keeps its memory).
+fn parse(
+    buf: &mut BytesMut,
+    settings: &Settings,
+    rx: &mut Received,
+) -> Result<Option<Info>, Refusal> {
     let mut stack: [MaybeUninit<httparse::Header<'_>>; STACK_HEADERS] =
         [const { MaybeUninit::uninit() }; STACK_HEADERS];
     let mut heap = Vec::new();
@@ -369,9 +374,11 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
     let mut spans = FieldSpans::default();
     spans.record(buf, req.headers);
     let head = buf.split_to(len).freeze();
-    // The request is made in its box, where the pipeline keeps it.
-    let mut rx = Received::empty();
-    let Received { parts, meta, .. } = &mut *rx;
+    let Received { parts, meta, body } = rx;
+    *body = Body::Empty;
+    *meta = crate::pipeline::Meta::default();
+    parts.extensions.clear();
+    parts.headers.clear();
     // A URI has at most 65534 bytes (the `http` crate's limit, far above the default
     // `limits.max_uri_length`): a longer target is too long, not malformed.
     if path_at.1 > usize::from(u16::MAX - 1) {
@@ -466,16 +473,13 @@ fn parse(buf: &mut BytesMut, settings: &Settings) -> Result<Option<Parsed>, Refu
     parts.method = method;
     parts.uri = uri;
     parts.version = version;
-    Ok(Some((
-        rx,
-        Info {
-            expect_continue: expect_continue && body.is_some() && version == Version::HTTP_11,
-            body,
-            keep_alive,
-            head_request,
-            version,
-        },
-    )))
+    Ok(Some(Info {
+        expect_continue: expect_continue && body.is_some() && version == Version::HTTP_11,
+        body,
+        keep_alive,
+        head_request,
+        version,
+    }))
 }
 
 /// A request body read from the client connection.

@@ -51,8 +51,10 @@ impl ConnInfo {
 }
 
 /// A request as a server read it: its head and body, and what the server noted about
-/// the head. Boxed once by the server; the head stays in place through the pipeline
-/// (it is large, and moving it at every step costs more than the allocation).
+/// the head. The pipeline borrows it: the head stays in place from the parser to the
+/// upstream (it is large, and moving it at every step cost more than the rest of
+/// handling it). The HTTP/1.1 server keeps one per connection and parses each request
+/// into it, reusing its header map's memory.
 pub struct Received {
     pub parts: http::request::Parts,
     pub body: Body,
@@ -60,22 +62,18 @@ pub struct Received {
 }
 
 impl Received {
-    pub fn new(req: Request<Body>, meta: Meta) -> Box<Received> {
+    pub fn new(req: Request<Body>, meta: Meta) -> Received {
         let (parts, body) = req.into_parts();
-        Box::new(Received { parts, body, meta })
+        Received { parts, body, meta }
     }
 
-    /// An empty one, to be filled in place. (The box is allocated first and the value
-    /// written into it, so that it is not built on the stack and then copied.)
-    pub fn empty() -> Box<Received> {
-        Box::write(
-            Box::new_uninit(),
-            Received {
-                parts: empty_parts(),
-                body: Body::Empty,
-                meta: Meta::default(),
-            },
-        )
+    /// An empty one, to be filled in place.
+    pub fn empty() -> Received {
+        Received {
+            parts: empty_parts(),
+            body: Body::Empty,
+            meta: Meta::default(),
+        }
     }
 }
 
@@ -83,12 +81,12 @@ impl Received {
 pub async fn handle(
     gw: &Arc<Gateway>,
     conn: &Arc<ConnInfo>,
-    mut received: Box<Received>,
+    received: &mut Received,
 ) -> Result<Response<LogBody>, Infallible> {
     let started = portico_plugins::clock::now();
     let snap = gw.snapshot();
-    // The head and the server's notes stay in the box; the body is taken out.
-    let Received { parts, body, meta } = &mut *received;
+    // The head and the server's notes stay where they are; the body is taken out.
+    let Received { parts, body, meta } = received;
     let meta: &Meta = meta;
     let mut body = std::mem::take(body);
     let request_id = request_id(meta.request_id.as_ref());
@@ -336,7 +334,8 @@ fn refresh_in_background(
     };
     let (gw, conn) = (gw.clone(), conn.clone());
     tokio::spawn(async move {
-        let Ok(resp) = Box::pin(handle(&gw, &conn, Received::new(copy, meta))).await;
+        let mut received = Received::new(copy, meta);
+        let Ok(resp) = Box::pin(handle(&gw, &conn, &mut received)).await;
         let mut body = std::pin::pin!(resp.into_body());
         while let Some(Ok(_)) =
             std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx)).await

@@ -230,12 +230,8 @@ async fn serve_io<I>(
             let meta = Meta::of(req.headers());
             let (gw, conn) = (gw.clone(), svc_conn.clone());
             async move {
-                handle(
-                    &gw,
-                    &conn,
-                    Received::new(req.map(|b| Body::incoming(b, None)), meta),
-                )
-                .await
+                let mut received = Received::new(req.map(|b| Body::incoming(b, None)), meta);
+                handle(&gw, &conn, &mut received).await
             }
         });
         let c = watcher.watch(builders.h2.serve_connection(TokioIo::new(io), service));
