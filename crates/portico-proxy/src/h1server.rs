@@ -33,7 +33,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use portico_plugins::body::{ClientBody, IdleTimeout, DRAIN_MAX_TIME};
@@ -157,9 +157,9 @@ pub async fn serve<S>(
             Ok(None) => return,
             Err(Refusal::Status(kind, msg)) => {
                 let e = GatewayError::new(kind, msg);
-                let id = crate::pipeline::request_id(None);
+                let (id, hv) = crate::pipeline::request_id(None);
                 let mut resp = e.to_response(&id);
-                if let Ok(v) = HeaderValue::from_str(&id) {
+                if let Some(v) = hv {
                     resp.headers_mut().insert(&crate::forward::X_REQUEST_ID, v);
                 }
                 let _ = write_plain(&mut w, resp).await;
@@ -211,7 +211,7 @@ pub async fn serve<S>(
                 },
             }
         };
-        let Ok(resp) = resp;
+        let Ok(mut resp) = resp;
         let mut keep = info.keep_alive && !*stop.borrow();
         // Answered before asking for the body the client is holding back: it may never
         // send it, or send it after deciding otherwise; close instead of guessing what
@@ -230,7 +230,19 @@ pub async fn serve<S>(
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
         }
-        match write_response(&mut w, &mut wbuf, resp, &info, keep, settings.write_idle).await {
+        let written = write_response(
+            &mut w,
+            &mut wbuf,
+            &mut resp,
+            &info,
+            keep,
+            settings.write_idle,
+        )
+        .await;
+        // The exchange ends with its answer written (logged, if the body was not read
+        // to its end), not after the wait for the request body below.
+        drop(resp);
+        match written {
             Ok(true) => {}
             Ok(false) => {
                 let stopping = *stop.borrow();
@@ -631,13 +643,11 @@ enum Framing {
 /// stays open afterwards.
 fn encode_head<B: http_body::Body>(
     buf: &mut BytesMut,
-    resp: &http::response::Parts,
+    (status, h): (StatusCode, &HeaderMap),
     body: &B,
     info: &Info,
     mut keep: bool,
 ) -> (Framing, bool) {
-    let status = resp.status;
-    let h = &resp.headers;
     let bodiless = info.head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -729,13 +739,14 @@ fn encode_head<B: http_body::Body>(
 async fn write_response<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &mut BytesMut,
-    resp: Response<LogBody>,
+    resp: &mut Response<LogBody>,
     info: &Info,
     keep: bool,
     idle: Duration,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
-    let (framing, keep) = encode_head(buf, &parts, &body, info, keep);
+    let head = (resp.status(), resp.headers());
+    let (framing, keep) = encode_head(buf, head, resp.body(), info, keep);
+    let body = resp.body_mut();
     let mut out = Out::with_head(buf.split().freeze());
     if framing == Framing::None {
         write_out(w, &mut out, idle).await?;
@@ -755,7 +766,7 @@ async fn write_response<W: AsyncWrite + Unpin>(
             // With output pending, take a frame only if one is ready (so the head and
             // the first data go out in one write); with nothing to write, wait for one.
             let waiting = !out.is_empty();
-            let next = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            let next = poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Some(f)),
                 Poll::Pending if waiting => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
@@ -853,7 +864,13 @@ async fn write_plain<W: AsyncWrite + Unpin>(w: &mut W, resp: Response<Body>) -> 
     };
     let fixed = http_body_util::Full::new(data.clone());
     let mut buf = BytesMut::new();
-    encode_head(&mut buf, &parts, &fixed, &info, false);
+    encode_head(
+        &mut buf,
+        (parts.status, &parts.headers),
+        &fixed,
+        &info,
+        false,
+    );
     let mut out = Out::with_head(buf.split().freeze());
     out.data(data);
     let mut wrote = false;

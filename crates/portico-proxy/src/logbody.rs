@@ -71,11 +71,10 @@ impl Finish {
         snap: Arc<Snapshot>,
         started: Instant,
         parts: &http::request::Parts,
-        request_id: String,
+        (request_id, request_id_hv): (String, Option<HeaderValue>),
         ip: IpAddr,
         conn: Arc<ConnInfo>,
     ) -> Box<Finish> {
-        let request_id_hv = HeaderValue::from_str(&request_id).ok();
         let logged = snap.access_log;
         // Boxed once here: it is moved through the pipeline and into the response body.
         // The box is allocated first and the value written into it, so that it is built

@@ -604,13 +604,14 @@ impl Meta {
 }
 
 /// The client's request id when it is usable (1–200 visible ASCII characters), else a
-/// new random one.
-pub(crate) fn request_id(client: Option<&HeaderValue>) -> String {
+/// new random one; as a string and as a header value (the client's own value, or one
+/// sharing a single allocation, so that sending it both ways copies nothing).
+pub(crate) fn request_id(client: Option<&HeaderValue>) -> (String, Option<HeaderValue>) {
     if let Some(v) = client {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
             if let Ok(s) = v.to_str() {
-                return s.to_string();
+                return (s.to_string(), Some(v.clone()));
             }
         }
     }
@@ -622,7 +623,9 @@ pub(crate) fn request_id(client: Option<&HeaderValue>) -> String {
         x >>= 4;
     }
     // Only ASCII hex digits were written.
-    std::str::from_utf8(&buf).unwrap_or_default().to_owned()
+    let id = std::str::from_utf8(&buf).unwrap_or_default().to_owned();
+    let hv = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf)).ok();
+    (id, hv)
 }
 
 #[cfg(test)]
