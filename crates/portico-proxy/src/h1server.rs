@@ -139,6 +139,8 @@ pub async fn serve<S>(
     let mut wbuf = BytesMut::new();
     // Each request is parsed into this, and the pipeline borrows it.
     let mut received = Received::empty();
+    // Where each head's fields are noted while parsing (half a KiB: made once).
+    let mut spans = FieldSpans::default();
     let mut watched = stop.clone();
     let stopping = watched.changed();
     let mut stopping = std::pin::pin!(stopping);
@@ -149,7 +151,7 @@ pub async fn serve<S>(
         let Some(rd) = reader.as_mut() else { return };
         let parsed = tokio::select! {
             biased;
-            p = read_head(rd, &settings, &mut received) => p,
+            p = read_head(rd, &settings, &mut received, &mut spans) => p,
             _ = &mut stopping => return,
         };
         let info = match parsed {
@@ -293,6 +295,7 @@ async fn read_head<R: AsyncRead + Unpin>(
     rd: &mut Reader<R>,
     settings: &Settings,
     rx: &mut Received,
+    spans: &mut FieldSpans,
 ) -> Result<Option<Info>, Refusal> {
     // Where the search for the end of the head resumes: a head trickling in is parsed
     // once it can be complete, not again on every read.
@@ -300,7 +303,7 @@ async fn read_head<R: AsyncRead + Unpin>(
     loop {
         let from = scanned.saturating_sub(3);
         if rd.buf.len() > from && head_may_end(&rd.buf[from..]) {
-            if let Some(p) = parse(&mut rd.buf, settings, rx)? {
+            if let Some(p) = parse(&mut rd.buf, settings, rx, spans)? {
                 return Ok(Some(p));
             }
         }
@@ -348,6 +351,7 @@ fn parse(
     buf: &mut BytesMut,
     settings: &Settings,
     rx: &mut Received,
+    spans: &mut FieldSpans,
 ) -> Result<Option<Info>, Refusal> {
     let mut stack: [MaybeUninit<httparse::Header<'_>>; STACK_HEADERS] =
         [const { MaybeUninit::uninit() }; STACK_HEADERS];
@@ -383,7 +387,6 @@ fn parse(
     let path = req.path.unwrap_or_default();
     let path_at = (path.as_ptr() as usize - base, path.len());
     let count = req.headers.len();
-    let mut spans = FieldSpans::default();
     spans.record(buf, req.headers);
     let head = buf.split_to(len).freeze();
     let Received { parts, meta, body } = rx;

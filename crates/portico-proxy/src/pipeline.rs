@@ -616,11 +616,13 @@ pub(crate) fn request_id(client: Option<&HeaderValue>) -> (String, Option<Header
         }
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut x = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for b in &mut buf {
-        *b = HEX[(x & 0xf) as usize];
-        x >>= 4;
+    for (pair, b) in buf
+        .chunks_exact_mut(2)
+        .zip(fastrand::u128(..).to_le_bytes())
+    {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
     // Only ASCII hex digits were written.
     let id = std::str::from_utf8(&buf).unwrap_or_default().to_owned();

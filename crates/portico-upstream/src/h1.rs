@@ -158,6 +158,9 @@ pub struct Conn {
     rbuf: BytesMut,
     /// Request heads are encoded here; its memory is reused once a head is written.
     wbuf: BytesMut,
+    /// Where response heads' fields are noted while parsing (made once per connection:
+    /// it is half a KiB, zeroed when made).
+    spans: FieldSpans,
 }
 
 impl Conn {
@@ -166,6 +169,7 @@ impl Conn {
             io,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
+            spans: FieldSpans::default(),
         }
     }
 
@@ -549,7 +553,7 @@ pub fn poll_exchange(
     }
     loop {
         if !conn.rbuf.is_empty() {
-            if let Some(head) = parse_head(&mut conn.rbuf, head_request)? {
+            if let Some(head) = parse_head(&mut conn.rbuf, head_request, &mut conn.spans)? {
                 return Poll::Ready(Ok(head));
             }
             if conn.rbuf.len() >= MAX_HEAD {
@@ -652,7 +656,11 @@ pub fn connection_tokens(raw: &[u8]) -> (bool, bool) {
 
 /// Parse a complete response head off the front of `rbuf`, skipping 1xx interim
 /// responses; `None` while it is incomplete.
-fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
+fn parse_head(
+    rbuf: &mut BytesMut,
+    head_request: bool,
+    spans: &mut FieldSpans,
+) -> Result<Option<Head>, Error> {
     loop {
         let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
             [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -683,7 +691,6 @@ fn parse_head(rbuf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, E
             Version::HTTP_10
         };
         let count = resp.headers.len();
-        let mut spans = FieldSpans::default();
         spans.record(rbuf, resp.headers);
         let head = rbuf.split_to(len).freeze();
         // Room for the headers the gateway adds (request id, policies' own).
@@ -1153,7 +1160,7 @@ mod tests {
 
     fn head(raw: &[u8], head_request: bool) -> Result<Option<Head>, Error> {
         let mut b = BytesMut::from(raw);
-        parse_head(&mut b, head_request)
+        parse_head(&mut b, head_request, &mut FieldSpans::default())
     }
 
     #[test]
