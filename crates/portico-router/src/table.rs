@@ -157,42 +157,33 @@ impl Router {
         let mut allow: Vec<Method> = Vec::new();
         let mut path_matched: Option<usize> = None;
         let host = host.unwrap_or("");
-        if let Some(t) = self.exact_hosts.get(host) {
-            if let Some(m) = self.scan(
-                t,
-                path,
-                method,
-                headers,
-                (&mut allow, &mut path_matched),
-                params,
-            ) {
-                return m;
-            }
-        }
-        for (suffix, t) in &self.wildcard_hosts {
-            // `*.example.org` matches any name ending in `.example.org` (one or more labels).
-            if host.len() > suffix.len() && host.ends_with(&**suffix) {
-                if let Some(m) = self.scan(
+        {
+            let mut scan = |t: &Table| {
+                self.scan(
                     t,
                     path,
                     method,
                     headers,
                     (&mut allow, &mut path_matched),
                     params,
-                ) {
+                )
+            };
+            if let Some(t) = self.exact_hosts.get(host) {
+                if let Some(m) = scan(t) {
                     return m;
                 }
             }
-        }
-        if let Some(m) = self.scan(
-            &self.any_host,
-            path,
-            method,
-            headers,
-            (&mut allow, &mut path_matched),
-            params,
-        ) {
-            return m;
+            for (suffix, t) in &self.wildcard_hosts {
+                // `*.example.org` matches any name ending in `.example.org` (one or more labels).
+                if host.len() > suffix.len() && host.ends_with(&**suffix) {
+                    if let Some(m) = scan(t) {
+                        return m;
+                    }
+                }
+            }
+            if let Some(m) = scan(&self.any_host) {
+                return m;
+            }
         }
         if let (Some(route), false) = (path_matched, allow.is_empty()) {
             allow.sort_by(|a, b| a.as_str().cmp(b.as_str()));
