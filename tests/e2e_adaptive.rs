@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use portico_test_support::upstream::{handler, json_response};
-use portico_test_support::{http_client, LocalGateway, Upstream};
+use portico_test_support::{http_client, wait_until, LocalGateway, Upstream};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_portico");
@@ -193,18 +193,11 @@ async fn adaptive_state(env: &LocalGateway) -> Value {
 /// Wait until upstream `u` has no try in flight (the first try's answer reached the
 /// gateway).
 async fn until_idle(env: &LocalGateway) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        let a = adaptive_state(env).await;
-        if a["in_flight"] == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still in flight: {a}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let idle = wait_until(Duration::from_secs(2), Duration::from_millis(2), || async {
+        adaptive_state(env).await["in_flight"] == 0
+    })
+    .await;
+    assert!(idle, "still in flight: {}", adaptive_state(env).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -275,14 +268,13 @@ async fn flaky(flaky: Arc<AtomicUsize>, delay: Duration) -> Upstream {
 
 /// Wait until `n` reaches `want`.
 async fn until_count(n: &AtomicUsize, want: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while n.load(Ordering::SeqCst) < want {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never reached {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let reached = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(2),
+        || async { n.load(Ordering::SeqCst) >= want },
+    )
+    .await;
+    assert!(reached, "never reached {want}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -387,11 +379,13 @@ async fn a_request_refused_by_the_limit_is_not_mirrored() {
                 .unwrap()
         }
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while up.hits() < 1 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let reached = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(2),
+        || async { up.hits() >= 1 },
+    )
+    .await;
+    assert!(reached, "the upstream never got the slow request");
     let r = http_client().get(format!("{url}/b")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
@@ -399,10 +393,13 @@ async fn a_request_refused_by_the_limit_is_not_mirrored() {
     assert_eq!(v["error"]["code"], "upstream_overloaded", "{v}");
     assert_eq!(slow.await.unwrap().status(), 200);
     // The first request's copy arrives; the refused one's never does.
-    while mirror.hits() < 1 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let copied = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        || async { mirror.hits() >= 1 },
+    )
+    .await;
+    assert!(copied, "the first request's copy never reached the mirror");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(mirror.hits(), 1);
     assert_eq!(adaptive_state(&env).await["shed"], 1);
