@@ -22,24 +22,27 @@ use tokio::time::Instant;
 /// Uses of one reading before the clock is read again even without a new turn.
 pub const MAX_READS: u32 = 64;
 
-#[derive(Clone, Copy)]
+/// One worker's cached reading, in cells of their own: a use that hits the cache reads
+/// and decrements `left` and reads the value it wants, nothing more (copying the whole
+/// cache in and out of one cell cost about 50 instructions per use).
 struct Cache {
-    enabled: bool,
-    at: Option<Instant>,
+    /// Uses left of the current reading; 0: read the clock at the next use.
+    left: Cell<u32>,
+    enabled: Cell<bool>,
+    at: Cell<Option<Instant>>,
     /// `at` in [`ms_at`]'s milliseconds (worked out once per reading: comparing
     /// `Instant`s costs a checked subtraction each time).
-    ms: u64,
-    reads: u32,
+    ms: Cell<u64>,
 }
 
 thread_local! {
-    static CACHE: Cell<Cache> = const {
-        Cell::new(Cache {
-            enabled: false,
-            at: None,
-            ms: 0,
-            reads: 0,
-        })
+    static CACHE: Cache = const {
+        Cache {
+            left: Cell::new(0),
+            enabled: Cell::new(false),
+            at: Cell::new(None),
+            ms: Cell::new(0),
+        }
     };
 }
 
@@ -60,52 +63,48 @@ pub fn ms_at(t: Instant) -> u64 {
 /// `on_thread_unpark`.
 pub fn tick() {
     CACHE.with(|c| {
-        c.set(Cache {
-            enabled: true,
-            at: None,
-            ms: 0,
-            reads: 0,
-        })
+        c.enabled.set(true);
+        c.left.set(0);
     });
 }
 
 /// The time, as read at the first use in this turn of the event loop.
 #[inline]
 pub fn now() -> Instant {
-    reading().0
+    CACHE.with(|c| match c.at.get() {
+        Some(t) if use_cached(c) => t,
+        _ => read(c).0,
+    })
 }
 
 /// [`now`] in [`ms_at`]'s milliseconds.
 #[inline]
 pub fn now_ms() -> u64 {
-    reading().1
+    CACHE.with(|c| if use_cached(c) { c.ms.get() } else { read(c).1 })
 }
 
-/// The cached reading and its milliseconds (read now where the cache is off).
+/// Whether the cached reading may serve this use (and count the use if so).
 #[inline]
-fn reading() -> (Instant, u64) {
-    CACHE.with(|c| {
-        let mut v = c.get();
-        if !v.enabled {
-            let t = Instant::now();
-            return (t, ms_at(t));
-        }
-        let r = match v.at {
-            Some(t) if v.reads < MAX_READS => {
-                v.reads += 1;
-                (t, v.ms)
-            }
-            _ => {
-                let t = Instant::now();
-                v.at = Some(t);
-                v.ms = ms_at(t);
-                v.reads = 1;
-                (t, v.ms)
-            }
-        };
-        c.set(v);
-        r
-    })
+fn use_cached(c: &Cache) -> bool {
+    let left = c.left.get();
+    if left == 0 {
+        return false;
+    }
+    c.left.set(left - 1);
+    true
+}
+
+/// Read the clock; where the cache is on, keep the reading for the next uses.
+#[cold]
+fn read(c: &Cache) -> (Instant, u64) {
+    let t = Instant::now();
+    let ms = ms_at(t);
+    if c.enabled.get() {
+        c.at.set(Some(t));
+        c.ms.set(ms);
+        c.left.set(MAX_READS - 1);
+    }
+    (t, ms)
 }
 
 /// The time since `t` by [`now`].

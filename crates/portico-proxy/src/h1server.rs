@@ -33,14 +33,14 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use portico_plugins::body::{ClientBody, IdleTimeout, DRAIN_MAX_TIME};
 use portico_plugins::{Body, BoxError, ErrorKind, GatewayError};
 use portico_upstream::h1::{
-    add_length, connection_tokens, parse_length, poll_body, BodyFraming, Decoder, FieldSpans, Out,
-    Read,
+    add_length, connection_tokens, field_name, parse_length, poll_body, BodyFraming, Decoder,
+    FieldSpans, Out, Read,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch, Notify};
@@ -414,7 +414,7 @@ fn parse(
     let mut expect_continue = false;
     for (raw_name, value) in spans.fields(&head) {
         meta.underscores |= raw_name.contains(&b'_');
-        let name = HeaderName::from_bytes(raw_name).map_err(|_| bad("invalid header name"))?;
+        let name = field_name(raw_name).map_err(|_| bad("invalid header name"))?;
         let value =
             HeaderValue::from_maybe_shared(value).map_err(|_| bad("invalid header value"))?;
         let raw = value.as_bytes();

@@ -630,6 +630,72 @@ impl FieldSpans {
     }
 }
 
+/// The name of a parsed header field. The names most messages carry, spelled the way
+/// clients and servers send them (`Content-Length` or `content-length`), are matched
+/// here directly: `HeaderName::from_bytes` lowercases every name into a buffer and then
+/// searches the standard names, about 110 instructions per field. Anything else takes
+/// that general path, so the result is always the same as `HeaderName::from_bytes`.
+pub fn field_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    let known = match raw.len() {
+        4 => match raw {
+            b"Host" | b"host" => Some(header::HOST),
+            b"Date" | b"date" => Some(header::DATE),
+            b"Vary" | b"vary" => Some(header::VARY),
+            b"ETag" | b"etag" => Some(header::ETAG),
+            _ => None,
+        },
+        6 => match raw {
+            b"Accept" | b"accept" => Some(header::ACCEPT),
+            b"Server" | b"server" => Some(header::SERVER),
+            b"Cookie" | b"cookie" => Some(header::COOKIE),
+            b"Origin" | b"origin" => Some(header::ORIGIN),
+            _ => None,
+        },
+        7 => match raw {
+            b"Referer" | b"referer" => Some(header::REFERER),
+            _ => None,
+        },
+        10 => match raw {
+            b"User-Agent" | b"user-agent" => Some(header::USER_AGENT),
+            b"Connection" | b"connection" => Some(header::CONNECTION),
+            b"Set-Cookie" | b"set-cookie" => Some(header::SET_COOKIE),
+            _ => None,
+        },
+        12 => match raw {
+            b"Content-Type" | b"content-type" => Some(header::CONTENT_TYPE),
+            _ => None,
+        },
+        13 => match raw {
+            b"Cache-Control" | b"cache-control" => Some(header::CACHE_CONTROL),
+            b"Authorization" | b"authorization" => Some(header::AUTHORIZATION),
+            b"Last-Modified" | b"last-modified" => Some(header::LAST_MODIFIED),
+            _ => None,
+        },
+        14 => match raw {
+            b"Content-Length" | b"content-length" => Some(header::CONTENT_LENGTH),
+            _ => None,
+        },
+        15 => match raw {
+            b"Accept-Encoding" | b"accept-encoding" => Some(header::ACCEPT_ENCODING),
+            b"Accept-Language" | b"accept-language" => Some(header::ACCEPT_LANGUAGE),
+            _ => None,
+        },
+        16 => match raw {
+            b"Content-Encoding" | b"content-encoding" => Some(header::CONTENT_ENCODING),
+            _ => None,
+        },
+        17 => match raw {
+            b"Transfer-Encoding" | b"transfer-encoding" => Some(header::TRANSFER_ENCODING),
+            _ => None,
+        },
+        _ => None,
+    };
+    match known {
+        Some(n) => Ok(n),
+        None => HeaderName::from_bytes(raw),
+    }
+}
+
 /// Add a `Content-Length` field value (possibly a list) to what earlier fields said.
 pub fn add_length(raw: &[u8], length: &mut Option<u64>) -> Result<(), &'static str> {
     for part in raw.split(|&b| b == b',') {
@@ -701,8 +767,7 @@ fn parse_head(
         let mut close = false;
         let mut keep = false;
         for (raw_name, value) in spans.fields(&head) {
-            let name = HeaderName::from_bytes(raw_name)
-                .map_err(|_| Error::Framing("invalid header name"))?;
+            let name = field_name(raw_name).map_err(|_| Error::Framing("invalid header name"))?;
             let raw = &value[..];
             if name == header::CONTENT_LENGTH {
                 add_length(raw, &mut length).map_err(Error::Framing)?;
@@ -1250,6 +1315,56 @@ mod tests {
         assert_eq!(got, b"abcd");
         assert!(d.is_done());
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn field_names_match_the_general_parser() {
+        let names = [
+            "Host",
+            "host",
+            "HOST",
+            "Date",
+            "date",
+            "Vary",
+            "ETag",
+            "etag",
+            "Accept",
+            "Server",
+            "Cookie",
+            "Origin",
+            "Referer",
+            "User-Agent",
+            "user-agent",
+            "User-agent",
+            "Connection",
+            "Set-Cookie",
+            "Content-Type",
+            "content-type",
+            "Cache-Control",
+            "Authorization",
+            "Last-Modified",
+            "Content-Length",
+            "content-length",
+            "CONTENT-LENGTH",
+            "Accept-Encoding",
+            "Accept-Language",
+            "Content-Encoding",
+            "Transfer-Encoding",
+            "X-Request-Id",
+            "x-custom",
+            "Hostx",
+            "Dat",
+            "a_b",
+        ];
+        for n in names {
+            let fast = field_name(n.as_bytes()).unwrap();
+            let general = HeaderName::from_bytes(n.as_bytes()).unwrap();
+            assert_eq!(fast, general, "{n}");
+            assert_eq!(fast.as_str(), general.as_str(), "{n}");
+        }
+        for bad in ["", "Ho st", "Host:", "Content-Length\r"] {
+            assert!(field_name(bad.as_bytes()).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
