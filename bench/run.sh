@@ -29,6 +29,7 @@ LAT_RPS_PER_CLIENT="${LAT_RPS_PER_CLIENT:-1000}"
 LAT_SECONDS="${LAT_SECONDS:-5}"
 LAT_REPS="${LAT_REPS:-3}"
 TARGETS="${TARGETS:-nginx haproxy portico}"
+[[ "${PGO:-0}" != 1 || " $TARGETS " == *" portico-pgo "* ]] || TARGETS+=" portico-pgo"
 PRIO="${PRIO:-nice}"                 # nice | chrt | none
 FULL_CPU="${FULL_CPU:-95}"           # reps where the proxy got at least this % of its CPU
 SKIP_BUILD="${SKIP_BUILD:-0}"
@@ -50,6 +51,12 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT_DIR/target}"
 # always the release build, so that ratios compare with earlier runs.
 PROFILE="${PROFILE:-dist}"
 PORTICO_BIN="${PORTICO_BIN:-$TARGET_DIR/$PROFILE/portico}"
+# The `portico-pgo` target: the dist build optimized with a profile of its own training
+# run (bench/pgo.sh builds it; PGO=1 adds the target and builds it unless SKIP_BUILD=1).
+PGO="${PGO:-0}"
+PGO_BIN="${PGO_BIN:-$TARGET_DIR/pgo/x86_64-unknown-linux-gnu/dist/portico}"
+PORTICO_PGO_PORT="${PORTICO_PGO_PORT:-$((BASE_PORT + 5))}"
+PORTICO_PGO_ADMIN_PORT="${PORTICO_PGO_ADMIN_PORT:-$((BASE_PORT + 6))}"
 UPSTREAM_BIN="${UPSTREAM_BIN:-$TARGET_DIR/release/portico-bench-upstream}"
 RESULTS_DIR="${RESULTS_DIR:-$BENCH_DIR/results}"
 # Portico's upstream: PORTICO_BALANCE sets its `balance:` (unset: the configuration's
@@ -134,6 +141,10 @@ build() {
         PORTICO_STALE=1
         (cd "$ROOT_DIR" && cargo build --release -p portico-bench-upstream) \
             || warn "building the upstream failed too"
+    fi
+    if [[ "$PGO" == 1 ]]; then
+        log "bash bench/pgo.sh (instrumented build, training run, optimized build)"
+        "$BENCH_DIR/pgo.sh" || warn "the PGO build failed"
     fi
 }
 
@@ -337,8 +348,11 @@ EOF
     TARGET_PID[haproxy]=$BG_PID
 }
 
+# start_portico [NAME BIN PORT ADMIN_PORT]: the dist build (default) or another build
+# of Portico under another target name, with the same configuration.
 start_portico() {
-    local d="$WORK/portico"
+    local name=${1:-portico} bin=${2:-$PORTICO_BIN} port=${3:-$PORTICO_PORT} admin=${4:-$PORTICO_ADMIN_PORT}
+    local d="$WORK/$name"
     mkdir -p "$d"
     local targets="" balance="" i
     for ((i = 0; i < PORTICO_TARGETS; i++)); do
@@ -347,20 +361,24 @@ start_portico() {
     if [[ -n "$PORTICO_BALANCE" ]]; then
         balance=", balance: $PORTICO_BALANCE"
         [[ "$PORTICO_BALANCE" != consistent_hash ]] || balance+=", hash_key: \"$PORTICO_HASH_KEY\""
-        log "portico upstream: balance $PORTICO_BALANCE, $PORTICO_TARGETS target(s)"
+        log "$name upstream: balance $PORTICO_BALANCE, $PORTICO_TARGETS target(s)"
     fi
     cat >"$d/portico.yaml" <<EOF
-listen: ["127.0.0.1:$PORTICO_PORT"]
+listen: ["127.0.0.1:$port"]
 workers: 1
 access_log: {enabled: false}
-admin: {listen: "127.0.0.1:$PORTICO_ADMIN_PORT"}
+admin: {listen: "127.0.0.1:$admin"}
 upstreams:
   hello: {targets: [$targets]$balance}
 routes:
   - {name: all, paths: ["/*"], upstream: hello}
 EOF
-    spawn "$PROXY_CPU" "$d/stdout.log" "$PORTICO_BIN" run --config "$d/portico.yaml"
-    TARGET_PID[portico]=$BG_PID
+    spawn "$PROXY_CPU" "$d/stdout.log" "$bin" run --config "$d/portico.yaml"
+    TARGET_PID[$name]=$BG_PID
+}
+
+start_portico-pgo() {
+    start_portico portico-pgo "$PGO_BIN" "$PORTICO_PGO_PORT" "$PORTICO_PGO_ADMIN_PORT"
 }
 
 # ----------------------------------------------------------------- phases ---
@@ -429,16 +447,18 @@ run_h2load() {
     rm -f "$logf" # h2load appends to an existing log file
     local -a ours=("$UPSTREAM_PID")
     [[ "$name" == direct ]] || mapfile -t -O 1 ours < <(proxy_pids "$name")
-    local sys0 ours0 t0
+    local sys0 ours0 t0 up0 px0
     sys0=$(system_busy_ticks)
     ours0=$(cpu_ticks "${ours[@]}")
+    up0=$(cpu_ticks "$UPSTREAM_PID")
     t0=$(date +%s%N)
     pinned "$LOADGEN_CPU" h2load --h1 -c"$LAT_CLIENTS" --rps="$LAT_RPS_PER_CLIENT" -n "$n" \
         --log-file="$logf" "http://127.0.0.1:$port/" >"$WORK/h2load-$name-$tag.out" 2>&1 \
         || { cat "$WORK/h2load-$name-$tag.out" >&2; die "h2load against $name failed"; }
-    local sys1 ours1 t1 loadgen
+    local sys1 ours1 t1 loadgen up1
     sys1=$(system_busy_ticks)
     ours1=$(cpu_ticks "${ours[@]}")
+    up1=$(cpu_ticks "$UPSTREAM_PID")
     t1=$(date +%s%N)
     # CPU time of this subshell's children, i.e. h2load (second line of `times`).
     loadgen=$(times | tail -n1 | awk -v c="$CLK" '{
@@ -466,7 +486,10 @@ run_h2load() {
             i99 = int(NR * 0.99 + 0.999999); if (i99 < 1) i99 = 1
             print v[i50], v[i99]
         }' | tr '\n' ' '
-    echo "$other"
+    # The proxy's and the upstream's CPU ticks over this run, and the requests done: at
+    # a fixed rate every proxy hands the upstream the same load, so unlike the wrk runs
+    # the upstream's cost per request does not depend on how fast the proxy is.
+    echo "$other $((ours1 - ours0 - (up1 - up0))) $((up1 - up0)) $done_n"
 }
 
 # ------------------------------------------------------------------- main ---
@@ -497,6 +520,13 @@ main() {
                     warn "portico binary not found at $PORTICO_BIN: benchmarking nginx and haproxy only"
                 fi
                 ;;
+            portico-pgo)
+                if [[ -x "$PGO_BIN" ]]; then
+                    targets+=(portico-pgo)
+                else
+                    warn "PGO binary not found at $PGO_BIN (bash bench/pgo.sh builds it): leaving portico-pgo out"
+                fi
+                ;;
             *) die "unknown target: $t" ;;
         esac
     done
@@ -511,11 +541,14 @@ main() {
     TARGET_PORT[nginx]=$NGINX_PORT
     TARGET_PORT[haproxy]=$HAPROXY_PORT
     TARGET_PORT[portico]=$PORTICO_PORT
+    TARGET_PORT[portico-pgo]=$PORTICO_PGO_PORT
     for t in "${targets[@]}"; do
         port_free "${TARGET_PORT[$t]}" || die "port ${TARGET_PORT[$t]} ($t) is in use (set BASE_PORT)"
     done
     [[ " ${targets[*]} " != *" portico "* ]] || port_free "$PORTICO_ADMIN_PORT" \
         || die "port $PORTICO_ADMIN_PORT (portico admin) is in use (set BASE_PORT)"
+    [[ " ${targets[*]} " != *" portico-pgo "* ]] || port_free "$PORTICO_PGO_ADMIN_PORT" \
+        || die "port $PORTICO_PGO_ADMIN_PORT (portico-pgo admin) is in use (set BASE_PORT)"
 
     log "starting upstream on 127.0.0.1:$UPSTREAM_PORT (CPU $UPSTREAM_CPU)"
     start_upstream
@@ -529,8 +562,8 @@ main() {
         fi
         tail -n 30 "$WORK/$t/"*.log >&2 2>/dev/null || true
         # Portico is under development: report on the others rather than abort.
-        [[ "$t" == portico ]] || die "$t failed to start"
-        warn "portico failed to start (log above): benchmarking the others only"
+        [[ "$t" == portico* ]] || die "$t failed to start"
+        warn "$t failed to start (log above): benchmarking the others only"
         PORTICO_FAILED=1
         kill -TERM "${TARGET_PID[$t]}" 2>/dev/null || true
     done
@@ -572,18 +605,20 @@ main() {
     # added latency is taken against the direct run of the same rep, so slow
     # drift on the machine cancels out.
     local lats="$WORK/latency.tsv"
-    printf 'rep\ttarget\tp50_us\tp99_us\tadded_p50_us\tadded_p99_us\tother_cpu_pct\n' >"$lats"
-    local a b lat d50 d99 other
+    printf 'rep\ttarget\tp50_us\tp99_us\tadded_p50_us\tadded_p99_us\tother_cpu_pct\tproxy_ticks\tupstream_ticks\trequests\tcpu_ratio\tproxy_us_per_req\tupstream_us_per_req\n' >"$lats"
+    local a b lat d50 d99 other pt ut n
     for rep in $(seq "$LAT_REPS"); do
         lat="$(run_h2load direct "$UPSTREAM_PORT" "$rep")"
-        read -r d50 d99 other <<<"$lat"
+        read -r d50 d99 other pt ut n <<<"$lat"
         log "latency rep $rep/$LAT_REPS direct: p50 ${d50}µs p99 ${d99}µs"
-        printf '%s\tdirect\t%s\t%s\t0\t0\t%s\n' "$rep" "$d50" "$d99" "$other" >>"$lats"
+        printf '%s\tdirect\t%s\t%s\t0\t0\t%s\t0\t%s\t%s\tnan\t0\t%s\n' "$rep" "$d50" "$d99" "$other" "$ut" "$n" \
+            "$(awk -v u="$ut" -v n="$n" -v c="$CLK" 'BEGIN { printf "%.2f", n ? u * 1e6 / c / n : 0 }')" >>"$lats"
         for t in "${targets[@]}"; do
             lat="$(run_h2load "$t" "${TARGET_PORT[$t]}" "$rep")"
-            read -r a b other <<<"$lat"
-            log "latency rep $rep/$LAT_REPS $t: p50 ${a}µs p99 ${b}µs (added $((a - d50)) / $((b - d99)) µs)"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$t" "$a" "$b" "$((a - d50))" "$((b - d99))" "$other" >>"$lats"
+            read -r a b other pt ut n <<<"$lat"
+            log "latency rep $rep/$LAT_REPS $t: p50 ${a}µs p99 ${b}µs (added $((a - d50)) / $((b - d99)) µs), CPU proxy $pt / upstream $ut ticks"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$t" "$a" "$b" "$((a - d50))" "$((b - d99))" "$other" "$pt" "$ut" "$n" \
+                "$(awk -v p="$pt" -v u="$ut" -v n="$n" -v c="$CLK" 'BEGIN { if (u == 0 || n == 0) print "nan\tnan\tnan"; else printf "%.3f\t%.2f\t%.2f", p / u, p * 1e6 / c / n, u * 1e6 / c / n }')" >>"$lats"
         done
     done
 
@@ -614,8 +649,8 @@ main() {
         fi
         echo "Fixed-rate: h2load --h1 -c$LAT_CLIENTS --rps=$LAT_RPS_PER_CLIENT ($rate req/s) for ${LAT_SECONDS}s, $LAT_REPS reps (median); direct to the upstream: p50 $(fmt_us "$(lcol direct 3 | median)") / p99 $(fmt_us "$(lcol direct 4 | median)")."
         echo
-        echo "| target | req/s (median) | p50 | p99 | CPU ratio median (min–max) | ratio median, reps with ≥ $FULL_CPU % CPU (n) | added p50 / p99 @ $rate_label req/s |"
-        echo "|---|---:|---:|---:|---:|---:|---:|"
+        echo "| target | req/s (median) | p50 | p99 | CPU ratio median (min–max) | ratio median, reps with ≥ $FULL_CPU % CPU (n) | added p50 / p99 @ $rate_label req/s | CPU ratio @ $rate_label req/s (proxy µs/req) |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
         for t in "${targets[@]}"; do
             local rps_m p50_m p99_m rmed rmin rmax add50 add99 fmed fn
             rps_m=$(col "$t" 3 | median)
@@ -628,10 +663,13 @@ main() {
             fn=$(fcol "$t" 11 | wc -l)
             add50=$(lcol "$t" 5 | median)
             add99=$(lcol "$t" 6 | median)
-            printf '| %s | %s | %s | %s | %.2f (%.2f–%.2f) | %s (%d) | %s / %s |\n' \
+            local lrat lpus
+            lrat=$(lcol "$t" 11 | median)
+            lpus=$(lcol "$t" 12 | median)
+            printf '| %s | %s | %s | %s | %.2f (%.2f–%.2f) | %s (%d) | %s / %s | %.2f (%.1f) |\n' \
                 "$t" "$(printf '%.0f' "$rps_m")" "$(fmt_us "$p50_m")" "$(fmt_us "$p99_m")" \
                 "$rmed" "$rmin" "$rmax" "$(awk -v v="$fmed" 'BEGIN { if (v == "nan") print "n/a"; else printf "%.2f", v }')" \
-                "$fn" "$(fmt_us "$add50")" "$(fmt_us "$add99")"
+                "$fn" "$(fmt_us "$add50")" "$(fmt_us "$add99")" "$lrat" "$lpus"
         done
         echo
         echo "<details><summary>Per-run data (CPU in clock ticks of 1/${CLK} s; proxy CPU % = share of its CPU the proxy got during the run)</summary>"
@@ -640,8 +678,8 @@ main() {
         echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         awk -F'\t' 'NR > 1 { printf "| %s |", $1; for (i = 2; i <= NF; i++) printf " %s |", $i; printf "\n" }' "$runs"
         echo
-        echo "| rep | target | p50 µs @ $rate_label | p99 µs @ $rate_label | added p50 µs | added p99 µs | other CPU % |"
-        echo "|---:|---|---:|---:|---:|---:|---:|"
+        echo "| rep | target | p50 µs @ $rate_label | p99 µs @ $rate_label | added p50 µs | added p99 µs | other CPU % | proxy CPU | upstream CPU | requests | ratio | proxy µs/req | upstream µs/req |"
+        echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         awk -F'\t' 'NR > 1 { printf "| %s |", $1; for (i = 2; i <= NF; i++) printf " %s |", $i; printf "\n" }' "$lats"
         echo
         echo "</details>"
