@@ -54,7 +54,8 @@ PORTICO_BIN="${PORTICO_BIN:-$TARGET_DIR/$PROFILE/portico}"
 # The `portico-pgo` target: the dist build optimized with a profile of its own training
 # run (bench/pgo.sh builds it; PGO=1 adds the target and builds it unless SKIP_BUILD=1).
 PGO="${PGO:-0}"
-PGO_BIN="${PGO_BIN:-$TARGET_DIR/pgo/x86_64-unknown-linux-gnu/dist/portico}"
+# (bench/pgo.sh builds for the host triple, so that its flags stay off build scripts.)
+PGO_BIN="${PGO_BIN:-$TARGET_DIR/pgo/$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')/dist/portico}"
 PORTICO_PGO_PORT="${PORTICO_PGO_PORT:-$((BASE_PORT + 5))}"
 PORTICO_PGO_ADMIN_PORT="${PORTICO_PGO_ADMIN_PORT:-$((BASE_PORT + 6))}"
 UPSTREAM_BIN="${UPSTREAM_BIN:-$TARGET_DIR/release/portico-bench-upstream}"
@@ -447,7 +448,7 @@ run_h2load() {
     rm -f "$logf" # h2load appends to an existing log file
     local -a ours=("$UPSTREAM_PID")
     [[ "$name" == direct ]] || mapfile -t -O 1 ours < <(proxy_pids "$name")
-    local sys0 ours0 t0 up0 px0
+    local sys0 ours0 t0 up0
     sys0=$(system_busy_ticks)
     ours0=$(cpu_ticks "${ours[@]}")
     up0=$(cpu_ticks "$UPSTREAM_PID")
@@ -490,6 +491,15 @@ run_h2load() {
     # a fixed rate every proxy hands the upstream the same load, so unlike the wrk runs
     # the upstream's cost per request does not depend on how fast the proxy is.
     echo "$other $((ours1 - ours0 - (up1 - up0))) $((up1 - up0)) $done_n"
+}
+
+# cpu_cols PROXY_TICKS UPSTREAM_TICKS REQUESTS -> "ratio<TAB>proxy µs/req<TAB>upstream µs/req"
+# (ratio `nan` without proxy or upstream ticks, e.g. for the direct run).
+cpu_cols() {
+    awk -v p="$1" -v u="$2" -v n="$3" -v c="$CLK" 'BEGIN {
+        if (n == 0) { print "nan\tnan\tnan"; exit }
+        r = (p == 0 || u == 0) ? "nan" : sprintf("%.3f", p / u)
+        printf "%s\t%.2f\t%.2f", r, p * 1e6 / c / n, u * 1e6 / c / n }'
 }
 
 # ------------------------------------------------------------------- main ---
@@ -611,14 +621,14 @@ main() {
         lat="$(run_h2load direct "$UPSTREAM_PORT" "$rep")"
         read -r d50 d99 other pt ut n <<<"$lat"
         log "latency rep $rep/$LAT_REPS direct: p50 ${d50}µs p99 ${d99}µs"
-        printf '%s\tdirect\t%s\t%s\t0\t0\t%s\t0\t%s\t%s\tnan\t0\t%s\n' "$rep" "$d50" "$d99" "$other" "$ut" "$n" \
-            "$(awk -v u="$ut" -v n="$n" -v c="$CLK" 'BEGIN { printf "%.2f", n ? u * 1e6 / c / n : 0 }')" >>"$lats"
+        printf '%s\tdirect\t%s\t%s\t0\t0\t%s\t0\t%s\t%s\t%s\n' "$rep" "$d50" "$d99" "$other" "$ut" "$n" \
+            "$(cpu_cols 0 "$ut" "$n")" >>"$lats"
         for t in "${targets[@]}"; do
             lat="$(run_h2load "$t" "${TARGET_PORT[$t]}" "$rep")"
             read -r a b other pt ut n <<<"$lat"
             log "latency rep $rep/$LAT_REPS $t: p50 ${a}µs p99 ${b}µs (added $((a - d50)) / $((b - d99)) µs), CPU proxy $pt / upstream $ut ticks"
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$t" "$a" "$b" "$((a - d50))" "$((b - d99))" "$other" "$pt" "$ut" "$n" \
-                "$(awk -v p="$pt" -v u="$ut" -v n="$n" -v c="$CLK" 'BEGIN { if (u == 0 || n == 0) print "nan\tnan\tnan"; else printf "%.3f\t%.2f\t%.2f", p / u, p * 1e6 / c / n, u * 1e6 / c / n }')" >>"$lats"
+                "$(cpu_cols "$pt" "$ut" "$n")" >>"$lats"
         done
     done
 
