@@ -1171,3 +1171,197 @@ async fn early_413_from_an_upstream_that_stops_reading_reaches_the_client() {
         }
     }
 }
+
+/// The fields of an upstream's response as an HTTP/1.1 client gets them through a
+/// route without policies (where Portico forwards the fields as they arrived, without
+/// parsing them into a header map) and through the same route with a policy that
+/// leaves responses alone (where they go through the map), and as an HTTP/2 client
+/// gets them: the same fields either way. Framing and hop-by-hop fields (and those
+/// `Connection` names) are not forwarded, the upstream's `Date` is kept (and not
+/// doubled), its `X-Request-Id` gives way to the request's, repeated fields stay
+/// repeated, and every line the client gets ends with CRLF, also when the upstream
+/// ended its lines with a bare LF.
+#[tokio::test(flavor = "multi_thread")]
+async fn response_fields_are_the_same_with_and_without_a_header_map() {
+    // Heads kept as bytes (a few runs of kept lines), and heads that take the map:
+    // a `Connection` naming a field, `TE`, an empty value, more runs than are kept.
+    let many: String = (0..12)
+        .map(|i| format!("X-Many-{i}: v{i}\r\nKeep-Alive: timeout=5\r\n"))
+        .collect();
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "/simple",
+            "HTTP/1.1 200 OK\r\nServer: raw-upstream\r\nContent-Type: text/plain\r\n\
+             Content-Length: 5\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n\
+             X-Spaces:   padded value \t \r\n\r\nhello"
+                .to_string(),
+        ),
+        (
+            "/hop",
+            "HTTP/1.1 200 OK\r\nX-Before: 1\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Proxy-Connection: keep-alive\r\nX-Request-Id: upstream-id\r\nUpgrade: h2c\r\n\
+             Date: Tue, 01 Jan 2030 00:00:00 GMT\r\nX-After: 2\r\nContent-Length: 5\r\n\r\nhello"
+                .to_string(),
+        ),
+        (
+            "/bare-lf",
+            "HTTP/1.1 200 OK\nX-One: 1\nX-Two: 2\nContent-Length: 5\nX-Three: 3\n\nhello".to_string(),
+        ),
+        (
+            "/chunked",
+            "HTTP/1.1 200 OK\r\nX-Coded: yes\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n\
+             5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"
+                .to_string(),
+        ),
+        (
+            "/named",
+            "HTTP/1.1 200 OK\r\nConnection: X-Hop, keep-alive\r\nX-Hop: secret\r\nX-Kept: 1\r\n\
+             Content-Length: 5\r\n\r\nhello"
+                .to_string(),
+        ),
+        (
+            "/te",
+            "HTTP/1.1 200 OK\r\nTE: trailers\r\nX-Kept: 1\r\nContent-Length: 5\r\n\r\nhello"
+                .to_string(),
+        ),
+        (
+            "/empty",
+            "HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Kept: 1\r\nContent-Length: 5\r\n\r\nhello".to_string(),
+        ),
+        (
+            "/many",
+            format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 5\r\n\r\nhello"),
+        ),
+    ];
+    let scripted: Vec<(String, Vec<u8>)> = cases
+        .iter()
+        .map(|(p, r)| (p.to_string(), r.clone().into_bytes()))
+        .collect();
+    let up = RawUpstream::start(move |req| {
+        let path = req.path().trim_start_matches("/policy");
+        match scripted.iter().find(|(p, _)| p == path) {
+            Some((_, r)) => vec![Step::Send(r.clone())],
+            None => vec![Step::Send(ok("unknown")), Step::Close],
+        }
+    })
+    .await;
+    let yaml = format!(
+        "upstreams:\n  u: {{targets: [{{url: \"http://{}\"}}]}}\nroutes:\n  \
+         - {{name: plain, paths: [\"/*\"], upstream: u}}\n  \
+         - name: policy\n    paths: [\"/policy/*\"]\n    upstream: u\n    strip_prefix: true\n    \
+         plugins:\n      request-size-limit: {{max_body: 1MiB}}\n",
+        up.addr
+    );
+    let gw = LocalGateway::start(Path::new(env!("CARGO_BIN_EXE_portico")), &yaml).await;
+    // The fields a client sees, in order, but for `Date` (the gateway's own differs
+    // from one answer to the next).
+    let comparable = |h: &[(String, String)]| -> Vec<(String, String)> {
+        h.iter().filter(|(k, _)| k != "date").cloned().collect()
+    };
+    let mut c = Client::connect(gw.addr).await;
+    let h2 = portico_test_support::h2c_client();
+    for (path, _) in &cases {
+        let mut seen = Vec::new();
+        for prefix in ["", "/policy"] {
+            c.send(
+                format!("GET {prefix}{path} HTTP/1.1\r\nHost: gateway\r\nX-Request-Id: client-id\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+            let head = c.wire.head().await.expect("a response head");
+            let lone_lf = head
+                .bytes()
+                .enumerate()
+                .any(|(i, b)| b == b'\n' && (i == 0 || head.as_bytes()[i - 1] != b'\r'));
+            assert!(
+                !lone_lf,
+                "{prefix}{path}: a line not ended by CRLF in {head:?}"
+            );
+            let (status, headers) = split_head(&head);
+            assert_eq!(status, "HTTP/1.1 200 OK", "{prefix}{path}");
+            let body = if is_chunked(&headers) {
+                c.wire.chunked().await.unwrap()
+            } else {
+                let n: usize = first(&headers, "content-length")
+                    .unwrap_or_else(|| panic!("{prefix}{path}: no length in {head:?}"))
+                    .parse()
+                    .unwrap();
+                c.wire.take(n).await.unwrap()
+            };
+            assert_eq!(lossy(&body), "hello", "{prefix}{path}");
+            assert_eq!(
+                all(&headers, "x-request-id"),
+                ["client-id"],
+                "{prefix}{path}: {head:?}"
+            );
+            assert_eq!(all(&headers, "date").len(), 1, "{prefix}{path}: {head:?}");
+            for gone in [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "upgrade",
+                "te",
+                "trailer",
+                "x-hop",
+            ] {
+                assert!(
+                    first(&headers, gone).is_none(),
+                    "{prefix}{path}: {gone} in {head:?}"
+                );
+            }
+            seen.push(headers);
+        }
+        assert_eq!(
+            comparable(&seen[0]),
+            comparable(&seen[1]),
+            "{path}: without and with a header map"
+        );
+        // HTTP/2 (a header map, always): the same fields, names lower-cased.
+        let r = h2
+            .get(format!("http://{}{path}", gw.addr))
+            .header("x-request-id", "client-id")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "h2 {path}");
+        let mut h2_fields: Vec<(String, String)> = r
+            .headers()
+            .iter()
+            .filter(|(k, _)| *k != "date")
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().trim().to_string()))
+            .collect();
+        let mut h1_fields: Vec<(String, String)> = comparable(&seen[0])
+            .into_iter()
+            .filter(|(k, _)| k != "transfer-encoding")
+            .collect();
+        h2_fields.sort();
+        h1_fields.sort();
+        // A chunked answer carries no length over HTTP/2.
+        h1_fields.retain(|(k, _)| k != "content-length" || path != &"/chunked");
+        h2_fields.retain(|(k, _)| k != "content-length" || path != &"/chunked");
+        assert_eq!(h1_fields, h2_fields, "h2 {path}");
+    }
+    // What the kept fields say, spelled as the upstream spelled them.
+    c.send(b"GET /hop HTTP/1.1\r\nHost: gateway\r\n\r\n").await;
+    let head = c.wire.head().await.unwrap();
+    assert!(head.contains("\r\nX-Before: 1\r\n"), "{head:?}");
+    assert!(
+        head.contains("\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\n"),
+        "{head:?}"
+    );
+    assert!(!head.contains("upstream-id"), "{head:?}");
+    c.wire.take(5).await.unwrap();
+    c.send(b"GET /simple HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await;
+    let head = c.wire.head().await.unwrap();
+    let (_, headers) = split_head(&head);
+    assert_eq!(all(&headers, "set-cookie"), ["a=1", "b=2"], "{head:?}");
+    assert_eq!(
+        first(&headers, "x-spaces"),
+        Some("padded value"),
+        "{head:?}"
+    );
+    c.wire.take(5).await.unwrap();
+    // One connection upstream carried all of it (each answer framed correctly).
+    assert_eq!(up.connections(), 1);
+}

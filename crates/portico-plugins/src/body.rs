@@ -29,6 +29,87 @@ pub trait ClientBody: http_body::Body<Data = Bytes, Error = BoxError> + Send + U
     fn configure(&mut self, idle: Option<Duration>, counter: Option<Arc<AtomicU64>>);
 }
 
+/// The header fields of an upstream's HTTP/1.1 response, kept as the bytes they arrived
+/// in instead of parsed into a `HeaderMap`, for a response that goes to an HTTP/1.1
+/// client unchanged (a route with no policy; see `docs/performance.md`). The fields
+/// that are the gateway's business (framing, hop-by-hop, `X-Request-Id`) are already
+/// left out: what remains is written to the client as it is.
+pub struct RawFields {
+    head: Bytes,
+    ranges: [(u32, u32); RawFields::MAX_RANGES],
+    len: u8,
+    date: bool,
+}
+
+impl RawFields {
+    /// Runs of whole field lines kept; a head that would need more is parsed instead.
+    pub const MAX_RANGES: usize = 8;
+
+    /// Fields kept from `head` (the whole head, as received).
+    pub fn new(head: Bytes) -> RawFields {
+        RawFields {
+            head,
+            ranges: [(0, 0); RawFields::MAX_RANGES],
+            len: 0,
+            date: false,
+        }
+    }
+
+    /// Keep the field line(s) `start..end` of the head (from the first field's name to
+    /// the last one's value, without the line end). A run that follows the previous
+    /// one after exactly `\r\n` joins it. `false` when there is no room for another.
+    pub fn keep(&mut self, start: u32, end: u32) -> bool {
+        if let Some(last) = self.len.checked_sub(1).map(usize::from) {
+            let prev_end = self.ranges[last].1 as usize;
+            if self.head.get(prev_end..start as usize) == Some(&b"\r\n"[..]) {
+                self.ranges[last].1 = end;
+                return true;
+            }
+        }
+        match self.ranges.get_mut(usize::from(self.len)) {
+            Some(r) => {
+                *r = (start, end);
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One of the kept fields is `Date`.
+    pub fn set_date(&mut self) {
+        self.date = true;
+    }
+
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    /// The kept runs of field lines, each without its final line end.
+    pub fn runs(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.ranges[..usize::from(self.len)]
+            .iter()
+            .map(|&(s, e)| self.head.get(s as usize..e as usize).unwrap_or_default())
+    }
+
+    /// Bytes of all runs (without line ends).
+    pub fn len(&self) -> usize {
+        self.runs().map(<[u8]>::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A streamed body boxed where it was made; an upstream's HTTP/1.1 response body may
+/// carry its head's fields unparsed ([`RawFields`]).
+pub trait StreamBody: http_body::Body<Data = Bytes, Error = BoxError> + Send {
+    fn raw_fields(&self) -> Option<&RawFields> {
+        None
+    }
+}
+
 /// A request or response body.
 #[derive(Default)]
 pub enum Body {
@@ -46,7 +127,7 @@ pub enum Body {
     Client(Box<dyn ClientBody>),
     /// A body boxed where it was made (an upstream's HTTP/1.1 response body): no
     /// wrapper, and no second move into a box.
-    Stream(Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send>>),
+    Stream(Pin<Box<dyn StreamBody>>),
 }
 
 impl Body {
@@ -103,6 +184,17 @@ impl Body {
     {
         use http_body_util::BodyExt;
         Body::Boxed(b.map_err(Into::into).boxed_unsync())
+    }
+}
+
+impl Body {
+    /// The response head's fields when they were kept unparsed (then the response's
+    /// `HeaderMap` holds none of them).
+    pub fn raw_fields(&self) -> Option<&RawFields> {
+        match self {
+            Body::Stream(b) => b.raw_fields(),
+            _ => None,
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use portico_plugins::clock;
 use portico_plugins::{Body, ErrorKind, GatewayError};
 use portico_upstream::{
     now_ms, Circuit, ConnectTimeout, Field, Overlay, Permit, Rejected, RetryOn, SendError, Target,
-    TargetSet, Upstream,
+    TargetSet, Terms, Upstream,
 };
 use tokio::time::Instant;
 
@@ -46,9 +46,10 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it
-/// names, plus `Keep-Alive`, `Proxy-Connection`, `TE` (except `trailers`), `Trailer`,
-/// `Transfer-Encoding` and `Upgrade`.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+/// names, plus `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`
+/// and `Upgrade`. A request's `TE: trailers` is kept (gRPC needs it upstream); `TE`
+/// means nothing in a response.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
     // Most messages carry none of these: one pass over the names instead of a lookup each.
     let hop = |n: &HeaderName| {
         n == header::CONNECTION
@@ -82,12 +83,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     ] {
         h.remove(n);
     }
-    let te_trailers = h.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    let te_trailers = request
+        && h.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
     h.remove(header::TE);
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -167,7 +169,7 @@ pub async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, true);
     // Who the caller is: never what the client says, only what a policy established.
     let [name_h, groups_h] = &snap.consumer_headers;
     portico_plugins::ctx::remove_identity_headers(
@@ -206,6 +208,7 @@ pub async fn forward(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     let replayable = idempotent && body.is_end_stream();
+    let raw_head = fin.raw_response;
     // A copy for the route's mirror (sampled), taken as the request goes upstream.
     let body = match &route.mirror {
         Some(m) => {
@@ -391,9 +394,12 @@ pub async fn forward(
                 parts,
                 request_body,
                 &overlay,
-                timeouts.connect.0,
-                Some(timeouts.idle.0),
-                replayable,
+                Terms {
+                    connect: timeouts.connect.0,
+                    idle: Some(timeouts.idle.0),
+                    replayable,
+                    raw_head,
+                },
             )),
             clock.as_deref(),
             sent,
@@ -415,6 +421,7 @@ pub async fn forward(
                     client_host: client_host.as_ref(),
                     deadline,
                     timeouts,
+                    raw_head,
                 };
                 let (r, won) = Box::pin(hedged(primary, delay, hbody, head, h)).await;
                 if let Some((i2, sent2, permit2)) = won {
@@ -453,7 +460,7 @@ pub async fn forward(
                     }
                     up.recent.record(took);
                 }
-                strip_hop_by_hop(resp.headers_mut());
+                strip_hop_by_hop(resp.headers_mut(), false);
                 // The client gets the gateway's protocol version, not the upstream's.
                 *resp.version_mut() = Version::HTTP_11;
                 // Nothing to record or retry: the common case returns at once.
@@ -643,6 +650,7 @@ struct Hedge<'s> {
     client_host: Option<&'s HeaderValue>,
     deadline: Option<Instant>,
     timeouts: &'s Timeouts,
+    raw_head: bool,
 }
 
 /// The first try, and after `delay` without an answer a second one on another target
@@ -699,9 +707,12 @@ async fn hedged<'s>(
                 Body::full(hbody)
             },
             &ov2,
-            timeouts.connect.0,
-            Some(timeouts.idle.0),
-            true,
+            Terms {
+                connect: timeouts.connect.0,
+                idle: Some(timeouts.idle.0),
+                replayable: true,
+                raw_head: h.raw_head,
+            },
         )),
         None,
         sent2,

@@ -36,7 +36,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use portico_plugins::body::{ClientBody, IdleTimeout, DRAIN_MAX_TIME};
+use portico_plugins::body::{ClientBody, IdleTimeout, RawFields, DRAIN_MAX_TIME};
 use portico_plugins::{Body, BoxError, ErrorKind, GatewayError};
 use portico_upstream::h1::{
     add_length, connection_tokens, field_name, parse_length, poll_body, BodyFraming, Decoder,
@@ -391,7 +391,10 @@ fn parse(
     let head = buf.split_to(len).freeze();
     let Received { parts, meta, body } = rx;
     *body = Body::Empty;
-    *meta = crate::pipeline::Meta::default();
+    *meta = crate::pipeline::Meta {
+        raw_response: true,
+        ..crate::pipeline::Meta::default()
+    };
     parts.extensions.clear();
     parts.headers.clear();
     // A URI has at most 65534 bytes (the `http` crate's limit, far above the default
@@ -648,6 +651,7 @@ fn encode_head<B: http_body::Body>(
     buf: &mut BytesMut,
     (status, h): (StatusCode, &HeaderMap),
     body: &B,
+    raw: Option<(&RawFields, Option<&HeaderValue>)>,
     info: &Info,
     mut keep: bool,
 ) -> (Framing, bool) {
@@ -658,6 +662,9 @@ fn encode_head<B: http_body::Body>(
     let mut size = 64;
     for (n, v) in h {
         size += n.as_str().len() + v.len() + 4;
+    }
+    if let Some((r, id)) = raw {
+        size += r.len() + 2 * RawFields::MAX_RANGES + id.map_or(0, |v| v.len() + 16);
     }
     buf.reserve(size + 96);
     // An HTTP/1.0 client is answered in its version (it may not know 1.1's framing).
@@ -692,6 +699,20 @@ fn encode_head<B: http_body::Body>(
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(v.as_bytes());
         buf.extend_from_slice(b"\r\n");
+    }
+    // An upstream's fields kept unparsed: framing and hop-by-hop fields are already
+    // left out of them.
+    if let Some((r, id)) = raw {
+        for run in r.runs() {
+            buf.extend_from_slice(run);
+            buf.extend_from_slice(b"\r\n");
+        }
+        has_date |= r.has_date();
+        if let Some(v) = id {
+            buf.extend_from_slice(b"x-request-id: ");
+            buf.extend_from_slice(v.as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
     }
     let exact = body.size_hint().exact();
     let (framing, length_header) = if bodiless {
@@ -748,7 +769,8 @@ async fn write_response<W: AsyncWrite + Unpin>(
     idle: Duration,
 ) -> io::Result<bool> {
     let head = (resp.status(), resp.headers());
-    let (framing, keep) = encode_head(buf, head, resp.body(), info, keep);
+    let raw = resp.body().raw_fields();
+    let (framing, keep) = encode_head(buf, head, resp.body(), raw, info, keep);
     let body = resp.body_mut();
     let mut out = Out::with_head(buf.split().freeze());
     if framing == Framing::None {
@@ -871,6 +893,7 @@ async fn write_plain<W: AsyncWrite + Unpin>(w: &mut W, resp: Response<Body>) -> 
         &mut buf,
         (parts.status, &parts.headers),
         &fixed,
+        None,
         &info,
         false,
     );

@@ -43,6 +43,9 @@ pub struct Finish {
     pub mirror: Option<crate::mirror::Pending>,
     /// Counts this exchange as in progress on its client connection until dropped.
     pub conn: InFlight,
+    /// The answer goes to an HTTP/1.1 client through Portico's own server unchanged:
+    /// an HTTP/1.1 upstream's response fields may stay unparsed (`RawFields`).
+    pub raw_response: bool,
 }
 
 /// An exchange in progress on a client connection; dropping it (the exchange ended,
@@ -112,6 +115,7 @@ impl Finish {
                 request_id_hv,
                 mirror: None,
                 conn: InFlight::start(conn),
+                raw_response: false,
             },
         )
     }
@@ -134,8 +138,15 @@ impl Finish {
     /// Finish the response head and wrap the body.
     pub fn complete(mut self: Box<Self>, resp: Response<Body>) -> Response<LogBody> {
         let (mut parts, body) = resp.into_parts();
+        // With the upstream's fields unparsed, the server writes the id after them
+        // (the map is empty: an insert would allocate it).
+        let mut request_id = None;
         if let Some(v) = self.request_id_hv.clone() {
-            parts.headers.insert(&crate::forward::X_REQUEST_ID, v);
+            if body.raw_fields().is_some() {
+                request_id = Some(v);
+            } else {
+                parts.headers.insert(&crate::forward::X_REQUEST_ID, v);
+            }
         }
         self.status = parts.status.as_u16();
         let end = body.is_end_stream();
@@ -143,6 +154,7 @@ impl Finish {
             inner: body,
             fin: Some(self),
             bytes: 0,
+            request_id,
         };
         if end {
             lb.finish();
@@ -219,9 +231,19 @@ pub struct LogBody {
     inner: Body,
     fin: Option<Box<Finish>>,
     bytes: u64,
+    /// `X-Request-Id` for a response whose fields are kept unparsed.
+    request_id: Option<HeaderValue>,
 }
 
 impl LogBody {
+    /// The upstream response's fields kept unparsed, and the request id to add to
+    /// them; the response's `HeaderMap` holds only what the gateway added.
+    pub fn raw_fields(&self) -> Option<(&portico_plugins::body::RawFields, Option<&HeaderValue>)> {
+        self.inner
+            .raw_fields()
+            .map(|r| (r, self.request_id.as_ref()))
+    }
+
     fn finish(&mut self) {
         if let Some(mut f) = self.fin.take() {
             f.emit(self.bytes);

@@ -158,6 +158,8 @@ pub async fn handle(
     fin.ctx.client_cert.clone_from(&conn.client_cert);
     fin.ctx.underscores = meta.underscores;
     fin.ctx.tls = conn.tls;
+    fin.raw_response =
+        meta.raw_response && fin.request_id_hv.is_some() && route.passes_response_through();
     fin.route = Some(route.clone());
     let idle = Some(route.timeouts.idle.0);
     // Without a Content-Length (chunked, or HTTP/2 without one) count what is read.
@@ -327,9 +329,11 @@ fn refresh_in_background(
     copy.headers_mut().remove(http::header::CONTENT_LENGTH);
     copy.headers_mut().remove(http::header::TRANSFER_ENCODING);
     copy.extensions_mut().insert(bg);
+    // The answer is read here, not written to a client.
     let meta = Meta {
         content_length: None,
         request_id: None,
+        raw_response: false,
         ..meta.clone()
     };
     let (gw, conn) = (gw.clone(), conn.clone());
@@ -581,6 +585,9 @@ pub struct Meta {
     pub underscores: bool,
     /// How many `Authorization` fields there are.
     pub authorizations: u8,
+    /// The answer is written by Portico's own HTTP/1.1 server, which can write an
+    /// upstream response's fields kept unparsed (`RawFields`).
+    pub raw_response: bool,
 }
 
 impl Meta {
@@ -599,6 +606,7 @@ impl Meta {
             underscores: h.keys().any(|k| k.as_str().contains('_')),
             authorizations: u8::try_from(h.get_all(http::header::AUTHORIZATION).iter().count())
                 .unwrap_or(u8::MAX),
+            raw_response: false,
         }
     }
 }

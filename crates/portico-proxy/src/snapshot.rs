@@ -50,6 +50,14 @@ pub struct CompiledRoute {
     pub config: Route,
 }
 
+impl CompiledRoute {
+    /// The upstream's response goes to the client as it came (no policy sees it, no
+    /// mirror takes a copy): its fields may stay unparsed on the way.
+    pub fn passes_response_through(&self) -> bool {
+        self.chain.is_empty() && self.mirror.is_none()
+    }
+}
+
 /// The check after a route's authentication policies ("any of" them).
 pub struct AuthGate {
     /// Index in `chain` of the first policy after authentication.

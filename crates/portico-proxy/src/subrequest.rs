@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri};
 use portico_plugins::Body;
-use portico_upstream::{Field, Overlay, Upstream};
+use portico_upstream::{Field, Overlay, Terms, Upstream};
 
 /// What an upstream answered.
 pub struct Answer {
@@ -72,7 +72,17 @@ pub async fn send_once(
     let exchange = async {
         let resp = t
             .pool
-            .send(&mut parts, sub.body, &overlay, connect, Some(limit), false)
+            .send(
+                &mut parts,
+                sub.body,
+                &overlay,
+                Terms {
+                    connect,
+                    idle: Some(limit),
+                    replayable: false,
+                    raw_head: false,
+                },
+            )
             .await
             .map_err(|f| Failure::Failed(f.error.to_string()))?;
         let (head, mut body) = resp.into_parts();

@@ -19,7 +19,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{timeout, Instant};
 
 use crate::supervise::Stop;
-use crate::{Live, Overlay, Target};
+use crate::{Live, Overlay, Target, Terms};
 
 /// The most of a probe's response body read to look for `body_contains`.
 const MAX_PROBE_BODY: u64 = 64 * 1024;
@@ -116,9 +116,12 @@ async fn http_probe(t: &Target, cfg: &ActiveCheck, limit: Duration) -> Result<()
             &mut parts,
             Body::Empty,
             &Overlay::default(),
-            limit,
-            Some(limit),
-            true,
+            Terms {
+                connect: limit,
+                idle: Some(limit),
+                replayable: true,
+                raw_head: false,
+            },
         )
         .await
         .map_err(|f| format!("request failed: {}", f.error))?;

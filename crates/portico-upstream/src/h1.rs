@@ -28,7 +28,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use portico_plugins::body::IdleTimeout;
+use portico_plugins::body::{IdleTimeout, RawFields, StreamBody};
 use portico_plugins::{Body, BoxError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -522,6 +522,8 @@ pub struct Head {
     pub framing: BodyFraming,
     /// The connection may carry another request after this response.
     pub keep_alive: bool,
+    /// The fields kept unparsed (`headers` is then empty).
+    pub raw: Option<RawFields>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -538,7 +540,7 @@ pub fn poll_exchange(
     conn: &mut Conn,
     sending: &mut Sending,
     write_error: &mut Option<io::Error>,
-    head_request: bool,
+    (head_request, raw): (bool, bool),
     cx: &mut Context<'_>,
 ) -> Poll<Result<Head, Error>> {
     if write_error.is_none() && !sending.done() {
@@ -553,7 +555,7 @@ pub fn poll_exchange(
     }
     loop {
         if !conn.rbuf.is_empty() {
-            if let Some(head) = parse_head(&mut conn.rbuf, head_request, &mut conn.spans)? {
+            if let Some(head) = parse_head(&mut conn.rbuf, head_request, &mut conn.spans, raw)? {
                 return Poll::Ready(Ok(head));
             }
             if conn.rbuf.len() >= MAX_HEAD {
@@ -613,15 +615,19 @@ impl FieldSpans {
         }
     }
 
-    /// Each field's name and value, the value a slice of `head` (the bytes the spans
-    /// were taken from, now frozen).
-    pub fn fields<'a>(&'a self, head: &'a Bytes) -> impl Iterator<Item = (&'a [u8], Bytes)> + 'a {
-        let spans = if self.len > self.stack.len() {
+    /// Each field's name and value as offsets into the buffer they were recorded from.
+    pub fn spans(&self) -> &[(u32, u32, u32, u32)] {
+        if self.len > self.stack.len() {
             &self.heap[..]
         } else {
             &self.stack[..self.len]
-        };
-        spans.iter().map(move |&(ns, ne, vs, ve)| {
+        }
+    }
+
+    /// Each field's name and value, the value a slice of `head` (the bytes the spans
+    /// were taken from, now frozen).
+    pub fn fields<'a>(&'a self, head: &'a Bytes) -> impl Iterator<Item = (&'a [u8], Bytes)> + 'a {
+        self.spans().iter().map(move |&(ns, ne, vs, ve)| {
             (
                 &head[ns as usize..ne as usize],
                 head.slice(vs as usize..ve as usize),
@@ -720,12 +726,46 @@ pub fn connection_tokens(raw: &[u8]) -> (bool, bool) {
         })
 }
 
+/// What the gateway does with a field of an upstream's response head.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RespField {
+    /// Forwarded as it is.
+    Keep,
+    /// Forwarded; the gateway then adds no `Date` of its own.
+    Date,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Hop-by-hop (`Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`), or
+    /// the gateway's own (`X-Request-Id`): never forwarded from a head kept raw.
+    Drop,
+}
+
+fn resp_field(name: &[u8]) -> RespField {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 if is(b"te") => RespField::Drop,
+        4 if is(b"date") => RespField::Date,
+        7 if is(b"trailer") || is(b"upgrade") => RespField::Drop,
+        10 if is(b"connection") => RespField::Connection,
+        10 if is(b"keep-alive") => RespField::Drop,
+        12 if is(b"x-request-id") => RespField::Drop,
+        14 if is(b"content-length") => RespField::ContentLength,
+        16 if is(b"proxy-connection") => RespField::Drop,
+        17 if is(b"transfer-encoding") => RespField::TransferEncoding,
+        _ => RespField::Keep,
+    }
+}
+
 /// Parse a complete response head off the front of `rbuf`, skipping 1xx interim
-/// responses; `None` while it is incomplete.
+/// responses; `None` while it is incomplete. With `raw`, a head whose fields need no
+/// more than leaving out framing and hop-by-hop fields keeps them as bytes
+/// ([`RawFields`]) and builds no `HeaderMap`.
 fn parse_head(
     rbuf: &mut BytesMut,
     head_request: bool,
     spans: &mut FieldSpans,
+    raw: bool,
 ) -> Result<Option<Head>, Error> {
     loop {
         let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
@@ -759,36 +799,48 @@ fn parse_head(
         let count = resp.headers.len();
         spans.record(rbuf, resp.headers);
         let head = rbuf.split_to(len).freeze();
-        // Room for the headers the gateway adds (request id, policies' own).
-        let mut headers = HeaderMap::with_capacity(count + 4);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut other_coding = false;
         let mut close = false;
         let mut keep = false;
-        for (raw_name, value) in spans.fields(&head) {
-            let name = field_name(raw_name).map_err(|_| Error::Framing("invalid header name"))?;
-            let raw = &value[..];
-            if name == header::CONTENT_LENGTH {
-                add_length(raw, &mut length).map_err(Error::Framing)?;
-            } else if name == header::TRANSFER_ENCODING {
-                // Only the last coding decides; a later field overrides an earlier one.
-                for coding in raw.split(|&b| b == b',') {
-                    let c = coding.trim_ascii();
-                    if c.is_empty() {
-                        continue;
+        let mut kept = raw.then(|| RawFields::new(head.clone()));
+        for &(ns, ne, vs, ve) in spans.spans() {
+            let name = head.get(ns as usize..ne as usize).unwrap_or_default();
+            let raw = head.get(vs as usize..ve as usize).unwrap_or_default();
+            let field = resp_field(name);
+            match field {
+                RespField::Keep | RespField::Date | RespField::Drop => {}
+                RespField::ContentLength => add_length(raw, &mut length).map_err(Error::Framing)?,
+                RespField::TransferEncoding => {
+                    // Only the last coding decides; a later field overrides an earlier one.
+                    for coding in raw.split(|&b| b == b',') {
+                        let c = coding.trim_ascii();
+                        if c.is_empty() {
+                            continue;
+                        }
+                        chunked = c.eq_ignore_ascii_case(b"chunked");
+                        other_coding = !chunked;
                     }
-                    chunked = c.eq_ignore_ascii_case(b"chunked");
-                    other_coding = !chunked;
                 }
-            } else if name == header::CONNECTION {
-                let (c, k) = connection_tokens(raw);
-                close |= c;
-                keep |= k;
+                RespField::Connection => {
+                    let (c, k) = connection_tokens(raw);
+                    close |= c;
+                    keep |= k;
+                    // Fields it names are hop-by-hop too: the general path removes them.
+                    if kept.is_some() && connection_names_fields(raw) {
+                        kept = None;
+                    }
+                }
             }
-            let value = HeaderValue::from_maybe_shared(value)
-                .map_err(|_| Error::Framing("invalid header value"))?;
-            headers.append(name, value);
+            if let (Some(k), RespField::Keep | RespField::Date) = (kept.as_mut(), field) {
+                // An empty value may not lie where its line does: take the general path.
+                if vs < ne || ve <= vs || !k.keep(ns, ve) {
+                    kept = None;
+                } else if field == RespField::Date {
+                    k.set_date();
+                }
+            }
         }
         let mut keep_alive = !close && (version == Version::HTTP_11 || keep);
         let coded = chunked || other_coding;
@@ -796,6 +848,7 @@ fn parse_head(
             // Transfer-Encoding in HTTP/1.0: faulty framing, never reuse (RFC 9112 §6.1).
             keep_alive = false;
         }
+        let mut drop_length = false;
         let framing = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -804,7 +857,7 @@ fn parse_head(
         } else if coded {
             if length.is_some() {
                 // Both: the transfer coding wins, the length goes, the connection too.
-                headers.remove(header::CONTENT_LENGTH);
+                drop_length = true;
                 keep_alive = false;
             }
             if chunked {
@@ -819,14 +872,43 @@ fn parse_head(
             keep_alive = false;
             BodyFraming::Close
         };
+        // Kept raw only with a body to carry them (see `ResponseBody::raw_fields`).
+        let raw = kept.filter(|_| framing != BodyFraming::Length(0));
+        let headers = if raw.is_some() {
+            HeaderMap::new()
+        } else {
+            // Room for the headers the gateway adds (request id, policies' own).
+            let mut headers = HeaderMap::with_capacity(count + 4);
+            for (raw_name, value) in spans.fields(&head) {
+                let name =
+                    field_name(raw_name).map_err(|_| Error::Framing("invalid header name"))?;
+                let value = HeaderValue::from_maybe_shared(value)
+                    .map_err(|_| Error::Framing("invalid header value"))?;
+                headers.append(name, value);
+            }
+            if drop_length {
+                headers.remove(header::CONTENT_LENGTH);
+            }
+            headers
+        };
         return Ok(Some(Head {
             status,
             version,
             headers,
             framing,
             keep_alive,
+            raw,
         }));
     }
+}
+
+/// Whether a `Connection` field value names a field (anything but `close` and
+/// `keep-alive`).
+fn connection_names_fields(raw: &[u8]) -> bool {
+    raw.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+    })
 }
 
 /// A `Content-Length` value (one element of a list): digits only, no overflow.
@@ -1093,6 +1175,14 @@ pub struct ResponseBody {
     pool: Option<Arc<TargetPool>>,
     idle: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
+    /// The response head's fields, when kept unparsed.
+    raw: Option<RawFields>,
+}
+
+impl StreamBody for ResponseBody {
+    fn raw_fields(&self) -> Option<&RawFields> {
+        self.raw.as_ref()
+    }
 }
 
 impl ResponseBody {
@@ -1102,7 +1192,7 @@ impl ResponseBody {
     /// Boxed here, where it is made: it is large, and it goes into the response.
     pub fn new(
         conn: Box<Conn>,
-        head: &Head,
+        head: &mut Head,
         unsent: Option<Box<Sending>>,
         pool: Option<Arc<TargetPool>>,
         idle: Option<Duration>,
@@ -1126,6 +1216,7 @@ impl ResponseBody {
             pool,
             idle,
             timer: None,
+            raw: head.raw.take(),
         }))
     }
 
@@ -1225,7 +1316,80 @@ mod tests {
 
     fn head(raw: &[u8], head_request: bool) -> Result<Option<Head>, Error> {
         let mut b = BytesMut::from(raw);
-        parse_head(&mut b, head_request, &mut FieldSpans::default())
+        parse_head(&mut b, head_request, &mut FieldSpans::default(), false)
+    }
+
+    fn raw_head(raw: &[u8], head_request: bool) -> Head {
+        let mut b = BytesMut::from(raw);
+        parse_head(&mut b, head_request, &mut FieldSpans::default(), true)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn response_fields_kept_raw_leave_out_framing_and_hop_by_hop() {
+        let h = raw_head(
+            b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 5\r\nDate: d\r\nx-a:1\r\n\
+              Keep-Alive: x\r\nTE: trailers\r\nX-Request-Id: up\r\nX-B: 2 \r\nX-C: 3\r\n\r\nhello",
+            false,
+        );
+        assert!(h.headers.is_empty());
+        assert_eq!(h.framing, BodyFraming::Length(5));
+        let r = h.raw.unwrap();
+        let runs: Vec<&[u8]> = r.runs().collect();
+        // Adjacent kept lines make one run; the value's trailing space ends one.
+        assert_eq!(
+            runs,
+            [&b"Server: s"[..], b"Date: d\r\nx-a:1", b"X-B: 2", b"X-C: 3"]
+        );
+        assert!(r.has_date());
+        // Bare LF line ends: each line is a run of its own.
+        let h = raw_head(
+            b"HTTP/1.1 200 OK\nX-A: 1\nX-B: 2\nContent-Length: 0\n\n",
+            true,
+        );
+        assert!(h.raw.is_none(), "no body: the map");
+        let h = raw_head(
+            b"HTTP/1.1 200 OK\nX-A: 1\nX-B: 2\nTransfer-Encoding: chunked\n\n",
+            false,
+        );
+        let r = h.raw.unwrap();
+        assert_eq!(r.runs().collect::<Vec<_>>(), [&b"X-A: 1"[..], b"X-B: 2"]);
+        assert!(!r.has_date());
+        assert_eq!(h.framing, BodyFraming::Chunked);
+        // These take the map (and keep their fields there).
+        let many: String = (0..9)
+            .map(|i| format!("X-{i}: {i}\r\nKeep-Alive: 1\r\n"))
+            .collect();
+        for (what, head, head_request) in [
+            (
+                "a field named by Connection",
+                "Connection: x-hop\r\nX-Hop: 1\r\nX-A: 1\r\nContent-Length: 1\r\n".to_string(),
+                false,
+            ),
+            (
+                "an empty value",
+                "X-Empty:\r\nX-A: 1\r\nContent-Length: 1\r\n".to_string(),
+                false,
+            ),
+            (
+                "a HEAD answer",
+                "X-A: 1\r\nContent-Length: 1\r\n".to_string(),
+                true,
+            ),
+            (
+                "more runs than kept",
+                format!("{many}X-A: 1\r\nContent-Length: 1\r\n"),
+                false,
+            ),
+        ] {
+            let h = raw_head(
+                format!("HTTP/1.1 200 OK\r\n{head}\r\n").as_bytes(),
+                head_request,
+            );
+            assert!(h.raw.is_none(), "{what}");
+            assert_eq!(h.headers.get("x-a").unwrap(), "1", "{what}");
+        }
     }
 
     #[test]

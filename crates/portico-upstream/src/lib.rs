@@ -46,7 +46,7 @@ pub use client::{ClientError, ConnectTimeout};
 pub use health::{ms_at, now_ms, Ejection, Streak, TargetHealth};
 pub use live::{Endpoint, Live, TargetSet};
 pub use overlay::{Field, Overlay};
-pub use pool::{Connector, Failed, SendError, TargetPool};
+pub use pool::{Connector, Failed, SendError, TargetPool, Terms};
 
 /// One target of a compiled upstream.
 #[derive(Debug)]

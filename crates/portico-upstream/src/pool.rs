@@ -139,12 +139,21 @@ enum Conn {
     H2(http2::SendRequest<Body>),
 }
 
-/// The limits of one exchange (see [`TargetPool::send`]).
-#[derive(Clone, Copy)]
-struct Terms {
-    connect: Duration,
-    idle: Option<Duration>,
-    replayable: bool,
+/// The terms of one exchange (see [`TargetPool::send`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Terms {
+    /// Bounds making a new connection (TCP and TLS).
+    pub connect: Duration,
+    /// Bounds the gaps in the response body.
+    pub idle: Option<Duration>,
+    /// The request may be sent twice (idempotent, no body): then a pooled connection
+    /// that turns out closed by the upstream (its keep-alive timeout racing with our
+    /// request) is replaced by a fresh one and the request sent again.
+    pub replayable: bool,
+    /// The response goes to an HTTP/1.1 client unchanged: an HTTP/1.1 upstream's
+    /// response fields may be kept unparsed (`portico_plugins::body::RawFields`),
+    /// leaving the response's `HeaderMap` empty.
+    pub raw_head: bool,
 }
 
 /// How one attempt on a connection ended.
@@ -259,12 +268,8 @@ impl TargetPool {
     }
 
     /// Send a request (its URI in origin form: path and query) and return the response
-    /// head with a body that gives the connection back when finished. `connect` bounds
-    /// making a new connection (TCP and TLS); `idle` bounds the gaps in the response
-    /// body. `replayable` says the request may be sent twice (idempotent, no body): then
-    /// a pooled connection that turns out closed by the upstream (its keep-alive timeout
-    /// racing with our request) is replaced by a fresh one and the request sent again.
-    /// `overlay` holds the gateway's own headers (applied over the request's). The
+    /// head with a body that gives the connection back when finished, on the
+    /// [`Terms`] given. `overlay` holds the gateway's own headers (applied over the request's). The
     /// request head is borrowed (its URI in origin form); on failure the body comes back
     /// when nothing of the request was sent.
     pub async fn send(
@@ -272,13 +277,11 @@ impl TargetPool {
         parts: &mut http::request::Parts,
         body: Body,
         overlay: &Overlay,
-        connect: Duration,
-        idle: Option<Duration>,
-        replayable: bool,
+        t: Terms,
     ) -> Result<Response<Body>, Failed> {
         let (mut conn, mut reused) = match self.pooled() {
             Some(c) => (c, true),
-            None => match self.connect(connect).await {
+            None => match self.connect(t.connect).await {
                 Ok(c) => (c, false),
                 Err(error) => {
                     return Err(Failed {
@@ -289,11 +292,6 @@ impl TargetPool {
             },
         };
         let mut body = body;
-        let t = Terms {
-            connect,
-            idle,
-            replayable,
-        };
         // A retry on a new connection may negotiate the other protocol (ALPN); retries
         // only follow a reused connection, so this loops at most twice.
         loop {
@@ -323,6 +321,7 @@ impl TargetPool {
             connect,
             idle,
             replayable,
+            raw_head,
         } = t;
         let framing = ReqFraming::of(parts, &body);
         let head = h1::encode_head(conn.head_buf(), parts, overlay, framing);
@@ -331,11 +330,17 @@ impl TargetPool {
         loop {
             let mut write_error = None;
             let result = poll_fn(|cx| {
-                h1::poll_exchange(&mut conn, &mut sending, &mut write_error, head_request, cx)
+                h1::poll_exchange(
+                    &mut conn,
+                    &mut sending,
+                    &mut write_error,
+                    (head_request, raw_head),
+                    cx,
+                )
             })
             .await;
             let e = match result {
-                Ok(h) => {
+                Ok(mut h) => {
                     let mut resp = Response::new(Body::Empty);
                     *resp.status_mut() = h.status;
                     *resp.version_mut() = h.version;
@@ -346,7 +351,7 @@ impl TargetPool {
                     } else {
                         Some(Box::new(sending))
                     };
-                    let body = ResponseBody::new(conn, &h, unsent, self.me.upgrade(), idle);
+                    let body = ResponseBody::new(conn, &mut h, unsent, self.me.upgrade(), idle);
                     *resp.headers_mut() = h.headers;
                     if let Some(b) = body {
                         *resp.body_mut() = Body::Stream(b);
