@@ -41,10 +41,96 @@ pub struct ClientCert {
     pub fingerprint: String,
 }
 
+/// A request's id: 1–200 visible ASCII characters, kept as the `X-Request-Id` header
+/// value it is sent as (so that the context, the upstream request and the answer share
+/// one allocation).
+#[derive(Clone, Debug)]
+pub struct RequestId(http::HeaderValue);
+
+impl RequestId {
+    /// `None` unless `v` is 1–200 visible ASCII characters.
+    pub fn new(v: http::HeaderValue) -> Option<RequestId> {
+        let b = v.as_bytes();
+        (!b.is_empty() && b.len() <= 200 && b.iter().all(u8::is_ascii_graphic))
+            .then_some(RequestId(v))
+    }
+
+    /// The client's id (`X-Request-Id`) when it is usable, else a new random one: 32
+    /// lowercase hex digits (128 bits).
+    pub fn of_request(client: Option<&http::HeaderValue>) -> RequestId {
+        if let Some(id) = client.and_then(|v| RequestId::new(v.clone())) {
+            return id;
+        }
+        // Each byte's two hex digits at once.
+        const PAIRS: [[u8; 2]; 256] = {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut t = [[0u8; 2]; 256];
+            let mut i = 0;
+            while i < 256 {
+                t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+                i += 1;
+            }
+            t
+        };
+        let mut buf = [0u8; 32];
+        for (pair, b) in buf
+            .chunks_exact_mut(2)
+            .zip(fastrand::u128(..).to_le_bytes())
+        {
+            pair.copy_from_slice(&PAIRS[usize::from(b)]);
+        }
+        // One allocation, shared by every clone (the upstream request, the answer).
+        match http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf)) {
+            Ok(v) => RequestId(v),
+            Err(_) => RequestId(http::HeaderValue::from_static("-")),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Visible ASCII only (checked when made).
+        std::str::from_utf8(self.0.as_bytes()).unwrap_or_default()
+    }
+
+    /// The id as a header value.
+    pub fn header(&self) -> &http::HeaderValue {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// For contexts made outside a client request (tests, background work): a string that
+/// is not a valid id becomes `-`.
+impl From<&str> for RequestId {
+    fn from(s: &str) -> RequestId {
+        http::HeaderValue::from_str(s)
+            .ok()
+            .and_then(RequestId::new)
+            .unwrap_or_else(|| RequestId(http::HeaderValue::from_static("-")))
+    }
+}
+
+impl From<String> for RequestId {
+    fn from(s: String) -> RequestId {
+        RequestId::from(s.as_str())
+    }
+}
+
 /// What the pipeline knows about one request.
 #[derive(Debug)]
 pub struct Ctx {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub client_ip: IpAddr,
     pub route_name: Arc<str>,
     /// The normalized request path (what routing saw).
@@ -76,7 +162,7 @@ pub struct Ctx {
 impl Ctx {
     #[inline]
     pub fn new(
-        request_id: String,
+        request_id: RequestId,
         client_ip: IpAddr,
         route_name: Arc<str>,
         path: String,
@@ -120,7 +206,7 @@ impl Ctx {
                     serde_json::Value::String(s) => Cow::Borrowed(s.as_str()),
                     other => Cow::Owned(other.to_string()),
                 }),
-            Var::RequestId => Some(Cow::Borrowed(&self.request_id)),
+            Var::RequestId => Some(Cow::Borrowed(self.request_id.as_str())),
             Var::ClientIp => Some(Cow::Owned(self.client_ip.to_string())),
             Var::RouteName => Some(Cow::Borrowed(&self.route_name)),
         }
@@ -366,6 +452,43 @@ mod tests {
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
         s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn request_ids_are_the_clients_when_usable_else_random_hex() {
+        let keep = HeaderValue::from_static("abc-123_X.y~");
+        let id = RequestId::of_request(Some(&keep));
+        assert_eq!(id.as_str(), "abc-123_X.y~");
+        assert_eq!(id.header(), &keep);
+        let long = "a".repeat(201);
+        let bad = [
+            HeaderValue::from_static(""),
+            HeaderValue::from_static("has space"),
+            HeaderValue::from_str(&long).unwrap(),
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for v in bad.iter().map(Some).chain([None]) {
+            let id = RequestId::of_request(v);
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{id}"
+            );
+            assert_eq!(id.header().as_bytes(), id.as_bytes());
+            assert!(seen.insert(id.to_string()), "ids repeat: {id}");
+        }
+        // Every byte value's two digits: 0x00..0xff all appear over many ids.
+        let mut digits = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let id = RequestId::of_request(None);
+            for p in id.as_bytes().chunks(2) {
+                digits.insert(p.to_vec());
+            }
+        }
+        assert_eq!(digits.len(), 256);
+        assert_eq!(RequestId::from("not valid").as_str(), "-");
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod registry;
 pub mod state;
 
 pub use body::{Body, BoxError};
-pub use ctx::{canonical, client_ip, Consumer, Ctx};
+pub use ctx::{canonical, client_ip, Consumer, Ctx, RequestId};
 pub use error::{ErrorKind, GatewayError, Side};
 pub use policy::{AuthInfo, BackgroundRefresh, BodyStep, Flow, Outcome, Policy, Step};
 pub use registry::{build_chain, build_global, BuildEnv, Catalog, ChainEntry, HYGIENE_PRIORITY};

@@ -184,7 +184,7 @@ pub async fn forward(
         }
     }
     let mut overlay = Overlay {
-        request_id: fin.request_id_hv.clone().map_or(Field::Keep, Field::Set),
+        request_id: Field::Set(fin.ctx.request_id.header().clone()),
         ..forwarded_headers(snap, conn, &parts.headers, client_host.as_ref())
     };
     parts.version = Version::HTTP_11;
@@ -582,7 +582,7 @@ pub(crate) fn own_request_headers(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     let overlay = Overlay {
-        request_id: fin.request_id_hv.clone().map_or(Field::Keep, Field::Set),
+        request_id: Field::Set(fin.ctx.request_id.header().clone()),
         ..forwarded_headers(snap, conn, &req.headers, host.as_ref())
     };
     let mut identity = HeaderMap::new();

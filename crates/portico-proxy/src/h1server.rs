@@ -159,11 +159,10 @@ pub async fn serve<S>(
             Ok(None) => return,
             Err(Refusal::Status(kind, msg)) => {
                 let e = GatewayError::new(kind, msg);
-                let (id, hv) = crate::pipeline::request_id(None);
+                let id = crate::pipeline::request_id(None);
                 let mut resp = e.to_response(&id);
-                if let Some(v) = hv {
-                    resp.headers_mut().insert(&crate::forward::X_REQUEST_ID, v);
-                }
+                resp.headers_mut()
+                    .insert(&crate::forward::X_REQUEST_ID, id.header().clone());
                 let _ = write_plain(&mut w, resp).await;
                 let stopping = *stop.borrow();
                 close(&mut w, reader.as_mut().filter(|_| !stopping)).await;

@@ -37,8 +37,6 @@ pub struct Finish {
     pub upstream_ms: Option<f64>,
     pub status: u16,
     pub error: Option<&'static str>,
-    /// The request id as a header value, made once and sent both ways.
-    pub request_id_hv: Option<HeaderValue>,
     /// A mirrored request's link to its copy (the primary's answer goes there).
     pub mirror: Option<crate::mirror::Pending>,
     /// Counts this exchange as in progress on its client connection until dropped.
@@ -74,7 +72,7 @@ impl Finish {
         snap: Arc<Snapshot>,
         started: Instant,
         parts: &http::request::Parts,
-        (request_id, request_id_hv): (String, Option<HeaderValue>),
+        request_id: portico_plugins::RequestId,
         ip: IpAddr,
         conn: Arc<ConnInfo>,
     ) -> Box<Finish> {
@@ -112,7 +110,6 @@ impl Finish {
                 upstream_ms: None,
                 status: 0,
                 error: None,
-                request_id_hv,
                 mirror: None,
                 conn: InFlight::start(conn),
                 raw_response: false,
@@ -141,12 +138,11 @@ impl Finish {
         // With the upstream's fields unparsed, the server writes the id after them
         // (the map is empty: an insert would allocate it).
         let mut request_id = None;
-        if let Some(v) = self.request_id_hv.clone() {
-            if body.raw_fields().is_some() {
-                request_id = Some(v);
-            } else {
-                parts.headers.insert(&crate::forward::X_REQUEST_ID, v);
-            }
+        let v = self.ctx.request_id.header().clone();
+        if body.raw_fields().is_some() {
+            request_id = Some(v);
+        } else {
+            parts.headers.insert(&crate::forward::X_REQUEST_ID, v);
         }
         self.status = parts.status.as_u16();
         let end = body.is_end_stream();

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use http::header::{HeaderValue, ALLOW, HOST};
 use http::{Request, Response};
-use portico_plugins::{client_ip, BackgroundRefresh, Body, Ctx, ErrorKind, Flow, GatewayError};
+use portico_plugins::{
+    client_ip, BackgroundRefresh, Body, Ctx, ErrorKind, Flow, GatewayError, RequestId,
+};
 use portico_router::{normalize_host, normalize_path, Match};
 
 use crate::forward;
@@ -158,8 +160,7 @@ pub async fn handle(
     fin.ctx.client_cert.clone_from(&conn.client_cert);
     fin.ctx.underscores = meta.underscores;
     fin.ctx.tls = conn.tls;
-    fin.raw_response =
-        meta.raw_response && fin.request_id_hv.is_some() && route.passes_response_through();
+    fin.raw_response = meta.raw_response && route.passes_response_through();
     fin.route = Some(route.clone());
     let idle = Some(route.timeouts.idle.0);
     // Without a Content-Length (chunked, or HTTP/2 without one) count what is read.
@@ -612,30 +613,9 @@ impl Meta {
 }
 
 /// The client's request id when it is usable (1–200 visible ASCII characters), else a
-/// new random one; as a string and as a header value (the client's own value, or one
-/// sharing a single allocation, so that sending it both ways copies nothing).
-pub(crate) fn request_id(client: Option<&HeaderValue>) -> (String, Option<HeaderValue>) {
-    if let Some(v) = client {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= 200 && b.iter().all(|c| c.is_ascii_graphic()) {
-            if let Ok(s) = v.to_str() {
-                return (s.to_string(), Some(v.clone()));
-            }
-        }
-    }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 32];
-    for (pair, b) in buf
-        .chunks_exact_mut(2)
-        .zip(fastrand::u128(..).to_le_bytes())
-    {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
-    }
-    // Only ASCII hex digits were written.
-    let id = std::str::from_utf8(&buf).unwrap_or_default().to_owned();
-    let hv = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf)).ok();
-    (id, hv)
+/// new random one.
+pub(crate) fn request_id(client: Option<&HeaderValue>) -> RequestId {
+    RequestId::of_request(client)
 }
 
 #[cfg(test)]

@@ -79,7 +79,7 @@ impl Policy for Echo {
             "query": req.uri().query(),
             "params": params,
             "client_ip": ctx.client_ip.to_string(),
-            "request_id": ctx.request_id,
+            "request_id": ctx.request_id.as_str(),
             "headers": headers,
         });
         if let Some(m) = &self.message {
