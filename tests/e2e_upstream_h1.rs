@@ -312,6 +312,8 @@ struct Seen {
     nth: usize,
     request_line: String,
     headers: Vec<(String, String)>,
+    /// The head as received.
+    head: String,
     /// The decoded body, or why its framing was wrong.
     body: Result<Vec<u8>, String>,
 }
@@ -397,6 +399,7 @@ async fn read_request(wire: &mut Wire<OwnedReadHalf>, conn: usize, nth: usize) -
         nth,
         request_line,
         headers,
+        head,
         body,
     })
 }
@@ -470,6 +473,20 @@ async fn gateway(routes: &[(&str, &RawUpstream)]) -> LocalGateway {
         &format!("{ups}{rs}"),
     )
     .await
+}
+
+/// A gateway with two routes to `up`: `plain` (everything, no policy: fields may go
+/// through as bytes) and `policy` (`/policy/*`, prefix stripped, with a policy that
+/// changes nothing but makes the fields go through a header map).
+async fn plain_and_policy_gateway(up: &RawUpstream) -> LocalGateway {
+    let yaml = format!(
+        "upstreams:\n  u: {{targets: [{{url: \"http://{}\"}}]}}\nroutes:\n  \
+         - {{name: plain, paths: [\"/*\"], upstream: u}}\n  \
+         - name: policy\n    paths: [\"/policy/*\"]\n    upstream: u\n    strip_prefix: true\n    \
+         plugins:\n      request-size-limit: {{max_body: 1MiB}}\n",
+        up.addr
+    );
+    LocalGateway::start(Path::new(env!("CARGO_BIN_EXE_portico")), &yaml).await
 }
 
 /// Asserts the gateway's 502 JSON error, its `request_id` equal to `X-Request-Id`.
@@ -1245,14 +1262,7 @@ async fn response_fields_are_the_same_with_and_without_a_header_map() {
         }
     })
     .await;
-    let yaml = format!(
-        "upstreams:\n  u: {{targets: [{{url: \"http://{}\"}}]}}\nroutes:\n  \
-         - {{name: plain, paths: [\"/*\"], upstream: u}}\n  \
-         - name: policy\n    paths: [\"/policy/*\"]\n    upstream: u\n    strip_prefix: true\n    \
-         plugins:\n      request-size-limit: {{max_body: 1MiB}}\n",
-        up.addr
-    );
-    let gw = LocalGateway::start(Path::new(env!("CARGO_BIN_EXE_portico")), &yaml).await;
+    let gw = plain_and_policy_gateway(&up).await;
     // The fields a client sees, in order, but for `Date` (the gateway's own differs
     // from one answer to the next).
     let comparable = |h: &[(String, String)]| -> Vec<(String, String)> {
@@ -1364,4 +1374,168 @@ async fn response_fields_are_the_same_with_and_without_a_header_map() {
     c.wire.take(5).await.unwrap();
     // One connection upstream carried all of it (each answer framed correctly).
     assert_eq!(up.connections(), 1);
+}
+
+/// The fields an upstream gets from an HTTP/1.1 client through a route without
+/// policies (where Portico sends the client's field lines as they came, without a
+/// header map) and through the same route with a policy that leaves requests alone
+/// (where they go through the map): the same fields either way. Hop-by-hop fields (and
+/// those `Connection` names) are not forwarded, a client's `X-Forwarded-*` and identity
+/// headers are replaced or removed, `TE: trailers` is kept, repeated fields stay
+/// repeated and in order, bodies keep their framing, and every line ends with CRLF.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_fields_are_the_same_with_and_without_a_header_map() {
+    let up = RawUpstream::start(|_| vec![Step::Send(ok("done"))]).await;
+    let gw = plain_and_policy_gateway(&up).await;
+    // (what, the request after its request line, the body the upstream must get)
+    let cases: [(&str, &str, &str); 9] = [
+        (
+            "plain fields",
+            "Host: gateway\r\nUser-Agent: test/1\r\nAccept: */*\r\nX-Custom:  spaced \r\n\
+             Authorization: Bearer abc\r\nCookie: a=1; b=2\r\nX-Multi: a\r\nX-Multi: b\r\n\
+             X-Request-Id: client-id\r\n\r\n",
+            "",
+        ),
+        (
+            "hop-by-hop",
+            "Host: gateway\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Proxy-Connection: keep-alive\r\nX-After: 1\r\nX-Request-Id: client-id\r\n\r\n",
+            "",
+        ),
+        (
+            "forwarded from an untrusted client",
+            "Host: gateway\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Host: evil.example\r\n\
+             X-Forwarded-Proto: https\r\nX-Request-Id: client-id\r\n\r\n",
+            "",
+        ),
+        (
+            "identity headers",
+            "Host: gateway\r\nX-Consumer-Name: admin\r\nX-Consumer_Groups: root\r\n\
+             X-Kept: 1\r\nX-Request-Id: client-id\r\n\r\n",
+            "",
+        ),
+        (
+            "a field named by Connection",
+            "Host: gateway\r\nConnection: X-Hop\r\nX-Hop: secret\r\nX-Kept: 1\r\n\
+             X-Request-Id: client-id\r\n\r\n",
+            "",
+        ),
+        (
+            "TE and Upgrade",
+            "Host: gateway\r\nTE: trailers, deflate\r\nUpgrade: websocket\r\nX-Kept: 1\r\n\
+             X-Request-Id: client-id\r\n\r\n",
+            "",
+        ),
+        (
+            "bare LF",
+            "Host: gateway\nX-One: 1\nX-Two: 2\nX-Request-Id: client-id\n\n",
+            "",
+        ),
+        (
+            "a body with a length",
+            "Host: gateway\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\
+             Expect: 100-continue\r\nX-Request-Id: client-id\r\n\r\nhello",
+            "hello",
+        ),
+        (
+            "a chunked body",
+            "Host: gateway\r\nTransfer-Encoding: chunked\r\nX-Request-Id: client-id\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n",
+            "hello",
+        ),
+    ];
+    let mut c = Client::connect(gw.addr).await;
+    for (what, rest, body) in cases {
+        let mut seen = Vec::new();
+        for prefix in ["", "/policy"] {
+            let method = if body.is_empty() { "GET" } else { "POST" };
+            c.send(format!("{method} {prefix}/x?q=1 HTTP/1.1\r\n{rest}").as_bytes())
+                .await;
+            if rest.contains("100-continue") {
+                let interim = c.wire.head().await.unwrap();
+                assert!(interim.starts_with("HTTP/1.1 100"), "{what}: {interim:?}");
+            }
+            let r = c.wire.response(false).await.unwrap();
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (200, "done"),
+                "{what} {prefix}"
+            );
+            let req = up.last();
+            assert_eq!(
+                req.request_line,
+                format!("{method} /x?q=1 HTTP/1.1"),
+                "{what}"
+            );
+            assert_eq!(req.body.as_deref(), Ok(body.as_bytes()), "{what} {prefix}");
+            let lone_lf = req
+                .head
+                .bytes()
+                .enumerate()
+                .any(|(i, b)| b == b'\n' && (i == 0 || req.head.as_bytes()[i - 1] != b'\r'));
+            assert!(!lone_lf, "{what} {prefix}: {:?}", req.head);
+            for gone in [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "upgrade",
+                "x-hop",
+                "x-consumer-name",
+                "x-consumer_groups",
+                "expect",
+            ] {
+                assert!(
+                    first(&req.headers, gone).is_none(),
+                    "{what} {prefix}: {gone} in {:?}",
+                    req.head
+                );
+            }
+            assert_eq!(
+                req.header_all("x-forwarded-for"),
+                ["127.0.0.1"],
+                "{what} {prefix}"
+            );
+            assert_eq!(
+                req.header_all("x-forwarded-proto"),
+                ["http"],
+                "{what} {prefix}"
+            );
+            assert_eq!(
+                req.header_all("x-forwarded-host"),
+                ["gateway"],
+                "{what} {prefix}"
+            );
+            assert_eq!(
+                req.header_all("x-request-id"),
+                ["client-id"],
+                "{what} {prefix}"
+            );
+            assert_eq!(req.header_all("host").len(), 1, "{what} {prefix}");
+            seen.push(req);
+        }
+        // The same fields (names compared lower-cased: the map lower-cases them).
+        let mut a = seen[0].headers.clone();
+        let mut b = seen[1].headers.clone();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{what}: without and with a header map");
+        if what == "plain fields" {
+            // Without the map the client's lines go as they were written.
+            assert!(
+                seen[0].head.contains("\r\nX-Custom:  spaced\r\n"),
+                "{:?}",
+                seen[0].head
+            );
+            assert!(
+                seen[1].head.contains("\r\nx-custom: spaced\r\n"),
+                "{:?}",
+                seen[1].head
+            );
+            assert_eq!(seen[0].header_all("x-multi"), ["a", "b"]);
+            assert_eq!(first(&seen[0].headers, "authorization"), Some("Bearer abc"));
+        }
+        if what == "TE and Upgrade" {
+            assert_eq!(seen[0].header_all("te"), ["trailers"]);
+        }
+    }
 }

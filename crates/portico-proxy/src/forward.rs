@@ -23,6 +23,7 @@ use portico_config::resilience::{HedgeDelay, Hedging};
 use portico_plugins::body::{BodyTooLarge, IdleTimeout};
 use portico_plugins::clock;
 use portico_plugins::{Body, ErrorKind, GatewayError};
+use portico_upstream::h1::RawRequest;
 use portico_upstream::{
     now_ms, Circuit, ConnectTimeout, Field, Overlay, Permit, Rejected, RetryOn, SendError, Target,
     TargetSet, Terms, Upstream,
@@ -132,7 +133,7 @@ pub async fn forward(
     route: &CompiledRoute,
     (up, timeouts): (&Upstream, &Timeouts),
     fin: &mut Finish,
-    (parts, body): (&mut http::request::Parts, Body),
+    (parts, body, raw): (&mut http::request::Parts, Body, Option<&RawRequest>),
     conn: &ConnInfo,
     prefix_len: Option<usize>,
 ) -> Result<Response<Body>, GatewayError> {
@@ -163,7 +164,14 @@ pub async fn forward(
             })?
         }
     };
-    let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+    // Fields still unparsed (`raw`): nothing here reads them but `Host`; hop-by-hop
+    // fields are left out as the head is encoded, and identity fields are not among
+    // them (the pipeline checked).
+    let client_host = match raw {
+        Some(r) => r.host(),
+        None => parts.headers.get(header::HOST).cloned(),
+    }
+    .or_else(|| {
         parts
             .uri
             .authority()
@@ -392,6 +400,7 @@ pub async fn forward(
         let primary = bodyclock::send(
             Box::pin(first.pool.send(
                 parts,
+                raw,
                 request_body,
                 &overlay,
                 Terms {
@@ -701,6 +710,7 @@ async fn hedged<'s>(
     let second = bodyclock::send(
         Box::pin(t2.pool.send(
             &mut p2,
+            None,
             if hbody.is_empty() {
                 Body::Empty
             } else {

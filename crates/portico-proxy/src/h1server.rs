@@ -39,8 +39,8 @@ use http_body::{Body as _, Frame, SizeHint};
 use portico_plugins::body::{ClientBody, IdleTimeout, RawFields, DRAIN_MAX_TIME};
 use portico_plugins::{Body, BoxError, ErrorKind, GatewayError};
 use portico_upstream::h1::{
-    add_length, connection_tokens, field_name, parse_length, poll_body, BodyFraming, Decoder,
-    FieldSpans, Out, Read,
+    add_length, connection_tokens, parse_length, poll_body, req_field, BodyFraming, Decoder, Out,
+    Read, ReqField,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch, Notify};
@@ -137,10 +137,9 @@ pub async fn serve<S>(
     // before every request costs more than the rest of reading it).
     // Response heads are encoded here; its memory is reused once a head is written.
     let mut wbuf = BytesMut::new();
-    // Each request is parsed into this, and the pipeline borrows it.
+    // Each request is parsed into this, and the pipeline borrows it (with the spans of
+    // the head's fields: half a KiB, made once).
     let mut received = Received::empty();
-    // Where each head's fields are noted while parsing (half a KiB: made once).
-    let mut spans = FieldSpans::default();
     let mut watched = stop.clone();
     let stopping = watched.changed();
     let mut stopping = std::pin::pin!(stopping);
@@ -151,7 +150,7 @@ pub async fn serve<S>(
         let Some(rd) = reader.as_mut() else { return };
         let parsed = tokio::select! {
             biased;
-            p = read_head(rd, &settings, &mut received, &mut spans) => p,
+            p = read_head(rd, &settings, &mut received) => p,
             _ = &mut stopping => return,
         };
         let info = match parsed {
@@ -294,7 +293,6 @@ async fn read_head<R: AsyncRead + Unpin>(
     rd: &mut Reader<R>,
     settings: &Settings,
     rx: &mut Received,
-    spans: &mut FieldSpans,
 ) -> Result<Option<Info>, Refusal> {
     // Where the search for the end of the head resumes: a head trickling in is parsed
     // once it can be complete, not again on every read.
@@ -302,7 +300,7 @@ async fn read_head<R: AsyncRead + Unpin>(
     loop {
         let from = scanned.saturating_sub(3);
         if rd.buf.len() > from && head_may_end(&rd.buf[from..]) {
-            if let Some(p) = parse(&mut rd.buf, settings, rx, spans)? {
+            if let Some(p) = parse(&mut rd.buf, settings, rx)? {
                 return Ok(Some(p));
             }
         }
@@ -344,13 +342,27 @@ fn bad(msg: &'static str) -> Refusal {
     Refusal::Status(ErrorKind::BadRequest, msg)
 }
 
+/// A field's value as a header value sharing the head's memory.
+fn field_value(head: &Bytes, value: &[u8]) -> Result<HeaderValue, Refusal> {
+    let v = head.slice_ref(value);
+    HeaderValue::from_maybe_shared(v).map_err(|_| bad("invalid header value"))
+}
+
+/// Whether a `Connection` field value names a field (anything but `close` and
+/// `keep-alive`).
+fn names_fields(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+    })
+}
+
 /// Parse a complete request head off the front of `buf`; `None` while incomplete.
 /// The head goes into `rx` (the connection's, reused: its header map keeps its memory).
 fn parse(
     buf: &mut BytesMut,
     settings: &Settings,
     rx: &mut Received,
-    spans: &mut FieldSpans,
 ) -> Result<Option<Info>, Refusal> {
     let mut stack: [MaybeUninit<httparse::Header<'_>>; STACK_HEADERS] =
         [const { MaybeUninit::uninit() }; STACK_HEADERS];
@@ -385,10 +397,15 @@ fn parse(
     let base = buf.as_ptr() as usize;
     let path = req.path.unwrap_or_default();
     let path_at = (path.as_ptr() as usize - base, path.len());
-    let count = req.headers.len();
-    spans.record(buf, req.headers);
+    rx.raw.spans_mut().record(buf, req.headers);
     let head = buf.split_to(len).freeze();
-    let Received { parts, meta, body } = rx;
+    rx.raw.set_head(head.clone());
+    let Received {
+        parts,
+        meta,
+        body,
+        raw,
+    } = rx;
     *body = Body::Empty;
     *meta = crate::pipeline::Meta {
         raw_response: true,
@@ -406,56 +423,77 @@ fn parse(
     }
     let uri = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1))
         .map_err(|_| bad("the request target is not a valid URI"))?;
-    parts.headers.reserve(count);
-    let headers = &mut parts.headers;
     let mut length: Option<u64> = None;
     let mut te_seen = false;
     let mut chunked = false;
     let mut close = false;
     let mut keep = false;
     let mut expect_continue = false;
-    for (raw_name, value) in spans.fields(&head) {
+    // The fields stay unparsed (see `RawRequest`) unless one needs the general path.
+    let mut parse_all = false;
+    for (raw_name, value) in raw.fields() {
         meta.underscores |= raw_name.contains(&b'_');
-        let name = field_name(raw_name).map_err(|_| bad("invalid header name"))?;
-        let value =
-            HeaderValue::from_maybe_shared(value).map_err(|_| bad("invalid header value"))?;
-        let raw = value.as_bytes();
-        if name == header::HOST {
-            meta.hosts = meta.hosts.saturating_add(1);
-            if meta.host.is_none() {
-                meta.host = Some(value.clone());
-            }
-        } else if name == header::AUTHORIZATION {
-            meta.authorizations = meta.authorizations.saturating_add(1);
-        } else if name == crate::forward::X_REQUEST_ID {
-            if meta.request_id.is_none() {
-                meta.request_id = Some(value.clone());
-            }
-        } else if name == header::CONTENT_LENGTH {
-            add_length(raw, &mut length).map_err(bad)?;
-        } else if name == header::TRANSFER_ENCODING {
-            te_seen = true;
-            for coding in raw.split(|&b| b == b',') {
-                let c = coding.trim_ascii();
-                if !c.is_empty() {
-                    if chunked || !c.eq_ignore_ascii_case(b"chunked") {
-                        return Err(bad(
-                            "unsupported Transfer-Encoding (only `chunked` is accepted)",
-                        ));
-                    }
-                    chunked = true;
+        match req_field(raw_name) {
+            ReqField::Host => {
+                meta.hosts = meta.hosts.saturating_add(1);
+                if meta.host.is_none() {
+                    meta.host = Some(field_value(&head, value)?);
                 }
             }
-        } else if name == header::CONNECTION {
-            let (c, k) = connection_tokens(raw);
-            close |= c;
-            keep |= k;
-        } else if name == header::EXPECT {
-            expect_continue = raw.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            ReqField::Authorization => {
+                meta.authorizations = meta.authorizations.saturating_add(1);
+            }
+            ReqField::RequestId => {
+                if meta.request_id.is_none() {
+                    meta.request_id = Some(field_value(&head, value)?);
+                }
+            }
+            ReqField::ContentLength => add_length(value, &mut length).map_err(bad)?,
+            ReqField::TransferEncoding => {
+                te_seen = true;
+                for coding in value.split(|&b| b == b',') {
+                    let c = coding.trim_ascii();
+                    if !c.is_empty() {
+                        if chunked || !c.eq_ignore_ascii_case(b"chunked") {
+                            return Err(bad(
+                                "unsupported Transfer-Encoding (only `chunked` is accepted)",
+                            ));
+                        }
+                        chunked = true;
+                    }
+                }
+            }
+            ReqField::Connection => {
+                let (c, k) = connection_tokens(value);
+                close |= c;
+                keep |= k;
+                // The fields it names are hop-by-hop too: the general path removes them.
+                parse_all |= names_fields(value);
+            }
+            ReqField::Expect => {
+                expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            }
+            ReqField::Special => parse_all = true,
+            ReqField::Hop
+            | ReqField::ForwardedFor
+            | ReqField::ForwardedProto
+            | ReqField::ForwardedHost
+            | ReqField::Keep => {}
         }
-        headers.append(name, value);
     }
     let mut keep_alive = !close && (version == Version::HTTP_11 || keep);
+    let absolute = uri.authority().is_some();
+    // Both framings: the coding wins, the length goes (from the map), and so does the
+    // connection.
+    let drop_length = te_seen && length.is_some();
+    if absolute || drop_length || parse_all {
+        let filled = raw.fill(&mut parts.headers, false);
+        raw.clear();
+        filled.map_err(bad)?;
+    } else {
+        raw.keep(length.is_some());
+    }
+    let headers = &mut parts.headers;
     let body = if te_seen {
         if !chunked {
             return Err(bad("empty Transfer-Encoding"));
@@ -463,8 +501,7 @@ fn parse(
         if version == Version::HTTP_10 {
             return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
         }
-        if length.is_some() {
-            // Both: the coding wins, the length goes, and so does the connection.
+        if drop_length {
             headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }

@@ -11,6 +11,7 @@ use portico_plugins::{
     client_ip, BackgroundRefresh, Body, Ctx, ErrorKind, Flow, GatewayError, RequestId,
 };
 use portico_router::{normalize_host, normalize_path, Match};
+use portico_upstream::h1::RawRequest;
 
 use crate::forward;
 use crate::gateway::Gateway;
@@ -56,17 +57,24 @@ impl ConnInfo {
 /// the head. The pipeline borrows it: the head stays in place from the parser to the
 /// upstream (it is large, and moving it at every step cost more than the rest of
 /// handling it). The HTTP/1.1 server keeps one per connection and parses each request
-/// into it, reusing its header map's memory.
+/// into it, reusing its header map's memory; it may leave the fields unparsed in `raw`
+/// (`parts.headers` is then empty until [`Received::headers`] fills it).
 pub struct Received {
     pub parts: http::request::Parts,
     pub body: Body,
     pub meta: Meta,
+    pub raw: RawRequest,
 }
 
 impl Received {
     pub fn new(req: Request<Body>, meta: Meta) -> Received {
         let (parts, body) = req.into_parts();
-        Received { parts, body, meta }
+        Received {
+            parts,
+            body,
+            meta,
+            raw: RawRequest::default(),
+        }
     }
 
     /// An empty one, to be filled in place.
@@ -75,8 +83,20 @@ impl Received {
             parts: empty_parts(),
             body: Body::Empty,
             meta: Meta::default(),
+            raw: RawRequest::default(),
         }
     }
+}
+
+/// Make sure the request's fields are in its header map (they may still be the bytes
+/// the HTTP/1.1 server parsed, in `raw`).
+fn headers(parts: &mut http::request::Parts, raw: &mut RawRequest) -> Result<(), GatewayError> {
+    if raw.pending() {
+        let filled = raw.fill(&mut parts.headers, false);
+        raw.clear();
+        filled.map_err(|m| GatewayError::new(ErrorKind::BadRequest, m))?;
+    }
+    Ok(())
 }
 
 /// Handle one request from a client.
@@ -88,10 +108,22 @@ pub async fn handle(
     let started = portico_plugins::clock::now();
     let snap = gw.snapshot();
     // The head and the server's notes stay where they are; the body is taken out.
-    let Received { parts, body, meta } = received;
+    let Received {
+        parts,
+        body,
+        meta,
+        raw,
+    } = received;
     let meta: &Meta = meta;
     let mut body = std::mem::take(body);
     let request_id = request_id(meta.request_id.as_ref());
+    // Fields the HTTP/1.1 server left unparsed stay so while nothing reads them:
+    // routing on headers does, and so does finding the client behind a trusted proxy.
+    let early = if raw.pending() && (snap.routes_on_headers || snap.trusts(conn.peer_ip)) {
+        headers(parts, raw).err()
+    } else {
+        None
+    };
     let ip = client_ip(conn.peer_ip, &parts.headers, &snap.trusted_proxies);
     let mut fin = Finish::new(
         gw.clone(),
@@ -108,7 +140,10 @@ pub async fn handle(
     let body_len = meta.content_length;
     fin.bytes_in = body_len.unwrap_or(0);
 
-    if let Some(e) = check_limits(&snap, parts).or_else(|| check_framing(parts, meta)) {
+    if let Some(e) = early
+        .or_else(|| check_limits(&snap, parts, raw))
+        .or_else(|| check_framing(parts, meta))
+    {
         linger(body, parts.version);
         return Ok(fin.error(e));
     }
@@ -154,6 +189,14 @@ pub async fn handle(
             "route table out of sync",
         )));
     };
+    // Past routing, the fields stay unparsed only on a route where nothing else reads
+    // them, and when the client sent none of the identity headers (which are removed).
+    if raw.pending() && (!route.raw_request || raw.has_any(&snap.consumer_headers)) {
+        if let Err(e) = headers(parts, raw) {
+            linger(body, parts.version);
+            return Ok(fin.error(e));
+        }
+    }
     // The context made with `fin` is still untouched: fill in what routing found.
     fin.ctx.route_name = route.name.clone();
     fin.ctx.path = path;
@@ -275,7 +318,7 @@ pub async fn handle(
         &route,
         (upstream, timeouts),
         &mut fin,
-        (parts, body),
+        (parts, body, raw.pending().then_some(&*raw)),
         conn,
         prefix_len,
     )
@@ -526,7 +569,11 @@ fn valid_host(b: &[u8]) -> bool {
         })
 }
 
-fn check_limits(snap: &Snapshot, parts: &http::request::Parts) -> Option<GatewayError> {
+fn check_limits(
+    snap: &Snapshot,
+    parts: &http::request::Parts,
+    raw: &RawRequest,
+) -> Option<GatewayError> {
     let l = &snap.limits;
     let uri_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if uri_len > l.max_uri_length {
@@ -538,23 +585,24 @@ fn check_limits(snap: &Snapshot, parts: &http::request::Parts) -> Option<Gateway
             ),
         ));
     }
-    if parts.headers.len() > l.max_header_count {
+    let (count, bytes) = if raw.pending() {
+        raw.size()
+    } else {
+        parts.headers.iter().fold((0, 0), |(n, b), (k, v)| {
+            (n + 1, b + k.as_str().len() + v.len() + 4)
+        })
+    };
+    if count > l.max_header_count {
         let mut e = GatewayError::new(
             ErrorKind::HeadersTooLarge,
             format!(
-                "{} request headers; at most {} are accepted",
-                parts.headers.len(),
+                "{count} request headers; at most {} are accepted",
                 l.max_header_count
             ),
         );
         e.close = true;
         return Some(e);
     }
-    let bytes: usize = parts
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
     if bytes as u64 > l.max_header_bytes.0 {
         let mut e = GatewayError::new(
             ErrorKind::HeadersTooLarge,

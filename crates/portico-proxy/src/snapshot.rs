@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
-use portico_config::grammar::Template;
+use portico_config::grammar::{KeyPart, Template, Var};
 use portico_config::load::parse_cidr;
 use portico_config::model::{Limits, Route, Timeouts};
 use portico_config::pattern::PathPattern;
@@ -46,8 +46,26 @@ pub struct CompiledRoute {
     /// When the route has authentication policies: where the chain's authentication
     /// ends and what a request none of them authenticated gets.
     pub auth_gate: Option<AuthGate>,
+    /// Nothing on this route reads or edits the request's header fields (no policy,
+    /// split, mirror, aggregate, hedging or retries, no header in `rewrite` or in the
+    /// upstream's `hash_key`): an HTTP/1.1 request's fields may go upstream as the
+    /// bytes they came in.
+    pub raw_request: bool,
     pub metrics: Arc<RouteMetrics>,
     pub config: Route,
+}
+
+impl Snapshot {
+    /// The peer is a trusted proxy (its `X-Forwarded-For` names the client).
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|n| n.contains(&peer))
+    }
+}
+
+/// Whether a template or key reads request header fields (cookies are one).
+fn reads_fields<'a>(vars: impl IntoIterator<Item = &'a Var>) -> bool {
+    vars.into_iter()
+        .any(|v| matches!(v, Var::Header(_) | Var::Cookie(_)))
 }
 
 impl CompiledRoute {
@@ -89,6 +107,8 @@ pub struct Snapshot {
     pub consumer_headers: [HeaderName; 2],
     /// Every query parameter a policy reads a credential from (kept out of the log).
     pub secret_params: Vec<Arc<str>>,
+    /// Some route matches on request headers.
+    pub routes_on_headers: bool,
 }
 
 /// Compile a validated configuration. Problems found here (files, certificates) are
@@ -255,6 +275,20 @@ pub fn compile(
             headers,
             priority: r.priority,
         });
+        let raw_request = chain.is_empty()
+            && split.is_none()
+            && mirror.is_none()
+            && r.aggregate.is_none()
+            && r.retries.is_none()
+            && rewrite.as_ref().is_none_or(|t| !reads_fields(t.vars()))
+            && upstream.as_ref().is_some_and(|u| {
+                u.hedging.is_none()
+                    && u.retries.is_none()
+                    && u.hash_key.as_ref().is_none_or(|k| {
+                        !k.0.iter()
+                            .any(|p| matches!(p, KeyPart::Header(_) | KeyPart::Cookie(_)))
+                    })
+            });
         routes.push(Arc::new(CompiledRoute {
             name: r.name.as_str().into(),
             metrics: metrics.route(&r.name, &route_upstream_label(r)),
@@ -274,10 +308,12 @@ pub fn compile(
             edits_upstream_request,
             response_body,
             finishes,
+            raw_request,
             auth_gate,
             config: r.clone(),
         }));
     }
+    let routes_on_headers = cfg.routes.iter().any(|r| !r.headers.is_empty());
     let router = match Router::new(specs) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -330,6 +366,7 @@ pub fn compile(
                 identity: identity.clone(),
                 consumer_headers,
                 secret_params,
+                routes_on_headers,
             },
             staged,
         )),

@@ -74,6 +74,7 @@ pub async fn send_once(
             .pool
             .send(
                 &mut parts,
+                None,
                 sub.body,
                 &overlay,
                 Terms {

@@ -114,6 +114,7 @@ async fn http_probe(t: &Target, cfg: &ActiveCheck, limit: Duration) -> Result<()
         .pool
         .send(
             &mut parts,
+            None,
             Body::Empty,
             &Overlay::default(),
             Terms {

@@ -205,13 +205,13 @@ pub enum ReqFraming {
 
 impl ReqFraming {
     /// The framing for `body`: its exact length when known, else chunked. A request
-    /// without a body carries `Content-Length: 0` when the client sent one or the
-    /// method expects content.
-    pub fn of(parts: &http::request::Parts, body: &Body) -> ReqFraming {
+    /// without a body carries `Content-Length: 0` when the client sent one (`length`)
+    /// or the method expects content.
+    pub fn of(method: &Method, length: bool, body: &Body) -> ReqFraming {
         use http_body::Body as _;
         if body.is_end_stream() {
-            let expects = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
-            if expects || parts.headers.contains_key(header::CONTENT_LENGTH) {
+            let expects = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+            if expects || length {
                 ReqFraming::Length(0)
             } else {
                 ReqFraming::None
@@ -225,12 +225,202 @@ impl ReqFraming {
     }
 }
 
+/// What the gateway does with a field of a client's request head.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ReqField {
+    /// Sent upstream as it is.
+    Keep,
+    Host,
+    Authorization,
+    RequestId,
+    ForwardedFor,
+    ForwardedProto,
+    ForwardedHost,
+    ContentLength,
+    TransferEncoding,
+    Expect,
+    Connection,
+    /// `Keep-Alive`, `Proxy-Connection`: hop-by-hop, never sent upstream.
+    Hop,
+    /// `TE`, `Trailer`, `Upgrade`: hop-by-hop fields the general path handles (a
+    /// request's `TE: trailers` is kept); rare, so such a head is parsed into a map.
+    Special,
+}
+
+/// Classify a request field by its name (any case).
+pub fn req_field(name: &[u8]) -> ReqField {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 if is(b"te") => ReqField::Special,
+        4 if is(b"host") => ReqField::Host,
+        6 if is(b"expect") => ReqField::Expect,
+        7 if is(b"trailer") || is(b"upgrade") => ReqField::Special,
+        10 if is(b"connection") => ReqField::Connection,
+        10 if is(b"keep-alive") => ReqField::Hop,
+        12 if is(b"x-request-id") => ReqField::RequestId,
+        13 if is(b"authorization") => ReqField::Authorization,
+        14 if is(b"content-length") => ReqField::ContentLength,
+        15 if is(b"x-forwarded-for") => ReqField::ForwardedFor,
+        16 if is(b"proxy-connection") => ReqField::Hop,
+        16 if is(b"x-forwarded-host") => ReqField::ForwardedHost,
+        17 if is(b"transfer-encoding") => ReqField::TransferEncoding,
+        17 if is(b"x-forwarded-proto") => ReqField::ForwardedProto,
+        _ => ReqField::Keep,
+    }
+}
+
+/// A client's request head whose fields are still the bytes they were parsed from: on
+/// a route where nothing reads or edits request headers they go upstream as they are
+/// (see `docs/performance.md`), and a `HeaderMap` is only built ([`RawRequest::fill`])
+/// when something needs one. Only heads that need no more than leaving fields out are
+/// kept this way (see [`ReqField::Special`], and `Connection` naming fields).
+#[derive(Default)]
+pub struct RawRequest {
+    head: Bytes,
+    spans: FieldSpans,
+    /// The fields are here and not (yet) in the request's `HeaderMap`.
+    pending: bool,
+    /// The request has a `Content-Length` field.
+    length: bool,
+}
+
+impl RawRequest {
+    /// The spans to record the next head's fields in (reused: see [`FieldSpans`]).
+    pub fn spans_mut(&mut self) -> &mut FieldSpans {
+        &mut self.spans
+    }
+
+    /// The head whose fields were just recorded (frozen), not yet kept.
+    pub fn set_head(&mut self, head: Bytes) {
+        self.head = head;
+        self.pending = false;
+    }
+
+    /// Keep the fields unparsed; `length`: one of them is `Content-Length`.
+    pub fn keep(&mut self, length: bool) {
+        self.length = length;
+        self.pending = true;
+    }
+
+    /// Nothing kept (the fields went into a map, or the head came another way).
+    pub fn clear(&mut self) {
+        self.pending = false;
+        self.head = Bytes::new();
+    }
+
+    /// The fields are kept here, and the request's `HeaderMap` is empty.
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// The request has a `Content-Length` field.
+    pub fn has_length(&self) -> bool {
+        self.length
+    }
+
+    /// Each field's name and value.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.spans.spans().iter().map(|&(ns, ne, vs, ve)| {
+            (
+                self.head.get(ns as usize..ne as usize).unwrap_or_default(),
+                self.head.get(vs as usize..ve as usize).unwrap_or_default(),
+            )
+        })
+    }
+
+    /// The first `Host` field's value.
+    pub fn host(&self) -> Option<HeaderValue> {
+        let &(_, _, vs, ve) = self.spans.spans().iter().find(|&&(ns, ne, _, _)| {
+            let name = self.head.get(ns as usize..ne as usize).unwrap_or_default();
+            req_field(name) == ReqField::Host
+        })?;
+        let (vs, ve) = (vs as usize, ve as usize);
+        (vs <= ve && ve <= self.head.len())
+            .then(|| HeaderValue::from_maybe_shared(self.head.slice(vs..ve)).ok())
+            .flatten()
+    }
+
+    /// How many fields, and their size counted as `name: value\r\n`.
+    pub fn size(&self) -> (usize, usize) {
+        self.fields()
+            .fold((0, 0), |(n, b), (k, v)| (n + 1, b + k.len() + v.len() + 4))
+    }
+
+    /// Whether a field has one of `names`, also spelt with `_` for `-` (identity
+    /// headers the gateway owns; see `remove_identity_headers`).
+    pub fn has_any(&self, names: &[HeaderName]) -> bool {
+        self.fields().any(|(k, _)| {
+            names.iter().any(|n| {
+                let n = n.as_str().as_bytes();
+                n.len() == k.len()
+                    && n.iter()
+                        .zip(k)
+                        .all(|(a, b)| a.eq_ignore_ascii_case(b) || (*a == b'-' && *b == b'_'))
+            })
+        })
+    }
+
+    /// Put the fields into `h` (empty), as the HTTP/1.1 server would have; with
+    /// `forwarded`, as they go upstream: without `Connection` and the other hop-by-hop
+    /// fields (framing and the gateway's own fields are the sender's business).
+    pub fn fill(&self, h: &mut HeaderMap, forwarded: bool) -> Result<(), &'static str> {
+        h.reserve(self.spans.spans().len());
+        for (name, value) in self.spans.fields(&self.head) {
+            if forwarded && matches!(req_field(name), ReqField::Connection | ReqField::Hop) {
+                continue;
+            }
+            let name = field_name(name).map_err(|_| "invalid header name")?;
+            let value =
+                HeaderValue::from_maybe_shared(value).map_err(|_| "invalid header value")?;
+            h.append(name, value);
+        }
+        Ok(())
+    }
+
+    /// Write the fields to send upstream: all but framing, hop-by-hop and those the
+    /// overlay replaces, each line as the client wrote it.
+    fn encode(&self, buf: &mut BytesMut, overlay: &Overlay) {
+        for &(ns, ne, vs, ve) in self.spans.spans() {
+            let name = self.head.get(ns as usize..ne as usize).unwrap_or_default();
+            let skip = match req_field(name) {
+                ReqField::Keep | ReqField::Authorization => false,
+                ReqField::Host => overlay.host.overrides(),
+                ReqField::RequestId => overlay.request_id.overrides(),
+                ReqField::ForwardedFor => overlay.forwarded_for.overrides(),
+                ReqField::ForwardedProto => overlay.forwarded_proto.overrides(),
+                ReqField::ForwardedHost => overlay.forwarded_host.overrides(),
+                ReqField::ContentLength
+                | ReqField::TransferEncoding
+                | ReqField::Expect
+                | ReqField::Connection
+                | ReqField::Hop
+                | ReqField::Special => true,
+            };
+            if skip {
+                continue;
+            }
+            let value = self.head.get(vs as usize..ve as usize).unwrap_or_default();
+            match self.head.get(ns as usize..ve as usize) {
+                // The line as it came (name, colon, spaces, value).
+                Some(line) if ve >= ne && vs >= ne => buf.extend_from_slice(line),
+                _ => {
+                    buf.extend_from_slice(name);
+                    buf.extend_from_slice(b": ");
+                    buf.extend_from_slice(value);
+                }
+            }
+            buf.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
 /// Encode a request head. The URI must be in origin form (path and query); framing
 /// headers come from `framing`, not from `parts`; the fields of `overlay` replace the
-/// request's own.
+/// request's own. With `raw`, the request's fields are those (`parts.headers` is empty).
 pub fn encode_head(
     buf: &mut BytesMut,
     parts: &http::request::Parts,
+    raw: Option<&RawRequest>,
     overlay: &Overlay,
     framing: ReqFraming,
 ) -> Bytes {
@@ -238,6 +428,9 @@ pub fn encode_head(
     let mut size = parts.method.as_str().len() + target.len() + 40 + overlay.encoded_len();
     for (n, v) in &parts.headers {
         size += n.as_str().len() + v.len() + 4;
+    }
+    if let Some(r) = raw {
+        size += r.head.len();
     }
     buf.reserve(size);
     buf.extend_from_slice(parts.method.as_str().as_bytes());
@@ -257,6 +450,9 @@ pub fn encode_head(
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(v.as_bytes());
         buf.extend_from_slice(b"\r\n");
+    }
+    if let Some(r) = raw {
+        r.encode(buf, overlay);
     }
     overlay.encode(buf);
     match framing {
@@ -1317,6 +1513,64 @@ mod tests {
     fn head(raw: &[u8], head_request: bool) -> Result<Option<Head>, Error> {
         let mut b = BytesMut::from(raw);
         parse_head(&mut b, head_request, &mut FieldSpans::default(), false)
+    }
+
+    /// A client's request head kept unparsed, as the HTTP/1.1 server keeps it.
+    fn raw_request(head: &[u8]) -> RawRequest {
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut slots);
+        let n = match req.parse(head).unwrap() {
+            httparse::Status::Complete(n) => n,
+            httparse::Status::Partial => panic!("partial"),
+        };
+        let mut r = RawRequest::default();
+        r.spans_mut().record(head, req.headers);
+        r.set_head(Bytes::copy_from_slice(&head[..n]));
+        r.keep(true);
+        r
+    }
+
+    #[test]
+    fn request_fields_kept_raw_are_encoded_without_hop_by_hop_and_overridden_ones() {
+        let r = raw_request(
+            b"GET / HTTP/1.1\r\nHost: a.example\r\nX-One:  1 \r\nConnection: keep-alive\r\n\
+              Keep-Alive: 5\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\
+              X-Forwarded-For: 1.2.3.4\r\nX-Request-Id: mine\r\nX_Consumer_Name: x\r\n\r\n",
+        );
+        assert!(r.pending() && r.has_length());
+        assert_eq!(r.host().unwrap(), "a.example");
+        let (n, bytes) = r.size();
+        assert_eq!(n, 9);
+        assert_eq!(
+            bytes,
+            r.fields()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+        );
+        let consumer = [HeaderName::from_static("x-consumer-name")];
+        assert!(r.has_any(&consumer), "`_` for `-`, any case");
+        assert!(!r.has_any(&[HeaderName::from_static("x-consumer-groups")]));
+        let (mut parts, ()) = http::Request::get("/p?q").body(()).unwrap().into_parts();
+        let overlay = Overlay {
+            host: crate::Field::Set(HeaderValue::from_static("up:80")),
+            forwarded_for: crate::Field::Set(HeaderValue::from_static("10.0.0.1")),
+            ..Overlay::default()
+        };
+        let mut buf = BytesMut::new();
+        let head = encode_head(&mut buf, &parts, Some(&r), &overlay, ReqFraming::None);
+        assert_eq!(
+            std::str::from_utf8(&head).unwrap(),
+            "GET /p?q HTTP/1.1\r\nX-One:  1\r\nX-Request-Id: mine\r\nX_Consumer_Name: x\r\n\
+             host: up:80\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
+        );
+        // Into a map: every field, or only those that go upstream.
+        r.fill(&mut parts.headers, false).unwrap();
+        assert_eq!(parts.headers.len(), 9);
+        assert_eq!(parts.headers["x-one"], "1");
+        let mut forwarded = HeaderMap::new();
+        r.fill(&mut forwarded, true).unwrap();
+        assert!(forwarded.get("connection").is_none() && forwarded.get("keep-alive").is_none());
+        assert_eq!(forwarded.len(), 7);
     }
 
     fn raw_head(raw: &[u8], head_request: bool) -> Head {

@@ -25,7 +25,7 @@ pub enum Field {
 }
 
 impl Field {
-    fn overrides(&self) -> bool {
+    pub(crate) fn overrides(&self) -> bool {
         !matches!(self, Field::Keep)
     }
 }

@@ -275,6 +275,7 @@ impl TargetPool {
     pub async fn send(
         &self,
         parts: &mut http::request::Parts,
+        mut raw: Option<&h1::RawRequest>,
         body: Body,
         overlay: &Overlay,
         t: Terms,
@@ -296,10 +297,25 @@ impl TargetPool {
         // only follow a reused connection, so this loops at most twice.
         loop {
             let outcome = match conn {
-                Conn::H1(c) => self.send_h1(c, reused, parts, body, overlay, t).await,
+                Conn::H1(c) => {
+                    self.send_h1(c, reused, (parts, raw), body, overlay, t)
+                        .await
+                }
                 // Boxed: hyper's exchange state is large, and only HTTP/2 upstreams
                 // need it.
-                Conn::H2(c) => Box::pin(self.send_h2(c, reused, parts, body, overlay, t)).await,
+                Conn::H2(c) => {
+                    // HTTP/2 takes a header map: the fields kept as bytes go into it
+                    // (once: a switch back to HTTP/1.1 then sends the map).
+                    if let Some(r) = raw.take() {
+                        if let Err(e) = r.fill(&mut parts.headers, true) {
+                            return Err(Failed {
+                                error: SendError::H1(h1::Error::Framing(e)),
+                                body: Some(body),
+                            });
+                        }
+                    }
+                    Box::pin(self.send_h2(c, reused, parts, body, overlay, t)).await
+                }
             };
             match outcome {
                 Outcome::Done(r) => return r,
@@ -312,7 +328,7 @@ impl TargetPool {
         &self,
         mut conn: Box<h1::Conn>,
         mut reused: bool,
-        parts: &mut http::request::Parts,
+        (parts, raw): (&mut http::request::Parts, Option<&h1::RawRequest>),
         body: Body,
         overlay: &Overlay,
         t: Terms,
@@ -323,8 +339,12 @@ impl TargetPool {
             replayable,
             raw_head,
         } = t;
-        let framing = ReqFraming::of(parts, &body);
-        let head = h1::encode_head(conn.head_buf(), parts, overlay, framing);
+        let length = match raw {
+            Some(r) => r.has_length(),
+            None => parts.headers.contains_key(http::header::CONTENT_LENGTH),
+        };
+        let framing = ReqFraming::of(&parts.method, length, &body);
+        let head = h1::encode_head(conn.head_buf(), parts, raw, overlay, framing);
         let head_request = parts.method == Method::HEAD;
         let mut sending = Sending::new(head.clone(), body, framing);
         loop {
