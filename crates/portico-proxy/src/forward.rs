@@ -859,9 +859,7 @@ fn forwarded_headers(
     h: &HeaderMap,
     host: Option<&HeaderValue>,
 ) -> Overlay {
-    let peer = conn.peer_ip;
-    let trusted =
-        !snap.trusted_proxies.is_empty() && snap.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let trusted = snap.trusts(conn.peer_ip);
     let prior: Option<String> = if trusted {
         let parts: Vec<&str> = h
             .get_all(&X_FORWARDED_FOR)
