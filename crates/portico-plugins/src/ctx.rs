@@ -315,20 +315,23 @@ pub fn remove_identity_headers(h: &mut HeaderMap, names: &[http::HeaderName], un
         .keys()
         .filter(|k| {
             let k = k.as_str().as_bytes();
-            k.contains(&b'_')
-                && names.iter().any(|n| {
-                    let n = n.as_str().as_bytes();
-                    n.len() == k.len()
-                        && n.iter()
-                            .zip(k)
-                            .all(|(a, b)| a == b || (*a == b'-' && *b == b'_'))
-                })
+            k.contains(&b'_') && names.iter().any(|n| is_spelling_of(n, k))
         })
         .cloned()
         .collect();
     for a in aliases {
         h.remove(a);
     }
+}
+
+/// Whether the field name `k` (any case) is `name`, also with `_` for `-`: the
+/// spellings under which an identity header must not reach the upstream.
+pub fn is_spelling_of(name: &http::HeaderName, k: &[u8]) -> bool {
+    let n = name.as_str().as_bytes();
+    n.len() == k.len()
+        && n.iter()
+            .zip(k)
+            .all(|(a, b)| a.eq_ignore_ascii_case(b) || (*a == b'-' && *b == b'_'))
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {

@@ -39,8 +39,8 @@ use http_body::{Body as _, Frame, SizeHint};
 use portico_plugins::body::{ClientBody, IdleTimeout, RawFields, DRAIN_MAX_TIME};
 use portico_plugins::{Body, BoxError, ErrorKind, GatewayError};
 use portico_upstream::h1::{
-    add_length, connection_tokens, parse_length, poll_body, req_field, BodyFraming, Decoder, Out,
-    Read, ReqField,
+    add_length, connection_names_fields, connection_tokens, parse_length, poll_body, req_field,
+    BodyFraming, Decoder, Out, Read, ReqField,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch, Notify};
@@ -348,15 +348,6 @@ fn field_value(head: &Bytes, value: &[u8]) -> Result<HeaderValue, Refusal> {
     HeaderValue::from_maybe_shared(v).map_err(|_| bad("invalid header value"))
 }
 
-/// Whether a `Connection` field value names a field (anything but `close` and
-/// `keep-alive`).
-fn names_fields(value: &[u8]) -> bool {
-    value.split(|&b| b == b',').any(|t| {
-        let t = t.trim_ascii();
-        !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
-    })
-}
-
 /// Parse a complete request head off the front of `buf`; `None` while incomplete.
 /// The head goes into `rx` (the connection's, reused: its header map keeps its memory).
 fn parse(
@@ -468,7 +459,7 @@ fn parse(
                 close |= c;
                 keep |= k;
                 // The fields it names are hop-by-hop too: the general path removes them.
-                parse_all |= names_fields(value);
+                parse_all |= connection_names_fields(value);
             }
             ReqField::Expect => {
                 expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");

@@ -350,13 +350,9 @@ impl RawRequest {
     /// headers the gateway owns; see `remove_identity_headers`).
     pub fn has_any(&self, names: &[HeaderName]) -> bool {
         self.fields().any(|(k, _)| {
-            names.iter().any(|n| {
-                let n = n.as_str().as_bytes();
-                n.len() == k.len()
-                    && n.iter()
-                        .zip(k)
-                        .all(|(a, b)| a.eq_ignore_ascii_case(b) || (*a == b'-' && *b == b'_'))
-            })
+            names
+                .iter()
+                .any(|n| portico_plugins::ctx::is_spelling_of(n, k))
         })
     }
 
@@ -1100,7 +1096,7 @@ fn parse_head(
 
 /// Whether a `Connection` field value names a field (anything but `close` and
 /// `keep-alive`).
-fn connection_names_fields(raw: &[u8]) -> bool {
+pub fn connection_names_fields(raw: &[u8]) -> bool {
     raw.split(|&b| b == b',').any(|t| {
         let t = t.trim_ascii();
         !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
