@@ -133,7 +133,11 @@ pub async fn forward(
     route: &CompiledRoute,
     (up, timeouts): (&Upstream, &Timeouts),
     fin: &mut Finish,
-    (parts, body, raw): (&mut http::request::Parts, Body, Option<&RawRequest>),
+    (parts, body, raw): (
+        &mut http::request::Parts,
+        Body,
+        Option<(&RawRequest, Option<&HeaderValue>)>,
+    ),
     conn: &ConnInfo,
     prefix_len: Option<usize>,
 ) -> Result<Response<Body>, GatewayError> {
@@ -164,14 +168,14 @@ pub async fn forward(
             })?
         }
     };
-    // Fields still unparsed (`raw`): nothing here reads them but `Host`; hop-by-hop
-    // fields are left out as the head is encoded, and identity fields are not among
-    // them (the pipeline checked).
-    let client_host = match raw {
-        Some(r) => r.host(),
-        None => parts.headers.get(header::HOST).cloned(),
-    }
-    .or_else(|| {
+    // Fields still unparsed (`raw`, with the `Host` the server read from them):
+    // nothing here reads them; hop-by-hop fields are left out as the head is encoded,
+    // and identity fields are not among them (the pipeline checked).
+    let (raw, client_host) = match raw {
+        Some((r, host)) => (Some(r), host.cloned()),
+        None => (None, parts.headers.get(header::HOST).cloned()),
+    };
+    let client_host = client_host.or_else(|| {
         parts
             .uri
             .authority()

@@ -318,7 +318,13 @@ pub async fn handle(
         &route,
         (upstream, timeouts),
         &mut fin,
-        (parts, body, raw.pending().then_some(&*raw)),
+        // Unparsed fields come with the `Host` the server found among them (the
+        // absolute form, whose authority replaces `Host`, always takes the map).
+        (
+            parts,
+            body,
+            raw.pending().then_some((&*raw, meta.host.as_ref())),
+        ),
         conn,
         prefix_len,
     )

@@ -328,18 +328,6 @@ impl RawRequest {
         })
     }
 
-    /// The first `Host` field's value.
-    pub fn host(&self) -> Option<HeaderValue> {
-        let &(_, _, vs, ve) = self.spans.spans().iter().find(|&&(ns, ne, _, _)| {
-            let name = self.head.get(ns as usize..ne as usize).unwrap_or_default();
-            req_field(name) == ReqField::Host
-        })?;
-        let (vs, ve) = (vs as usize, ve as usize);
-        (vs <= ve && ve <= self.head.len())
-            .then(|| HeaderValue::from_maybe_shared(self.head.slice(vs..ve)).ok())
-            .flatten()
-    }
-
     /// How many fields, and their size counted as `name: value\r\n`.
     pub fn size(&self) -> (usize, usize) {
         self.fields()
@@ -1534,7 +1522,6 @@ mod tests {
               X-Forwarded-For: 1.2.3.4\r\nX-Request-Id: mine\r\nX_Consumer_Name: x\r\n\r\n",
         );
         assert!(r.pending() && r.has_length());
-        assert_eq!(r.host().unwrap(), "a.example");
         let (n, bytes) = r.size();
         assert_eq!(n, 9);
         assert_eq!(
