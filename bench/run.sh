@@ -58,6 +58,10 @@ PGO="${PGO:-0}"
 PGO_BIN="${PGO_BIN:-$TARGET_DIR/pgo/$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')/dist/portico}"
 PORTICO_PGO_PORT="${PORTICO_PGO_PORT:-$((BASE_PORT + 5))}"
 PORTICO_PGO_ADMIN_PORT="${PORTICO_PGO_ADMIN_PORT:-$((BASE_PORT + 6))}"
+# The `portico-policies` target (add it to TARGETS): the dist build with policies on its
+# route (header transforms both ways, an IP rule): more CPU per request than `portico`.
+PORTICO_POL_PORT="${PORTICO_POL_PORT:-$((BASE_PORT + 7))}"
+PORTICO_POL_ADMIN_PORT="${PORTICO_POL_ADMIN_PORT:-$((BASE_PORT + 8))}"
 UPSTREAM_BIN="${UPSTREAM_BIN:-$TARGET_DIR/release/portico-bench-upstream}"
 RESULTS_DIR="${RESULTS_DIR:-$BENCH_DIR/results}"
 # Portico's upstream: PORTICO_BALANCE sets its `balance:` (unset: the configuration's
@@ -349,10 +353,12 @@ EOF
     TARGET_PID[haproxy]=$BG_PID
 }
 
-# start_portico [NAME BIN PORT ADMIN_PORT]: the dist build (default) or another build
-# of Portico under another target name, with the same configuration.
+# start_portico [NAME BIN PORT ADMIN_PORT ROUTE_EXTRA]: the dist build (default) or
+# another build of Portico under another target name, with the same configuration
+# (ROUTE_EXTRA: more keys for the route, as YAML flow mapping entries).
 start_portico() {
     local name=${1:-portico} bin=${2:-$PORTICO_BIN} port=${3:-$PORTICO_PORT} admin=${4:-$PORTICO_ADMIN_PORT}
+    local extra=${5:-}
     local d="$WORK/$name"
     mkdir -p "$d"
     local targets="" balance="" i
@@ -372,7 +378,7 @@ admin: {listen: "127.0.0.1:$admin"}
 upstreams:
   hello: {targets: [$targets]$balance}
 routes:
-  - {name: all, paths: ["/*"], upstream: hello}
+  - {name: all, paths: ["/*"], upstream: hello$extra}
 EOF
     spawn "$PROXY_CPU" "$d/stdout.log" "$bin" run --config "$d/portico.yaml"
     TARGET_PID[$name]=$BG_PID
@@ -380,6 +386,14 @@ EOF
 
 start_portico-pgo() {
     start_portico portico-pgo "$PGO_BIN" "$PORTICO_PGO_PORT" "$PORTICO_PGO_ADMIN_PORT"
+}
+
+start_portico-policies() {
+    local plugins='request-transformer: {headers: {add: {x-route: "${route.name}", x-client: "${client_ip}", x-id: "${request_id}"}}}, '
+    plugins+='response-transformer: {headers: {add: {x-served-by: portico, x-policy: "on"}}}, '
+    plugins+='ip-restriction: {allow: ["127.0.0.0/8"]}'
+    start_portico portico-policies "$PORTICO_BIN" "$PORTICO_POL_PORT" "$PORTICO_POL_ADMIN_PORT" \
+        ", plugins: {$plugins}"
 }
 
 # ----------------------------------------------------------------- phases ---
@@ -397,19 +411,49 @@ end
 EOF
 }
 
-# run_wrk TARGET DURATION
-#   -> prints "rps p50_us p99_us proxy_ticks upstream_ticks requests errors non2xx proxy_cpu_pct"
+# Busy and total clock ticks of one CPU so far ("busy total").
+one_cpu_ticks() {
+    local -a f
+    read -r -a f < <(grep "^cpu$1 " /proc/stat)
+    echo "$((f[1] + f[2] + f[3] + f[6] + f[7] + f[8])) $((f[1] + f[2] + f[3] + f[4] + f[5] + f[6] + f[7] + f[8]))"
+}
+
+# CHILD_TICKS := CPU ticks (user + system) of the children the current (sub)shell has
+# waited for. Read from /proc without forking (no `$(...)`): `times` in a pipeline or a
+# command substitution runs in a new process, whose children's times start at zero.
+children_ticks() {
+    local stat rest
+    local -a f
+    read -r stat <"/proc/$BASHPID/stat"
+    rest="${stat##*) }"
+    read -r -a f <<<"$rest"
+    CHILD_TICKS=$((f[13] + f[14])) # fields 16 (cutime) and 17 (cstime)
+}
+
+# run_wrk TARGET DURATION (in a subshell: its children are then wrk and short commands)
+#   -> prints "rps p50_us p99_us proxy_ticks upstream_ticks requests errors non2xx
+#              proxy_cpu_pct loadgen_ticks loadgen_cpu_busy_pct"
 run_wrk() {
     local t=$1 dur=$2 out
     local -a ppids
     mapfile -t ppids < <(proxy_pids "$t")
-    local p0 u0 p1 u1
+    local p0 u0 p1 u1 c0 c1
     p0=$(cpu_ticks "${ppids[@]}")
     u0=$(cpu_ticks "$UPSTREAM_PID")
+    c0=$(one_cpu_ticks "$LOADGEN_CPU")
     out="$(pinned "$LOADGEN_CPU" wrk -t1 -c"$CONNS" -d"$dur" --latency -s "$WORK/report.lua" \
         "http://127.0.0.1:${TARGET_PORT[$t]}/")"
     p1=$(cpu_ticks "${ppids[@]}")
     u1=$(cpu_ticks "$UPSTREAM_PID")
+    c1=$(one_cpu_ticks "$LOADGEN_CPU")
+    # wrk's CPU time: this subshell's children (wrk, and a few short commands).
+    children_ticks
+    local wt=$CHILD_TICKS
+    # How busy the load generator's CPU was: near 100 % the upstream's CPU time per
+    # request depends on how that CPU is shared between it and wrk (bench/README.md).
+    local busy
+    busy=$(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        d = y[2] - x[2]; printf "%.0f", (d > 0 ? 100 * (y[1] - x[1]) / d : 0) }')
     echo "$out" >>"$WORK/wrk-$t.log"
     local line
     line="$(grep '^RESULT ' <<<"$out" || true)"
@@ -429,7 +473,7 @@ run_wrk() {
     # Share of its CPU the proxy got: well below 100% means something else ran there.
     local share
     share=$(awk -v t="$((p1 - p0))" -v d="$duration_us" -v c="$CLK" 'BEGIN { printf "%.0f", 100 * t / c / (d / 1e6) }')
-    echo "$rps $p50 $p99 $((p1 - p0)) $((u1 - u0)) $requests $errors $non2xx $share"
+    echo "$rps $p50 $p99 $((p1 - p0)) $((u1 - u0)) $requests $errors $non2xx $share $wt $busy"
 }
 
 # Busy (non-idle, non-iowait; steal included) clock ticks of all CPUs so far.
@@ -440,7 +484,8 @@ system_busy_ticks() {
 }
 
 # run_h2load NAME PORT TAG -> prints "p50_us p99_us other_cpu_pct"
-# Must run in a subshell (command substitution): `times` then covers h2load only.
+# Must run in a subshell (command substitution): its children are then h2load and a
+# few short commands.
 run_h2load() {
     local name=$1 port=$2 tag=$3
     local n=$((LAT_CLIENTS * LAT_RPS_PER_CLIENT * LAT_SECONDS))
@@ -461,11 +506,9 @@ run_h2load() {
     ours1=$(cpu_ticks "${ours[@]}")
     up1=$(cpu_ticks "$UPSTREAM_PID")
     t1=$(date +%s%N)
-    # CPU time of this subshell's children, i.e. h2load (second line of `times`).
-    loadgen=$(times | tail -n1 | awk -v c="$CLK" '{
-        t = 0
-        for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
-        printf "%.0f", t * c }')
+    # CPU time of this subshell's children, i.e. h2load (and a few short commands).
+    children_ticks
+    loadgen=$CHILD_TICKS
     # Busy CPU time of everything but the upstream, the proxy and h2load, as a
     # share of all CPUs: high values mean other work disturbed this run.
     local other
@@ -521,9 +564,9 @@ main() {
     for t in $TARGETS; do
         case "$t" in
             nginx | haproxy) targets+=("$t") ;;
-            portico)
+            portico | portico-policies)
                 if [[ -x "$PORTICO_BIN" ]]; then
-                    targets+=(portico)
+                    targets+=("$t")
                     ((PORTICO_STALE == 0)) \
                         || warn "portico did not build: benchmarking the OLD binary $PORTICO_BIN"
                 else
@@ -552,6 +595,7 @@ main() {
     TARGET_PORT[haproxy]=$HAPROXY_PORT
     TARGET_PORT[portico]=$PORTICO_PORT
     TARGET_PORT[portico-pgo]=$PORTICO_PGO_PORT
+    TARGET_PORT[portico-policies]=$PORTICO_POL_PORT
     for t in "${targets[@]}"; do
         port_free "${TARGET_PORT[$t]}" || die "port ${TARGET_PORT[$t]} ($t) is in use (set BASE_PORT)"
     done
@@ -559,6 +603,8 @@ main() {
         || die "port $PORTICO_ADMIN_PORT (portico admin) is in use (set BASE_PORT)"
     [[ " ${targets[*]} " != *" portico-pgo "* ]] || port_free "$PORTICO_PGO_ADMIN_PORT" \
         || die "port $PORTICO_PGO_ADMIN_PORT (portico-pgo admin) is in use (set BASE_PORT)"
+    [[ " ${targets[*]} " != *" portico-policies "* ]] || port_free "$PORTICO_POL_ADMIN_PORT" \
+        || die "port $PORTICO_POL_ADMIN_PORT (portico-policies admin) is in use (set BASE_PORT)"
 
     log "starting upstream on 127.0.0.1:$UPSTREAM_PORT (CPU $UPSTREAM_CPU)"
     start_upstream
@@ -583,7 +629,7 @@ main() {
     write_wrk_lua
     CLK=$(getconf CLK_TCK)
     local runs="$WORK/runs.tsv"
-    printf 'rep\ttarget\treq_per_s\tp50_us\tp99_us\tproxy_ticks\tupstream_ticks\trequests\terrors\tnon2xx\tcpu_ratio\tproxy_cpu_pct\tproxy_us_per_req\tupstream_us_per_req\n' >"$runs"
+    printf 'rep\ttarget\treq_per_s\tp50_us\tp99_us\tproxy_ticks\tupstream_ticks\trequests\terrors\tnon2xx\tcpu_ratio\tproxy_cpu_pct\tproxy_us_per_req\tupstream_us_per_req\tloadgen_us_per_req\tloadgen_cpu_busy_pct\n' >"$runs"
 
     for t in "${targets[@]}"; do
         log "warm-up $t ($WARMUP)"
@@ -594,8 +640,8 @@ main() {
     for rep in $(seq "$REPS"); do
         for t in "${targets[@]}"; do
             r="$(run_wrk "$t" "$DURATION")"
-            local rps p50 p99 pt ut req err n2 share
-            read -r rps p50 p99 pt ut req err n2 share <<<"$r"
+            local rps p50 p99 pt ut req err n2 share wt busy
+            read -r rps p50 p99 pt ut req err n2 share wt busy <<<"$r"
             local ratio
             # (proxy ticks / requests) / (upstream ticks / requests)
             ratio=$(awk -v p="$pt" -v u="$ut" -v n="$req" 'BEGIN { if (u == 0 || n == 0) print "nan"; else printf "%.3f", (p / n) / (u / n) }')
@@ -603,9 +649,11 @@ main() {
             local pus uus
             pus=$(awk -v t="$pt" -v c="$CLK" -v n="$req" 'BEGIN { printf "%.2f", n ? t / c / n * 1e6 : 0 }')
             uus=$(awk -v t="$ut" -v c="$CLK" -v n="$req" 'BEGIN { printf "%.2f", n ? t / c / n * 1e6 : 0 }')
+            local wus
+            wus=$(awk -v t="$wt" -v c="$CLK" -v n="$req" 'BEGIN { printf "%.2f", n ? t / c / n * 1e6 : 0 }')
             ((share >= 90)) || warn "$t got only ${share}% of CPU $PROXY_CPU in this run: other work is competing"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-                "$rep" "$t" "$rps" "$p50" "$p99" "$pt" "$ut" "$req" "$err" "$n2" "$ratio" "$share" "$pus" "$uus" >>"$runs"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+                "$rep" "$t" "$rps" "$p50" "$p99" "$pt" "$ut" "$req" "$err" "$n2" "$ratio" "$share" "$pus" "$uus" "$wus" "$busy" >>"$runs"
         done
     done
 
@@ -659,8 +707,8 @@ main() {
         fi
         echo "Fixed-rate: h2load --h1 -c$LAT_CLIENTS --rps=$LAT_RPS_PER_CLIENT ($rate req/s) for ${LAT_SECONDS}s, $LAT_REPS reps (median); direct to the upstream: p50 $(fmt_us "$(lcol direct 3 | median)") / p99 $(fmt_us "$(lcol direct 4 | median)")."
         echo
-        echo "| target | req/s (median) | p50 | p99 | CPU ratio median (min–max) | ratio median, reps with ≥ $FULL_CPU % CPU (n) | added p50 / p99 @ $rate_label req/s | CPU ratio @ $rate_label req/s (proxy µs/req) |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        echo "| target | req/s (median) | p50 | p99 | CPU ratio median (min–max) | ratio median, reps with ≥ $FULL_CPU % CPU (n) | added p50 / p99 @ $rate_label req/s | CPU ratio @ $rate_label req/s (proxy µs/req) | proxy µs/req (median) | CPU $LOADGEN_CPU busy % (median) |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         for t in "${targets[@]}"; do
             local rps_m p50_m p99_m rmed rmin rmax add50 add99 fmed fn
             rps_m=$(col "$t" 3 | median)
@@ -676,16 +724,25 @@ main() {
             local lrat lpus
             lrat=$(lcol "$t" 11 | median)
             lpus=$(lcol "$t" 12 | median)
-            printf '| %s | %s | %s | %s | %.2f (%.2f–%.2f) | %s (%d) | %s / %s | %.2f (%.1f) |\n' \
+            local pus_m busy_m
+            pus_m=$(col "$t" 13 | median)
+            busy_m=$(col "$t" 16 | median)
+            printf '| %s | %s | %s | %s | %.2f (%.2f–%.2f) | %s (%d) | %s / %s | %.2f (%.1f) | %.2f | %.0f |\n' \
                 "$t" "$(printf '%.0f' "$rps_m")" "$(fmt_us "$p50_m")" "$(fmt_us "$p99_m")" \
                 "$rmed" "$rmin" "$rmax" "$(awk -v v="$fmed" 'BEGIN { if (v == "nan") print "n/a"; else printf "%.2f", v }')" \
-                "$fn" "$(fmt_us "$add50")" "$(fmt_us "$add99")" "$lrat" "$lpus"
+                "$fn" "$(fmt_us "$add50")" "$(fmt_us "$add99")" "$lrat" "$lpus" "$pus_m" "$busy_m"
         done
+        local saturated
+        saturated=$(awk -F'\t' 'NR > 1 && $16 >= 95 { n++ } END { print n + 0 }' "$runs")
+        if ((saturated > 0)); then
+            echo
+            echo "CPU $LOADGEN_CPU (wrk and the upstream) was at least 95 % busy in $saturated of the wrk runs: with both CPUs saturated the upstream's CPU per request follows the throughput, and the saturating CPU ratio is close to the proxy's share of its CPU over the upstream's share of CPU $LOADGEN_CPU, whatever the proxy's own cost (bench/README.md). The fixed-rate ratio and the proxy µs/req compare the proxies' cost."
+        fi
         echo
         echo "<details><summary>Per-run data (CPU in clock ticks of 1/${CLK} s; proxy CPU % = share of its CPU the proxy got during the run)</summary>"
         echo
-        echo "| rep | target | req/s | p50 µs | p99 µs | proxy CPU | upstream CPU | requests | errors | non-2xx | ratio | proxy CPU % | proxy µs/req | upstream µs/req |"
-        echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        echo "| rep | target | req/s | p50 µs | p99 µs | proxy CPU | upstream CPU | requests | errors | non-2xx | ratio | proxy CPU % | proxy µs/req | upstream µs/req | wrk µs/req | CPU $LOADGEN_CPU busy % |"
+        echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         awk -F'\t' 'NR > 1 { printf "| %s |", $1; for (i = 2; i <= NF; i++) printf " %s |", $i; printf "\n" }' "$runs"
         echo
         echo "| rep | target | p50 µs @ $rate_label | p99 µs @ $rate_label | added p50 µs | added p99 µs | other CPU % | proxy CPU | upstream CPU | requests | ratio | proxy µs/req | upstream µs/req |"
