@@ -480,7 +480,8 @@ run_wrk() {
     fi
     local rps
     rps=$(awk -v r="$requests" -v d="$duration_us" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
-    # Share of its CPU the proxy got: well below 100% means something else ran there.
+    # Share of its CPU the proxy used: below 100 % when other work took that CPU, or
+    # when the proxy waited for the load side (tell them apart with $xbusy).
     local share
     share=$(awk -v t="$((p1 - p0))" -v d="$duration_us" -v c="$CLK" 'BEGIN { printf "%.0f", 100 * t / c / (d / 1e6) }')
     echo "$rps $p50 $p99 $((p1 - p0)) $((u1 - u0)) $requests $errors $non2xx $share $wt $busy $xbusy"
