@@ -424,7 +424,9 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     chain.first().map(|ip| canonical(*ip)).unwrap_or(peer)
 }
 
-fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+/// `ip` is in one of the `trusted_proxies` networks (its forwarding headers name the
+/// client).
+pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
     trusted.iter().any(|n| n.contains(&ip))
 }
 

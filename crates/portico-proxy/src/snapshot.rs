@@ -58,7 +58,7 @@ pub struct CompiledRoute {
 impl Snapshot {
     /// The peer is a trusted proxy (its `X-Forwarded-For` names the client).
     pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
-        !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|n| n.contains(&peer))
+        portico_plugins::ctx::is_trusted(peer, &self.trusted_proxies)
     }
 }
 
