@@ -653,15 +653,12 @@ main() {
             r="$(run_wrk "$t" "$DURATION")"
             local rps p50 p99 pt ut req err n2 share wt busy xbusy
             read -r rps p50 p99 pt ut req err n2 share wt busy xbusy <<<"$r"
-            local ratio
-            # (proxy ticks / requests) / (upstream ticks / requests)
-            ratio=$(awk -v p="$pt" -v u="$ut" -v n="$req" 'BEGIN { if (u == 0 || n == 0) print "nan"; else printf "%.3f", (p / n) / (u / n) }')
+            # The ratio and each side's µs per request (wrk's: the same column of
+            # cpu_cols with its ticks in the proxy's place).
+            local ratio pus uus wus
+            IFS=$'\t' read -r ratio pus uus <<<"$(cpu_cols "$pt" "$ut" "$req")"
+            wus=$(cpu_cols "$wt" "$ut" "$req" | cut -f2)
             log "rep $rep/$REPS $t: $rps req/s, p50 ${p50}µs, p99 ${p99}µs, CPU proxy ${pt} / upstream ${ut} ticks (ratio $ratio)"
-            local pus uus
-            pus=$(awk -v t="$pt" -v c="$CLK" -v n="$req" 'BEGIN { printf "%.2f", n ? t / c / n * 1e6 : 0 }')
-            uus=$(awk -v t="$ut" -v c="$CLK" -v n="$req" 'BEGIN { printf "%.2f", n ? t / c / n * 1e6 : 0 }')
-            local wus
-            wus=$(awk -v t="$wt" -v c="$CLK" -v n="$req" 'BEGIN { printf "%.2f", n ? t / c / n * 1e6 : 0 }')
             ((xbusy - share <= 10)) || warn "$t: other work took $((xbusy - share))% of CPU $PROXY_CPU in this run"
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
                 "$rep" "$t" "$rps" "$p50" "$p99" "$pt" "$ut" "$req" "$err" "$n2" "$ratio" "$share" "$pus" "$uus" "$wus" "$busy" "$xbusy" >>"$runs"
