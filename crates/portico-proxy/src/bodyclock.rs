@@ -149,7 +149,11 @@ impl PooledSleep {
         let pooled = SLEEPS.with(|s| s.borrow_mut().pop());
         PooledSleep(Some(match pooled {
             Some(mut s) => {
-                s.as_mut().reset(at);
+                // One set earlier (by the request before, usually) is left as it is:
+                // see `Deadline::poll`.
+                if s.deadline() > at {
+                    s.as_mut().reset(at);
+                }
                 s
             }
             None => Box::pin(tokio::time::sleep_until(at)),
@@ -215,7 +219,12 @@ impl<F: Future> Future for Deadline<'_, F> {
         loop {
             let (at, streaming) = deadline(*this.clock);
             let sleep = this.sleep.get();
-            if sleep.deadline() != at {
+            // The timer may be set before the deadline, never after it: a pooled timer
+            // keeps the deadline of the request that used it last (a little earlier),
+            // since moving it takes the timer driver's lock and a trip through its
+            // wheel, on every request, where firing early once in a while costs a check
+            // and a reset then.
+            if sleep.deadline() > at {
                 sleep.as_mut().reset(at);
                 *this.armed = false;
             }
@@ -229,6 +238,9 @@ impl<F: Future> Future for Deadline<'_, F> {
             *this.armed = false;
             let (again, _) = deadline(*this.clock);
             if again > Instant::now() {
+                // Early (set before the deadline, or the deadline moved): to the
+                // deadline itself.
+                sleep.as_mut().reset(again);
                 continue;
             }
             return Poll::Ready(Err(if streaming {
