@@ -34,6 +34,7 @@ pub trait ClientBody: http_body::Body<Data = Bytes, Error = BoxError> + Send + U
 /// client unchanged (a route with no policy; see `docs/performance.md`). The fields
 /// that are the gateway's business (framing, hop-by-hop, `X-Request-Id`) are already
 /// left out: what remains is written to the client as it is.
+#[derive(Default)]
 pub struct RawFields {
     head: Bytes,
     ranges: [(u32, u32); RawFields::MAX_RANGES],
@@ -45,23 +46,25 @@ impl RawFields {
     /// Runs of whole field lines kept; a head that would need more is parsed instead.
     pub const MAX_RANGES: usize = 8;
 
-    /// Fields kept from `head` (the whole head, as received).
-    pub fn new(head: Bytes) -> RawFields {
-        RawFields {
-            head,
-            ranges: [(0, 0); RawFields::MAX_RANGES],
-            len: 0,
-            date: false,
-        }
+    /// No fields kept yet; the head they are in comes with [`RawFields::set_head`]
+    /// once they are all chosen.
+    pub fn new() -> RawFields {
+        RawFields::default()
     }
 
-    /// Keep the field line(s) `start..end` of the head (from the first field's name to
+    /// The whole head, as received, that the kept runs are in (moved in at the end
+    /// rather than shared while the fields are read: a reference count less to update).
+    pub fn set_head(&mut self, head: Bytes) {
+        self.head = head;
+    }
+
+    /// Keep the field line(s) `start..end` of `head` (from the first field's name to
     /// the last one's value, without the line end). A run that follows the previous
     /// one after exactly `\r\n` joins it. `false` when there is no room for another.
-    pub fn keep(&mut self, start: u32, end: u32) -> bool {
+    pub fn keep(&mut self, head: &[u8], start: u32, end: u32) -> bool {
         if let Some(last) = self.len.checked_sub(1).map(usize::from) {
             let prev_end = self.ranges[last].1 as usize;
-            if self.head.get(prev_end..start as usize) == Some(&b"\r\n"[..]) {
+            if head.get(prev_end..start as usize) == Some(&b"\r\n"[..]) {
                 self.ranges[last].1 = end;
                 return true;
             }

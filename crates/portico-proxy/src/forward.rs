@@ -148,8 +148,10 @@ pub async fn forward(
     let unchanged = route.rewrite.is_none()
         && !(route.strip_prefix && prefix_len.is_some())
         && fin.ctx.path == parts.uri.path();
+    // `None`: the URI is already what goes upstream (origin form, path unchanged).
     let pq = match parts.uri.path_and_query() {
-        Some(pq) if unchanged => pq.clone(),
+        Some(_) if unchanged && parts.uri.scheme().is_none() => None,
+        Some(pq) if unchanged => Some(pq.clone()),
         _ => {
             let p = upstream_path(route, fin, parts, prefix_len);
             // A substituted value of exactly `.` or `..` (path captures never are:
@@ -160,27 +162,30 @@ pub async fn forward(
                     "a value substituted into the route's rewrite makes a `.` or `..` path segment",
                 ));
             }
-            PathAndQuery::try_from(p).map_err(|_| {
+            Some(PathAndQuery::try_from(p).map_err(|_| {
                 GatewayError::new(
                     ErrorKind::BadRequest,
                     "the rewritten path is not a valid URI path",
                 )
-            })?
+            })?)
         }
     };
     // Fields still unparsed (`raw`, with the `Host` the server read from them):
     // nothing here reads them; hop-by-hop fields are left out as the head is encoded,
     // and identity fields are not among them (the pipeline checked).
-    let (raw, client_host) = match raw {
-        Some((r, host)) => (Some(r), host.cloned()),
-        None => (None, parts.headers.get(header::HOST).cloned()),
+    // The client's `Host`: lent by the server with unparsed fields, else a copy (the
+    // map changes below).
+    let (raw, lent, mut owned) = match raw {
+        Some((r, host)) => (Some(r), host, None),
+        None => (None, None, parts.headers.get(header::HOST).cloned()),
     };
-    let client_host = client_host.or_else(|| {
-        parts
+    if lent.is_none() && owned.is_none() {
+        owned = parts
             .uri
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    }
+    let client_host = lent.or(owned.as_ref());
     strip_hop_by_hop(&mut parts.headers, true);
     // Who the caller is: never what the client says, only what a policy established.
     let [name_h, groups_h] = &snap.consumer_headers;
@@ -197,11 +202,13 @@ pub async fn forward(
     }
     let mut overlay = Overlay {
         request_id: Field::Set(fin.ctx.request_id.header().clone()),
-        ..forwarded_headers(snap, conn, &parts.headers, client_host.as_ref())
+        ..forwarded_headers(snap, conn, &parts.headers, client_host)
     };
     parts.version = Version::HTTP_11;
     // The upstream path (after `rewrite`/`strip_prefix`), which policies may change.
-    parts.uri = Uri::from(pq);
+    if let Some(pq) = pq {
+        parts.uri = Uri::from(pq);
+    }
     if route.edits_upstream_request {
         // The policies see (and may change) the headers, path, query and method as
         // they will be sent.
@@ -384,7 +391,7 @@ pub async fn forward(
             n_excluded += 1;
         }
         let first = &set.targets[idx];
-        overlay.host = host_for(route, first, client_host.as_ref());
+        overlay.host = host_for(route, first, client_host);
         // Hedging (first try only): the delay after which a second try may start.
         let hedge = match (&up.hedging, &hedge_body) {
             (Some(h), Some(b)) if attempt == 0 => hedge_delay(up, h).map(|d| (d, b.clone())),
@@ -431,7 +438,7 @@ pub async fn forward(
                     key_hash,
                     route,
                     overlay: &overlay,
-                    client_host: client_host.as_ref(),
+                    client_host,
                     deadline,
                     timeouts,
                     raw_head,

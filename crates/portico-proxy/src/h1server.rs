@@ -23,7 +23,7 @@
 //! 304. An absolute-form request target (`GET http://host/path`) replaces the `Host`
 //! header (RFC 9112 §3.2.2), so routing and forwarding see the same host.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -140,19 +140,47 @@ pub async fn serve<S>(
     // Each request is parsed into this, and the pipeline borrows it (with the spans of
     // the head's fields: half a KiB, made once).
     let mut received = Received::empty();
+    let mut snapshot = gw.snapshot_cache();
     let mut watched = stop.clone();
     let stopping = watched.changed();
     let mut stopping = std::pin::pin!(stopping);
+    // Whether `stopping` has registered this task (it wakes it when the signal comes).
+    let mut stop_registered = false;
+    if *stop.borrow() {
+        return;
+    }
     loop {
-        if *stop.borrow() {
+        if stopped(&stop) {
             return;
         }
         let Some(rd) = reader.as_mut() else { return };
-        let parsed = tokio::select! {
-            biased;
-            p = read_head(rd, &settings, &mut received) => p,
-            _ = &mut stopping => return,
+        let parsed = {
+            let mut read = std::pin::pin!(read_head(rd, &settings, &mut received));
+            poll_fn(|cx| {
+                if let Poll::Ready(p) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Some(p));
+                }
+                // Registered once per connection (the task is always the same): after that,
+                // a plain check on each wake-up instead of polling the wait again (which
+                // takes its lock).
+                if stop_registered {
+                    return if stopped(&stop) {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Pending
+                    };
+                }
+                match stopping.as_mut().poll(cx) {
+                    Poll::Ready(_) => Poll::Ready(None),
+                    Poll::Pending => {
+                        stop_registered = true;
+                        Poll::Pending
+                    }
+                }
+            })
+            .await
         };
+        let Some(parsed) = parsed else { return };
         let info = match parsed {
             Ok(Some(p)) => p,
             Ok(None) => return,
@@ -163,7 +191,7 @@ pub async fn serve<S>(
                 resp.headers_mut()
                     .insert(&crate::forward::X_REQUEST_ID, id.header().clone());
                 let _ = write_plain(&mut w, resp).await;
-                let stopping = *stop.borrow();
+                let stopping = stopped(&stop);
                 close(&mut w, reader.as_mut().filter(|_| !stopping)).await;
                 return;
             }
@@ -193,7 +221,8 @@ pub async fn serve<S>(
         let mut continued = false;
         let resp = {
             // Pinned where it is made: the request's future is large, moving it costs.
-            let mut fut = std::pin::pin!(handle(&gw, &conn, &mut received));
+            let snap = snapshot.current(&gw);
+            let mut fut = std::pin::pin!(handle(&gw, &conn, snap, &mut received));
             match &continue_wanted {
                 None => fut.await,
                 Some(n) => loop {
@@ -212,7 +241,7 @@ pub async fn serve<S>(
             }
         };
         let Ok(mut resp) = resp;
-        let mut keep = info.keep_alive && !*stop.borrow();
+        let mut keep = info.keep_alive && !stopped(&stop);
         // Answered before asking for the body the client is holding back: it may never
         // send it, or send it after deciding otherwise; close instead of guessing what
         // the next bytes are.
@@ -245,7 +274,7 @@ pub async fn serve<S>(
         match written {
             Ok(true) => {}
             Ok(false) => {
-                let stopping = *stop.borrow();
+                let stopping = stopped(&stop);
                 close(&mut w, reader.as_mut().filter(|_| !stopping)).await;
                 return;
             }
@@ -261,6 +290,16 @@ pub async fn serve<S>(
                 }
             }
         }
+    }
+}
+
+/// Whether graceful shutdown has begun. The stop value turns true once and never back,
+/// so a version change seen means it did: checking the version is a plain load, where
+/// `borrow` takes and releases a read lock (two atomic updates, twice per request).
+fn stopped(stop: &watch::Receiver<bool>) -> bool {
+    match stop.has_changed() {
+        Ok(false) => false,
+        _ => *stop.borrow(),
     }
 }
 
@@ -389,14 +428,16 @@ fn parse(
     let path = req.path.unwrap_or_default();
     let path_at = (path.as_ptr() as usize - base, path.len());
     rx.raw.spans_mut().record(buf, req.headers);
-    let head = buf.split_to(len).freeze();
-    rx.raw.set_head(head.clone());
+    // The head is kept once, with the fields' spans; the URI and the values read here
+    // share its memory.
+    rx.raw.set_head(buf.split_to(len).freeze());
     let Received {
         parts,
         meta,
         body,
         raw,
     } = rx;
+    let head = raw.head();
     *body = Body::Empty;
     *meta = crate::pipeline::Meta {
         raw_response: true,
@@ -428,7 +469,7 @@ fn parse(
             ReqField::Host => {
                 meta.hosts = meta.hosts.saturating_add(1);
                 if meta.host.is_none() {
-                    meta.host = Some(field_value(&head, value)?);
+                    meta.host = Some(field_value(head, value)?);
                 }
             }
             ReqField::Authorization => {
@@ -436,7 +477,7 @@ fn parse(
             }
             ReqField::RequestId => {
                 if meta.request_id.is_none() {
-                    meta.request_id = Some(field_value(&head, value)?);
+                    meta.request_id = Some(field_value(head, value)?);
                 }
             }
             ReqField::ContentLength => add_length(value, &mut length).map_err(bad)?,
@@ -798,10 +839,24 @@ async fn write_response<W: AsyncWrite + Unpin>(
     let head = (resp.status(), resp.headers());
     let raw = resp.body().raw_fields();
     let (framing, keep) = encode_head(buf, head, resp.body(), raw, info, keep);
-    let body = resp.body_mut();
-    let mut out = Out::with_head(buf.split().freeze());
+    // The head is written from the connection's buffer, which comes back afterwards.
+    let mut out = Out::with_head_buf(std::mem::take(buf));
+    let written = write_message(w, &mut out, resp.body_mut(), framing, keep, idle).await;
+    *buf = out.take_head_buf();
+    written
+}
+
+/// Write the head in `out`, then the body with its framing.
+async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    out: &mut Out,
+    body: &mut LogBody,
+    framing: Framing,
+    keep: bool,
+    idle: Duration,
+) -> io::Result<bool> {
     if framing == Framing::None {
-        write_out(w, &mut out, idle).await?;
+        write_out(w, out, idle).await?;
         return Ok(keep);
     }
     let mut left = match framing {
@@ -862,7 +917,7 @@ async fn write_response<W: AsyncWrite + Unpin>(
             }
         }
         if !out.is_empty() {
-            write_out(w, &mut out, idle).await?;
+            write_out(w, out, idle).await?;
         } else if done {
             break;
         }
@@ -924,7 +979,7 @@ async fn write_plain<W: AsyncWrite + Unpin>(w: &mut W, resp: Response<Body>) -> 
         &info,
         false,
     );
-    let mut out = Out::with_head(buf.split().freeze());
+    let mut out = Out::with_head_buf(buf);
     out.data(data);
     let mut wrote = false;
     poll_fn(|cx| out.poll_write(w, cx, &mut wrote)).await

@@ -21,7 +21,8 @@ use crate::snapshot::{CompiledRoute, Snapshot};
 
 /// Everything needed to account for one exchange once it ends.
 pub struct Finish {
-    pub gw: Arc<Gateway>,
+    /// For the access log (only kept when it is on: a reference count less to update).
+    pub gw: Option<Arc<Gateway>>,
     pub snap: Arc<Snapshot>,
     pub started: Instant,
     pub method: Method,
@@ -68,7 +69,7 @@ impl Drop for InFlight {
 
 impl Finish {
     pub fn new(
-        gw: Arc<Gateway>,
+        gw: &Arc<Gateway>,
         snap: Arc<Snapshot>,
         started: Instant,
         parts: &http::request::Parts,
@@ -90,7 +91,7 @@ impl Finish {
                     String::new(),
                     Params::default(),
                 ),
-                gw,
+                gw: logged.then(|| gw.clone()),
                 snap,
                 started,
                 method: parts.method.clone(),
@@ -137,15 +138,16 @@ impl Finish {
         let (mut parts, body) = resp.into_parts();
         // With the upstream's fields unparsed, the server writes the id after them
         // (the map is empty: an insert would allocate it).
+        // It is read from `fin` while that is kept (a copy only once it is not).
         let mut request_id = None;
-        let v = self.ctx.request_id.header().clone();
-        if body.raw_fields().is_some() {
-            request_id = Some(v);
-        } else {
+        let end = body.is_end_stream();
+        if body.raw_fields().is_none() {
+            let v = self.ctx.request_id.header().clone();
             parts.headers.insert(&crate::forward::X_REQUEST_ID, v);
+        } else if end {
+            request_id = Some(self.ctx.request_id.header().clone());
         }
         self.status = parts.status.as_u16();
-        let end = body.is_end_stream();
         let mut lb = LogBody {
             inner: body,
             fin: Some(self),
@@ -206,7 +208,9 @@ impl Finish {
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 upstream_ms: self.upstream_ms,
             };
-            self.gw.access_log.write(&rec);
+            if let Some(gw) = &self.gw {
+                gw.access_log.write(&rec);
+            }
         }
     }
 }
@@ -227,7 +231,8 @@ pub struct LogBody {
     inner: Body,
     fin: Option<Box<Finish>>,
     bytes: u64,
-    /// `X-Request-Id` for a response whose fields are kept unparsed.
+    /// `X-Request-Id` for a response whose fields are kept unparsed, once `fin` (which
+    /// holds it) is gone.
     request_id: Option<HeaderValue>,
 }
 
@@ -235,9 +240,11 @@ impl LogBody {
     /// The upstream response's fields kept unparsed, and the request id to add to
     /// them; the response's `HeaderMap` holds only what the gateway added.
     pub fn raw_fields(&self) -> Option<(&portico_plugins::body::RawFields, Option<&HeaderValue>)> {
-        self.inner
-            .raw_fields()
-            .map(|r| (r, self.request_id.as_ref()))
+        let id = self
+            .request_id
+            .as_ref()
+            .or_else(|| self.fin.as_ref().map(|f| f.ctx.request_id.header()));
+        self.inner.raw_fields().map(|r| (r, id))
     }
 
     fn finish(&mut self) {

@@ -99,14 +99,14 @@ fn headers(parts: &mut http::request::Parts, raw: &mut RawRequest) -> Result<(),
     Ok(())
 }
 
-/// Handle one request from a client.
+/// Handle one request from a client, on the snapshot current as it starts (`snap`).
 pub async fn handle(
     gw: &Arc<Gateway>,
     conn: &Arc<ConnInfo>,
+    snap: &Arc<Snapshot>,
     received: &mut Received,
 ) -> Result<Response<LogBody>, Infallible> {
     let started = portico_plugins::clock::now();
-    let snap = gw.snapshot();
     // The head and the server's notes stay where they are; the body is taken out.
     let Received {
         parts,
@@ -126,7 +126,7 @@ pub async fn handle(
     };
     let ip = client_ip(conn.peer_ip, &parts.headers, &snap.trusted_proxies);
     let mut fin = Finish::new(
-        gw.clone(),
+        gw,
         snap.clone(),
         started,
         parts,
@@ -141,7 +141,7 @@ pub async fn handle(
     fin.bytes_in = body_len.unwrap_or(0);
 
     if let Some(e) = early
-        .or_else(|| check_limits(&snap, parts, raw))
+        .or_else(|| check_limits(snap, parts, raw))
         .or_else(|| check_framing(parts, meta))
     {
         linger(body, parts.version);
@@ -183,7 +183,7 @@ pub async fn handle(
             )));
         }
     };
-    let Some(route) = snap.routes.get(route).cloned() else {
+    let Some(route) = snap.routes.get(route) else {
         return Ok(fin.error(GatewayError::new(
             ErrorKind::Internal,
             "route table out of sync",
@@ -232,9 +232,9 @@ pub async fn handle(
         let mut req = Request::from_parts(head, std::mem::take(&mut body));
         for (i, entry) in route.chain[..upto].iter().enumerate() {
             if i == gate_at {
-                if let Some(e) = auth_gate(&snap, &route, &mut fin.ctx) {
+                if let Some(e) = auth_gate(snap, route, &mut fin.ctx) {
                     linger(std::mem::take(req.body_mut()), req.version());
-                    return Ok(respond_error(&route, fin, e));
+                    return Ok(respond_error(route, fin, e));
                 }
             }
             match entry.policy.on_request(&mut fin.ctx, &mut req).await {
@@ -248,13 +248,13 @@ pub async fn handle(
                     // The body phase of the policies after this one (a cache hit gets the
                     // same response transforms and masking as the upstream's answer).
                     if route.response_body {
-                        return Ok(Box::pin(respond_upstream(&route, fin, resp, i + 1)).await);
+                        return Ok(Box::pin(respond_upstream(route, fin, resp, i + 1)).await);
                     }
-                    return Ok(respond(&route, fin, resp));
+                    return Ok(respond(route, fin, resp));
                 }
                 Flow::Error(e) => {
                     linger(std::mem::take(req.body_mut()), req.version());
-                    return Ok(respond_error(&route, fin, e));
+                    return Ok(respond_error(route, fin, e));
                 }
             }
         }
@@ -263,9 +263,9 @@ pub async fn handle(
         body = b;
     }
     if gate_at == upto {
-        if let Some(e) = auth_gate(&snap, &route, &mut fin.ctx) {
+        if let Some(e) = auth_gate(snap, route, &mut fin.ctx) {
             linger(body, parts.version);
-            return Ok(respond_error(&route, fin, e));
+            return Ok(respond_error(route, fin, e));
         }
     }
     if let Some(allow) = allow {
@@ -282,7 +282,7 @@ pub async fn handle(
         if let Ok(v) = HeaderValue::from_str(&list) {
             e = e.with_header(ALLOW, v);
         }
-        return Ok(respond_error(&route, fin, e));
+        return Ok(respond_error(route, fin, e));
     }
     let (upstream, timeouts) = match (&route.split, &route.upstream) {
         (Some(split), _) => {
@@ -292,19 +292,19 @@ pub async fn handle(
         (None, Some(u)) => (u, &route.timeouts),
         (None, None) if route.aggregate.is_some() => {
             linger(std::mem::take(&mut body), parts.version);
-            let (overlay, identity) = forward::own_request_headers(&snap, &fin, parts, conn);
+            let (overlay, identity) = forward::own_request_headers(snap, &fin, parts, conn);
             let result = match &route.aggregate {
                 Some(a) => Box::pin(a.run(&fin.ctx, parts, &overlay, &identity)).await,
                 None => Err(GatewayError::new(ErrorKind::Internal, "no aggregate")),
             };
             return Ok(match result {
-                Ok(resp) => respond(&route, fin, resp),
-                Err(e) => respond_error(&route, fin, e),
+                Ok(resp) => respond(route, fin, resp),
+                Err(e) => respond_error(route, fin, e),
             });
         }
         (None, None) => {
             return Ok(respond_error(
-                &route,
+                route,
                 fin,
                 GatewayError::new(
                     ErrorKind::Internal,
@@ -314,8 +314,8 @@ pub async fn handle(
         }
     };
     match forward::forward(
-        &snap,
-        &route,
+        snap,
+        route,
         (upstream, timeouts),
         &mut fin,
         // Unparsed fields come with the `Host` the server found among them (the
@@ -336,16 +336,16 @@ pub async fn handle(
                 None => resp,
             };
             if route.response_body {
-                Ok(Box::pin(respond_upstream(&route, fin, resp, 0)).await)
+                Ok(Box::pin(respond_upstream(route, fin, resp, 0)).await)
             } else {
-                Ok(respond(&route, fin, resp))
+                Ok(respond(route, fin, resp))
             }
         }
         // Boxed: only routes with a policy that reads response bodies take this step.
         Ok(resp) if route.response_body => {
-            Ok(Box::pin(respond_upstream(&route, fin, resp, 0)).await)
+            Ok(Box::pin(respond_upstream(route, fin, resp, 0)).await)
         }
-        Ok(resp) => Ok(respond(&route, fin, resp)),
+        Ok(resp) => Ok(respond(route, fin, resp)),
         Err(e) => {
             // A policy may answer instead (the cache's stale-if-error).
             let instead = route
@@ -354,8 +354,8 @@ pub async fn handle(
                 .rev()
                 .find_map(|entry| entry.policy.upstream_error(&mut fin.ctx, &e));
             match instead {
-                Some(resp) => Ok(respond(&route, fin, resp)),
-                None => Ok(respond_error(&route, fin, e)),
+                Some(resp) => Ok(respond(route, fin, resp)),
+                None => Ok(respond_error(route, fin, e)),
             }
         }
     }
@@ -389,7 +389,8 @@ fn refresh_in_background(
     let (gw, conn) = (gw.clone(), conn.clone());
     tokio::spawn(async move {
         let mut received = Received::new(copy, meta);
-        let Ok(resp) = Box::pin(handle(&gw, &conn, &mut received)).await;
+        let snap = gw.snapshot();
+        let Ok(resp) = Box::pin(handle(&gw, &conn, &snap, &mut received)).await;
         let mut body = std::pin::pin!(resp.into_body());
         while let Some(Ok(_)) =
             std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx)).await

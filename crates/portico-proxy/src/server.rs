@@ -231,7 +231,7 @@ async fn serve_io<I>(
             let (gw, conn) = (gw.clone(), svc_conn.clone());
             async move {
                 let mut received = Received::new(req.map(|b| Body::incoming(b, None)), meta);
-                handle(&gw, &conn, &mut received).await
+                handle(&gw, &conn, &gw.snapshot(), &mut received).await
             }
         });
         let c = watcher.watch(builders.h2.serve_connection(TokioIo::new(io), service));

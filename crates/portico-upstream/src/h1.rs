@@ -296,6 +296,11 @@ impl RawRequest {
         self.pending = false;
     }
 
+    /// The head the fields are in.
+    pub fn head(&self) -> &Bytes {
+        &self.head
+    }
+
     /// Keep the fields unparsed; `length`: one of them is `Content-Length`.
     pub fn keep(&mut self, length: bool) {
         self.length = length;
@@ -407,7 +412,7 @@ pub fn encode_head(
     raw: Option<&RawRequest>,
     overlay: &Overlay,
     framing: ReqFraming,
-) -> Bytes {
+) {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut size = parts.method.as_str().len() + target.len() + 40 + overlay.encoded_len();
     for (n, v) in &parts.headers {
@@ -449,7 +454,6 @@ pub fn encode_head(
         ReqFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     buf.extend_from_slice(b"\r\n");
-    buf.split().freeze()
 }
 
 /// What is still to be written: a message head, then one piece of body (with its
@@ -457,7 +461,9 @@ pub fn encode_head(
 /// one vectored write when the socket takes it all.
 #[derive(Default)]
 pub struct Out {
-    head: Bytes,
+    /// The head, in the writer's own reusable buffer, lent for the write (see
+    /// [`Out::with_head_buf`]).
+    head: BytesMut,
     size_line: [u8; 20],
     size_at: u8,
     size_end: u8,
@@ -466,11 +472,22 @@ pub struct Out {
 }
 
 impl Out {
-    pub fn with_head(head: Bytes) -> Out {
+    /// A head encoded into the writer's reusable buffer, written from there: lending
+    /// the buffer (and taking it back with [`Out::take_head_buf`]) keeps its memory
+    /// unshared, where splitting a `Bytes` off it costs reference-count updates on every
+    /// message.
+    pub fn with_head_buf(head: BytesMut) -> Out {
         Out {
             head,
             ..Out::default()
         }
+    }
+
+    /// The lent buffer back, emptied (its capacity kept).
+    pub fn take_head_buf(&mut self) -> BytesMut {
+        let mut b = std::mem::take(&mut self.head);
+        b.clear();
+        b
     }
 
     /// Body data sent as it is (a length-delimited or close-delimited body).
@@ -594,14 +611,13 @@ pub enum SendFailure {
 }
 
 impl Sending {
-    pub fn new(head: Bytes, body: Body, framing: ReqFraming) -> Sending {
+    /// `head`: the encoded head, in the connection's buffer (lent: see
+    /// [`Sending::take_head_buf`]).
+    pub fn new(head: BytesMut, body: Body, framing: ReqFraming) -> Sending {
         use http_body::Body as _;
         let has_body = !body.is_end_stream();
         Sending {
-            out: Out {
-                head,
-                ..Out::default()
-            },
+            out: Out::with_head_buf(head),
             body: has_body.then_some(body),
             chunked: framing == ReqFraming::Chunked,
             left: match framing {
@@ -624,13 +640,15 @@ impl Sending {
     }
 
     /// Start over with `head` on another connection (a body not yet started stays).
-    pub fn restart(&mut self, head: Bytes) {
-        self.out = Out {
-            head,
-            ..Out::default()
-        };
+    pub fn restart(&mut self, head: BytesMut) {
+        self.out = Out::with_head_buf(head);
         self.wrote = false;
         self.finished = false;
+    }
+
+    /// The head's buffer, emptied, for the connection to reuse.
+    pub fn take_head_buf(&mut self) -> BytesMut {
+        self.out.take_head_buf()
     }
 
     /// Write the head and as much of the body as is available.
@@ -984,7 +1002,7 @@ fn parse_head(
         let mut other_coding = false;
         let mut close = false;
         let mut keep = false;
-        let mut kept = raw.then(|| RawFields::new(head.clone()));
+        let mut kept = raw.then(RawFields::new);
         for &(ns, ne, vs, ve) in spans.spans() {
             let name = head.get(ns as usize..ne as usize).unwrap_or_default();
             let raw = head.get(vs as usize..ve as usize).unwrap_or_default();
@@ -1015,7 +1033,7 @@ fn parse_head(
             }
             if let (Some(k), RespField::Keep | RespField::Date) = (kept.as_mut(), field) {
                 // An empty value may not lie where its line does: take the general path.
-                if vs < ne || ve <= vs || !k.keep(ns, ve) {
+                if vs < ne || ve <= vs || !k.keep(&head, ns, ve) {
                     kept = None;
                 } else if field == RespField::Date {
                     k.set_date();
@@ -1053,8 +1071,9 @@ fn parse_head(
             BodyFraming::Close
         };
         // Kept raw only with a body to carry them (see `ResponseBody::raw_fields`).
-        let raw = kept.filter(|_| framing != BodyFraming::Length(0));
-        let headers = if raw.is_some() {
+        let mut raw = kept.filter(|_| framing != BodyFraming::Length(0));
+        let headers = if let Some(r) = raw.as_mut() {
+            r.set_head(head);
             HeaderMap::new()
         } else {
             // Room for the headers the gateway adds (request id, policies' own).
@@ -1540,9 +1559,9 @@ mod tests {
             ..Overlay::default()
         };
         let mut buf = BytesMut::new();
-        let head = encode_head(&mut buf, &parts, Some(&r), &overlay, ReqFraming::None);
+        encode_head(&mut buf, &parts, Some(&r), &overlay, ReqFraming::None);
         assert_eq!(
-            std::str::from_utf8(&head).unwrap(),
+            std::str::from_utf8(&buf).unwrap(),
             "GET /p?q HTTP/1.1\r\nX-One:  1\r\nX-Request-Id: mine\r\nX_Consumer_Name: x\r\n\
              host: up:80\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
         );
@@ -1784,10 +1803,7 @@ mod tests {
 
     #[test]
     fn out_advances_across_segments() {
-        let mut o = Out {
-            head: Bytes::from_static(b"HEAD"),
-            ..Out::default()
-        };
+        let mut o = Out::with_head_buf(BytesMut::from(&b"HEAD"[..]));
         o.chunk(Bytes::from_static(b"abc"));
         o.advance(5);
         assert!(o.head.is_empty());

@@ -344,9 +344,9 @@ impl TargetPool {
             None => parts.headers.contains_key(http::header::CONTENT_LENGTH),
         };
         let framing = ReqFraming::of(&parts.method, length, &body);
-        let head = h1::encode_head(conn.head_buf(), parts, raw, overlay, framing);
+        h1::encode_head(conn.head_buf(), parts, raw, overlay, framing);
         let head_request = parts.method == Method::HEAD;
-        let mut sending = Sending::new(head.clone(), body, framing);
+        let mut sending = Sending::new(std::mem::take(conn.head_buf()), body, framing);
         loop {
             let mut write_error = None;
             let result = poll_fn(|cx| {
@@ -367,6 +367,7 @@ impl TargetPool {
                     // The rest of the request, when the upstream answered before taking all of
                     // it (rare: boxed only then).
                     let unsent = if sending.done() {
+                        *conn.head_buf() = sending.take_head_buf();
                         None
                     } else {
                         Some(Box::new(sending))
@@ -400,7 +401,11 @@ impl TargetPool {
                 }));
             }
             reused = false;
-            sending.restart(head.clone());
+            // Encoded again (the first head went to the connection's buffer, partly
+            // written perhaps): rare, so into a buffer of its own.
+            let mut head = bytes::BytesMut::new();
+            h1::encode_head(&mut head, parts, raw, overlay, framing);
+            sending.restart(head);
             match self.connect(connect).await {
                 Ok(Conn::H1(c)) => conn = c,
                 Ok(c @ Conn::H2(_)) => {
