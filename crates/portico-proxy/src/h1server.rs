@@ -219,6 +219,8 @@ pub async fn serve<S>(
             }
         }
         let mut continued = false;
+        // In progress until its answer is written (see `Meta::in_flight_kept`).
+        conn.in_flight.store(1, Ordering::Relaxed);
         let resp = {
             // Pinned where it is made: the request's future is large, moving it costs.
             let snap = snapshot.current(&gw);
@@ -271,6 +273,9 @@ pub async fn serve<S>(
         // The exchange ends with its answer written (logged, if the body was not read
         // to its end), not after the wait for the request body below.
         drop(resp);
+        conn.idle_since
+            .store(portico_upstream::now_ms(), Ordering::Relaxed);
+        conn.in_flight.store(0, Ordering::Relaxed);
         match written {
             Ok(true) => {}
             Ok(false) => {
@@ -441,6 +446,7 @@ fn parse(
     *body = Body::Empty;
     *meta = crate::pipeline::Meta {
         raw_response: true,
+        in_flight_kept: true,
         ..crate::pipeline::Meta::default()
     };
     parts.extensions.clear();

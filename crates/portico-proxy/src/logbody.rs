@@ -40,8 +40,9 @@ pub struct Finish {
     pub error: Option<&'static str>,
     /// A mirrored request's link to its copy (the primary's answer goes there).
     pub mirror: Option<crate::mirror::Pending>,
-    /// Counts this exchange as in progress on its client connection until dropped.
-    pub conn: InFlight,
+    /// Counts this exchange as in progress on its client connection until dropped
+    /// (unless the server does: `Meta::in_flight_kept`).
+    pub conn: Option<InFlight>,
     /// The answer goes to an HTTP/1.1 client through Portico's own server unchanged:
     /// an HTTP/1.1 upstream's response fields may stay unparsed (`RawFields`).
     pub raw_response: bool,
@@ -75,7 +76,7 @@ impl Finish {
         parts: &http::request::Parts,
         request_id: portico_plugins::RequestId,
         ip: IpAddr,
-        conn: Arc<ConnInfo>,
+        conn: Option<Arc<ConnInfo>>,
     ) -> Box<Finish> {
         let logged = snap.access_log;
         // Boxed once here: it is moved through the pipeline and into the response body.
@@ -112,7 +113,7 @@ impl Finish {
                 status: 0,
                 error: None,
                 mirror: None,
-                conn: InFlight::start(conn),
+                conn: conn.map(InFlight::start),
                 raw_response: false,
             },
         )

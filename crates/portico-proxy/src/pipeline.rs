@@ -132,7 +132,7 @@ pub async fn handle(
         parts,
         request_id,
         ip,
-        conn.clone(),
+        (!meta.in_flight_kept).then(|| conn.clone()),
     );
     if snap.access_log {
         fin.host.clone_from(&meta.host);
@@ -384,6 +384,7 @@ fn refresh_in_background(
         content_length: None,
         request_id: None,
         raw_response: false,
+        in_flight_kept: false,
         ..meta.clone()
     };
     let (gw, conn) = (gw.clone(), conn.clone());
@@ -644,6 +645,10 @@ pub struct Meta {
     /// The answer is written by Portico's own HTTP/1.1 server, which can write an
     /// upstream response's fields kept unparsed (`RawFields`).
     pub raw_response: bool,
+    /// The server counts the exchange as in progress on its connection itself (the
+    /// HTTP/1.1 server: one at a time, with plain stores), so the pipeline does not
+    /// (`ConnInfo::in_flight`, a shared count, for HTTP/2's concurrent streams).
+    pub in_flight_kept: bool,
 }
 
 impl Meta {
@@ -663,6 +668,7 @@ impl Meta {
             authorizations: u8::try_from(h.get_all(http::header::AUTHORIZATION).iter().count())
                 .unwrap_or(u8::MAX),
             raw_response: false,
+            in_flight_kept: false,
         }
     }
 }
