@@ -47,6 +47,7 @@ perf record -q -e cpu-clock -F 15000 -p "$PX" -o "$W/perf.data" -- sleep "$DUR" 
 PR=$!
 REQS=$(taskset -c 0 wrk -t1 -c50 -d"${DUR}s" "http://127.0.0.1:$PORT/" | awk '/requests in/ {print $1}')
 wait "$PR"
+[[ "$REQS" =~ ^[0-9]+$ && "$REQS" -gt 0 ]] || { echo "atomics.sh: wrk sent no requests" >&2; exit 1; }
 perf script -i "$W/perf.data" -F ip,dso 2>/dev/null >"$W/ips.txt"
 perf script -i "$W/perf.data" --show-mmap-events 2>/dev/null \
     | grep -m1 "PERF_RECORD_MMAP.*r-xp $BIN" >"$W/mmap.txt" || true

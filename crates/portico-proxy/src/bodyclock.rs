@@ -148,14 +148,9 @@ impl PooledSleep {
     fn take(at: Instant) -> PooledSleep {
         let pooled = SLEEPS.with(|s| s.borrow_mut().pop());
         PooledSleep(Some(match pooled {
-            Some(mut s) => {
-                // One set earlier (by the request before, usually) is left as it is:
-                // see `Deadline::poll`.
-                if s.deadline() > at {
-                    s.as_mut().reset(at);
-                }
-                s
-            }
+            // As it is: `Deadline::poll` moves it before waiting if it is set after the
+            // deadline, and leaves an earlier one (usually the last request's).
+            Some(s) => s,
             None => Box::pin(tokio::time::sleep_until(at)),
         }))
     }
