@@ -456,9 +456,14 @@ pub fn encode_head(
     buf.extend_from_slice(b"\r\n");
 }
 
+/// Body pieces up to this size are copied behind the head they follow (see
+/// [`Out::poll_write`]): copying them costs less than the kernel's extra work for a
+/// vectored write (about 0.1 µs per call here, against a 2 KiB copy's few tens of ns).
+const COALESCE_MAX: usize = 2048;
+
 /// What is still to be written: a message head, then one piece of body (with its
 /// chunk framing when chunked), then a tail (`\r\n`, the last chunk). Written with
-/// one vectored write when the socket takes it all.
+/// one write when the socket takes it all.
 #[derive(Default)]
 pub struct Out {
     /// The head, in the writer's own reusable buffer, lent for the write (see
@@ -538,23 +543,62 @@ impl Out {
         self.tail = b"\r\n";
     }
 
+    /// A small body piece behind a head is copied into the head's buffer, so that the
+    /// message is one slice.
+    fn coalesce(&mut self) {
+        let size_line = &self.size_line[usize::from(self.size_at)..usize::from(self.size_end)];
+        let rest = size_line.len() + self.data.len() + self.tail.len();
+        if self.head.is_empty() || rest == 0 || rest > COALESCE_MAX {
+            return;
+        }
+        self.head.reserve(rest);
+        self.head.extend_from_slice(size_line);
+        self.head.extend_from_slice(&self.data);
+        self.head.extend_from_slice(self.tail);
+        self.size_at = self.size_end;
+        self.data = Bytes::new();
+        self.tail = b"";
+    }
+
+    /// The only segment left to write, when there is just one.
+    fn single(&self) -> Option<&[u8]> {
+        let size_line = &self.size_line[usize::from(self.size_at)..usize::from(self.size_end)];
+        let mut only = None;
+        for s in [&self.head[..], size_line, &self.data[..], self.tail] {
+            if !s.is_empty() {
+                if only.is_some() {
+                    return None;
+                }
+                only = Some(s);
+            }
+        }
+        only
+    }
+
     /// Write everything out (and flush, for TLS). `wrote` is set once any byte went.
+    /// One segment goes out with a plain write (`send`), several with one vectored
+    /// write (`writev`, which costs the kernel more per call).
     pub fn poll_write<W: AsyncWrite + Unpin>(
         &mut self,
         io: &mut W,
         cx: &mut Context<'_>,
         wrote: &mut bool,
     ) -> Poll<io::Result<()>> {
+        self.coalesce();
         while !self.is_empty() {
-            let slices = [
-                IoSlice::new(&self.head),
-                IoSlice::new(
-                    &self.size_line[usize::from(self.size_at)..usize::from(self.size_end)],
-                ),
-                IoSlice::new(&self.data),
-                IoSlice::new(self.tail),
-            ];
-            let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
+            let n = if let Some(only) = self.single() {
+                ready!(Pin::new(&mut *io).poll_write(cx, only))?
+            } else {
+                let slices = [
+                    IoSlice::new(&self.head),
+                    IoSlice::new(
+                        &self.size_line[usize::from(self.size_at)..usize::from(self.size_end)],
+                    ),
+                    IoSlice::new(&self.data),
+                    IoSlice::new(self.tail),
+                ];
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -1799,6 +1843,56 @@ mod tests {
         assert_eq!(&b[..usize::from(n)], b"1f40\r\n");
         let n = format_chunk_size(1, &mut b);
         assert_eq!(&b[..usize::from(n)], b"1\r\n");
+    }
+
+    /// Everything `out` writes to a real socket pair, in order.
+    async fn written(mut out: Out) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut wrote = false;
+        std::future::poll_fn(|cx| out.poll_write(&mut c, cx, &mut wrote))
+            .await
+            .unwrap();
+        drop(c);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn small_pieces_join_the_head_and_large_ones_do_not() {
+        let mut o = Out::with_head_buf(BytesMut::from(&b"HEAD\r\n\r\n"[..]));
+        o.chunk(Bytes::from_static(b"abc"));
+        o.last_chunk();
+        o.coalesce();
+        assert!(
+            o.single().is_some(),
+            "head, chunk and last chunk in one slice"
+        );
+        assert!(!o.has_data());
+        assert_eq!(written(o).await, b"HEAD\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+
+        let big = Bytes::from(vec![b'x'; COALESCE_MAX + 1]);
+        let mut o = Out::with_head_buf(BytesMut::from(&b"HEAD"[..]));
+        o.data(big.clone());
+        o.coalesce();
+        assert!(o.has_data(), "a large piece is written from where it is");
+        assert!(o.single().is_none());
+        let mut want = b"HEAD".to_vec();
+        want.extend_from_slice(&big);
+        assert_eq!(written(o).await, want);
+
+        // Without a head nothing is copied; one piece is still one slice.
+        let mut o = Out::default();
+        o.data(Bytes::from_static(b"tail"));
+        o.coalesce();
+        assert!(o.has_data());
+        assert_eq!(o.single(), Some(&b"tail"[..]));
+        assert_eq!(written(o).await, b"tail");
     }
 
     #[test]
