@@ -552,9 +552,11 @@ impl Out {
             return;
         }
         self.head.reserve(rest);
-        self.head.extend_from_slice(size_line);
-        self.head.extend_from_slice(&self.data);
-        self.head.extend_from_slice(self.tail);
+        for s in [size_line, &self.data[..], self.tail] {
+            if !s.is_empty() {
+                self.head.extend_from_slice(s);
+            }
+        }
         self.size_at = self.size_end;
         self.data = Bytes::new();
         self.tail = b"";
