@@ -4,8 +4,9 @@
 #   2. a training run of it (bench/pgo-train.sh: plain proxying, policies, HTTP/2,
 #      errors — not only the benchmark's request),
 #   3. the dist build again, optimized with the merged profile (target/pgo).
-# The result: target/pgo/<host triple>/dist/portico. bench/run.sh measures it as the
-# `portico-pgo` target (PGO=1), next to the plain dist build.
+# The result: target/pgo/<host triple>/dist/portico, the release binary
+# (scripts/release.sh packages it). bench/run.sh measures it as the `portico-pgo`
+# target, next to the plain dist build.
 #
 #   bash bench/pgo.sh          (about 30 minutes on 2 cores: two full builds)
 #

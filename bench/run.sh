@@ -52,8 +52,10 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT_DIR/target}"
 PROFILE="${PROFILE:-dist}"
 PORTICO_BIN="${PORTICO_BIN:-$TARGET_DIR/$PROFILE/portico}"
 # The `portico-pgo` target: the dist build optimized with a profile of its own training
-# run (bench/pgo.sh builds it; PGO=1 adds the target and builds it unless SKIP_BUILD=1).
-PGO="${PGO:-0}"
+# run, which is how release binaries are built (scripts/release.sh). bench/pgo.sh builds
+# it (about 25 minutes more) unless SKIP_BUILD=1; PGO=1 (the default) adds the target,
+# PGO=0 leaves it out and measures the dist build alone.
+PGO="${PGO:-1}"
 # (bench/pgo.sh builds for the host triple, so that its flags stay off build scripts.)
 PGO_BIN="${PGO_BIN:-$TARGET_DIR/pgo/$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')/dist/portico}"
 PORTICO_PGO_PORT="${PORTICO_PGO_PORT:-$((BASE_PORT + 5))}"
