@@ -64,7 +64,7 @@ trap 'kill "${PID:-}" 2>/dev/null || true; rm -rf "$SMOKE"' EXIT
 PID=$!
 ok=0
 for _ in $(seq 50); do
-    if curl -fsS -o /dev/null http://127.0.0.1:8080/hello && curl -fsS -o /dev/null http://127.0.0.1:9080/health; then
+    if curl -fs -o /dev/null http://127.0.0.1:8080/hello && curl -fs -o /dev/null http://127.0.0.1:9080/health; then
         ok=1
         break
     fi

@@ -428,6 +428,101 @@ impl http_body::Body for Prefixed {
     }
 }
 
+/// Where a [`Tee`] hands its copy.
+pub trait CopySink: Send + Unpin + 'static {
+    /// Whether the sink is still told of the body's end once the copy went past the
+    /// limit (with `None`); if not, it is dropped as soon as that happens.
+    const WANTS_OVERFLOW: bool;
+    /// The body ended: its copy, or `None` if it grew past the limit.
+    fn complete(self, copy: Option<Bytes>);
+}
+
+/// A body passed through unchanged, frame by frame, while a copy of it (at most `max`
+/// bytes) is kept. At its end the copy goes to the sink. If the body fails or is
+/// dropped before its end, the sink is dropped without a word.
+pub struct Tee<S: CopySink> {
+    inner: Body,
+    buf: bytes::BytesMut,
+    max: u64,
+    over: bool,
+    sink: Option<S>,
+}
+
+impl<S: CopySink> Tee<S> {
+    pub fn new(inner: Body, max: u64, sink: S) -> Tee<S> {
+        // Sized at once when the body's exact length is known and fits.
+        let cap = http_body::Body::size_hint(&inner)
+            .exact()
+            .filter(|n| *n <= max)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0);
+        Tee {
+            inner,
+            buf: bytes::BytesMut::with_capacity(cap),
+            max,
+            over: false,
+            sink: Some(sink),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(sink) = self.sink.take() {
+            let copy = (!self.over).then(|| std::mem::take(&mut self.buf).freeze());
+            sink.complete(copy);
+        }
+    }
+}
+
+impl<S: CopySink> http_body::Body for Tee<S> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    if !this.over {
+                        if this.buf.len() as u64 + d.len() as u64 > this.max {
+                            this.over = true;
+                            this.buf = bytes::BytesMut::new();
+                            if !S::WANTS_OVERFLOW {
+                                this.sink = None;
+                            }
+                        } else {
+                            this.buf.extend_from_slice(d);
+                        }
+                    }
+                }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.sink = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Read a whole body of at most `max` bytes (a transform that must see it all), or,
 /// when it turns out larger, hand it back intact for streaming. `declared`
 /// (Content-Length) above `max` is not read at all. A read error is returned as is.
@@ -548,5 +643,50 @@ mod tests {
             panic!("announced 6 bytes do not fit in 5");
         };
         assert_eq!(&b.collect().await.unwrap().to_bytes()[..], b"abcdef");
+    }
+
+    /// Records what a tee hands over, and whether it was dropped without a word.
+    struct Probe<const OVERFLOW: bool>(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl<const OVERFLOW: bool> CopySink for Probe<OVERFLOW> {
+        const WANTS_OVERFLOW: bool = OVERFLOW;
+        fn complete(self, copy: Option<Bytes>) {
+            let said = copy.map_or("over".to_owned(), |b| {
+                String::from_utf8_lossy(&b).into_owned()
+            });
+            self.0.lock().unwrap().push(said);
+        }
+    }
+
+    impl<const OVERFLOW: bool> Drop for Probe<OVERFLOW> {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().push("dropped".to_owned());
+        }
+    }
+
+    async fn tee<const OVERFLOW: bool>(parts: &[&'static str], max: u64) -> (String, Vec<String>) {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let body = Body::boxed(Tee::new(frames(parts), max, Probe::<OVERFLOW>(log.clone())));
+        let passed = body.collect().await.unwrap().to_bytes();
+        let log = log.lock().unwrap().clone();
+        (String::from_utf8_lossy(&passed).into_owned(), log)
+    }
+
+    #[tokio::test]
+    async fn tee_passes_the_body_through_and_hands_over_its_copy() {
+        assert_eq!(
+            tee::<true>(&["ab", "cd"], 4).await,
+            ("abcd".into(), vec!["abcd".into(), "dropped".into()])
+        );
+        // Past the limit: the whole body still passes; the sink hears `None` at the end,
+        // or is dropped at once when it does not want to.
+        assert_eq!(
+            tee::<true>(&["ab", "cd", "ef"], 4).await,
+            ("abcdef".into(), vec!["over".into(), "dropped".into()])
+        );
+        assert_eq!(
+            tee::<false>(&["ab", "cd", "ef"], 4).await,
+            ("abcdef".into(), vec!["dropped".into()])
+        );
     }
 }

@@ -7,17 +7,15 @@
 //! JSON bodies minus ignored pointers); results are counted as metrics and a sampled
 //! few mismatches logged.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Response};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::Body as _;
 use portico_config::model::Timeouts;
 use portico_config::split::Mirror as MirrorConfig;
-use portico_plugins::body::BoxError;
+use portico_plugins::body::{CopySink, Tee};
 use portico_plugins::Body;
 use portico_upstream::{now_ms, Overlay, Upstream};
 
@@ -130,7 +128,10 @@ impl Mirror {
             (body, None)
         } else if known_length.is_some_and(|n| n <= self.max_body) {
             let (tx, rx) = oneshot::channel();
-            (Body::boxed(Tee::new(body, self.max_body, tx)), Some(rx))
+            (
+                Body::boxed(Tee::new(body, self.max_body, CopyTo(tx))),
+                Some(rx),
+            )
         } else {
             self.stats.skipped_body.fetch_add(1, Ordering::Relaxed);
             return (body, None);
@@ -180,7 +181,7 @@ impl Pending {
             let _ = btx.send(Some(Bytes::new()));
             body
         } else {
-            Body::boxed(Tee::new(body, max, btx))
+            Body::boxed(Tee::new(body, max, CopyTo(btx)))
         };
         let (status, headers) = (parts.status, parts.headers.clone());
         tokio::spawn(async move {
@@ -461,80 +462,15 @@ fn first_difference(a: &Value, b: &Value, at: String) -> Option<String> {
     }
 }
 
-/// A body passed through unchanged while a copy of it (at most `max` bytes) is kept;
-/// at its end the copy is sent (`None` if it grew past `max`). If the body fails or is
-/// dropped before its end, nothing is sent.
-struct Tee {
-    inner: Body,
-    buf: BytesMut,
-    max: u64,
-    over: bool,
-    tx: Option<oneshot::Sender<Option<Bytes>>>,
-}
+/// Where a mirrored exchange's body copy goes: to the comparison, `None` when it grew
+/// past the limit. Nothing is sent if the body fails or is dropped before its end.
+struct CopyTo(oneshot::Sender<Option<Bytes>>);
 
-impl Tee {
-    fn new(inner: Body, max: u64, tx: oneshot::Sender<Option<Bytes>>) -> Tee {
-        Tee {
-            inner,
-            buf: BytesMut::new(),
-            max,
-            over: false,
-            tx: Some(tx),
-        }
-    }
+impl CopySink for CopyTo {
+    const WANTS_OVERFLOW: bool = true;
 
-    fn finish(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let copy = (!self.over).then(|| std::mem::take(&mut self.buf).freeze());
-            let _ = tx.send(copy);
-        }
-    }
-}
-
-impl http_body::Body for Tee {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    if !this.over {
-                        if this.buf.len() as u64 + d.len() as u64 > this.max {
-                            this.over = true;
-                            this.buf = BytesMut::new();
-                        } else {
-                            this.buf.extend_from_slice(d);
-                        }
-                    }
-                }
-                if this.inner.is_end_stream() {
-                    this.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(None) => {
-                this.finish();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.tx = None;
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn complete(self, copy: Option<Bytes>) {
+        let _ = self.0.send(copy);
     }
 }
 
