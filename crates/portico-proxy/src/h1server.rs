@@ -146,9 +146,6 @@ pub async fn serve<S>(
     let mut stopping = std::pin::pin!(stopping);
     // Whether `stopping` has registered this task (it wakes it when the signal comes).
     let mut stop_registered = false;
-    if *stop.borrow() {
-        return;
-    }
     loop {
         if stopped(&stop) {
             return;
@@ -299,7 +296,9 @@ pub async fn serve<S>(
 }
 
 /// Whether graceful shutdown has begun. The stop value turns true once and never back,
-/// so a version change seen means it did: checking the version is a plain load, where
+/// so a version change means it did (the receivers are clones of the channel's first,
+/// which never marks a version seen, so a signal sent before a connection began counts
+/// too): checking the version is a plain load, where
 /// `borrow` takes and releases a read lock (two atomic updates, twice per request).
 fn stopped(stop: &watch::Receiver<bool>) -> bool {
     match stop.has_changed() {

@@ -543,9 +543,15 @@ impl Out {
         self.tail = b"\r\n";
     }
 
+    /// What is left of the chunk-size line.
+    fn size_line(&self) -> &[u8] {
+        &self.size_line[usize::from(self.size_at)..usize::from(self.size_end)]
+    }
+
     /// A small body piece behind a head is copied into the head's buffer, so that the
     /// message is one slice.
     fn coalesce(&mut self) {
+        // The field, not `size_line()`: the head is written to while this is borrowed.
         let size_line = &self.size_line[usize::from(self.size_at)..usize::from(self.size_end)];
         let rest = size_line.len() + self.data.len() + self.tail.len();
         if self.head.is_empty() || rest == 0 || rest > COALESCE_MAX {
@@ -564,9 +570,8 @@ impl Out {
 
     /// The only segment left to write, when there is just one.
     fn single(&self) -> Option<&[u8]> {
-        let size_line = &self.size_line[usize::from(self.size_at)..usize::from(self.size_end)];
         let mut only = None;
-        for s in [&self.head[..], size_line, &self.data[..], self.tail] {
+        for s in [&self.head[..], self.size_line(), &self.data[..], self.tail] {
             if !s.is_empty() {
                 if only.is_some() {
                     return None;
@@ -593,9 +598,7 @@ impl Out {
             } else {
                 let slices = [
                     IoSlice::new(&self.head),
-                    IoSlice::new(
-                        &self.size_line[usize::from(self.size_at)..usize::from(self.size_end)],
-                    ),
+                    IoSlice::new(self.size_line()),
                     IoSlice::new(&self.data),
                     IoSlice::new(self.tail),
                 ];
