@@ -10,9 +10,9 @@
 #
 #   bash bench/pgo.sh          (about 30 minutes on 2 cores: two full builds)
 #
-# Needs rustup's llvm-tools component (llvm-profdata of the compiler's own LLVM);
-# installed here when missing. `--target` keeps the profiling flags off build scripts
-# and proc macros.
+# Needs rustup's llvm-tools component (llvm-profdata of the compiler's own LLVM) and,
+# for the training run, curl, wrk and h2load; installed here when missing. `--target`
+# keeps the profiling flags off build scripts and proc macros.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -22,6 +22,19 @@ if [[ ! -x "$PROFDATA" ]]; then
     rustup component add llvm-tools
 fi
 [[ -x "$PROFDATA" ]] || { echo "llvm-profdata not found at $PROFDATA" >&2; exit 1; }
+# The training run's clients (bench/run.sh installs the same ones before calling this).
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+if ((${#missing[@]} > 0)); then
+    command -v apt-get >/dev/null 2>&1 || { echo "missing ${missing[*]}, and no apt-get" >&2; exit 1; }
+    sudo=()
+    [[ "$(id -u)" == 0 ]] || sudo=(sudo)
+    echo "[pgo] installing ${missing[*]}"
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 DATA="$TARGET_DIR/pgo-data"
 rm -rf "$DATA"

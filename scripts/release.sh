@@ -16,9 +16,8 @@
 # docs/, examples/) and its .sha256. Before packaging, the binary must report its
 # version, validate every file in examples/, and answer on its built-in defaults.
 #
-# Needs the Rust toolchain through rustup (its llvm-tools component is added when
-# missing), and for the training run curl, wrk and h2load (installed from Debian when
-# missing).
+# Needs the Rust toolchain through rustup; bench/pgo.sh adds its llvm-tools component
+# and installs the training run's curl, wrk and h2load from Debian when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -31,18 +30,6 @@ log() { printf '[release] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 if [[ "$PGO" == 1 ]]; then
-    missing=()
-    command -v curl >/dev/null 2>&1 || missing+=(curl)
-    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-    command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
-    if ((${#missing[@]} > 0)); then
-        command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
-        sudo=()
-        [[ "$(id -u)" == 0 ]] || sudo=(sudo)
-        log "installing ${missing[*]}"
-        "${sudo[@]}" apt-get update -qq
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
     bash bench/pgo.sh
     BIN="$TARGET_DIR/pgo/$HOST/dist/portico"
 else
@@ -52,6 +39,7 @@ fi
 [[ -x "$BIN" ]] || die "no binary at $BIN"
 
 # The binary must work before it is packaged.
+command -v curl >/dev/null 2>&1 || die "curl is needed to check the binary"
 VERSION="$("$BIN" --version | awk '{print $2}')"
 [[ -n "$VERSION" ]] || die "$BIN --version printed no version"
 for f in examples/*.yaml; do
